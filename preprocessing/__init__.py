@@ -1,0 +1,1 @@
+"""Command-line preprocessing pipelines (python -m preprocessing.<name>)."""

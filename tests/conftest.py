@@ -1,0 +1,20 @@
+"""Shared pytest fixtures: keep every test on a small CPU budget and off the user's home dir."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """pylidc and mlflow may write to ~; point HOME at a temp dir so tests never touch the real one."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
