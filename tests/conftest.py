@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -15,6 +13,5 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     """pylidc and mlflow may write to ~; point HOME at a temp dir so tests never touch the real one."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield
