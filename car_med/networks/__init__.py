@@ -1,1 +1,7 @@
 """car_med.networks."""
+
+from __future__ import annotations
+
+from car_med.networks.calibration import BlackBoxCalibrationNet, SegNetCalibrationNet
+from car_med.networks.discriminator import Discriminator
+from car_med.networks.refinement import NoiseInjectedUNet, NoiseInjection

@@ -1,0 +1,105 @@
+"""Discriminator D: tells annotator label maps from G's samples, given the image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import Convolution
+from monai.networks.layers import Pool
+from torch import nn
+
+from car_med.networks.calibration import _SPATIAL_NAMES, _check_spatial_dims, check_input_shape
+
+__all__ = ["Discriminator"]
+
+
+class Discriminator(nn.Module):
+    """DCGAN-like discriminator without normalisation layers (Kassapis et al. 2021, Sec. 4).
+
+    The image and a label map are concatenated and passed through stride-2 convolutions, each
+    followed by LeakyReLU(0.2). Normalisation is left out as in the paper; batch statistics would
+    also couple the samples of a batch, whereas the R1 penalty treats each real input on its own.
+    The head makes the net
+    size-agnostic, unlike the authors' fully connected head, which fixed the input size:
+
+    - ``head="global_avg"`` (default): global average pooling, then a linear layer.
+    - ``head="patch"``: a 3x3 convolution to one channel, whose patch logits are averaged.
+
+    With ``kernel_size=4`` (padding 1) each stage halves the size, rounding down, so the input
+    needs at least ``2 ** len(channels)`` pixels per dimension (16 with the defaults).
+
+    Args:
+        image_channels: image channels.
+        num_classes: classes of the label map.
+        channels: output channels of the stride-2 convolutions.
+        kernel_size: kernel size of the stride-2 convolutions.
+        head: ``"global_avg"`` or ``"patch"``.
+        spatial_dims: 2 (default) or 3.
+    """
+
+    def __init__(
+        self,
+        image_channels: int = 1,
+        num_classes: int = 2,
+        channels: Sequence[int] = (64, 128, 256, 512),
+        kernel_size: int = 4,
+        head: str = "global_avg",
+        spatial_dims: int = 2,
+    ) -> None:
+        super().__init__()
+        _check_spatial_dims(spatial_dims)
+        channels = tuple(channels)
+        if not channels:
+            raise ValueError("channels must not be empty")
+        if head not in ("global_avg", "patch"):
+            raise ValueError(f"head must be 'global_avg' or 'patch', got {head!r}")
+        self.image_channels = image_channels
+        self.num_classes = num_classes
+        self.spatial_dims = spatial_dims
+        self.head_type = head
+
+        layers = []
+        c_in = image_channels + num_classes
+        for c in channels:
+            layers.append(
+                Convolution(
+                    spatial_dims,
+                    c_in,
+                    c,
+                    strides=2,
+                    kernel_size=kernel_size,
+                    # Explicit because MONAI's "same" padding is undefined for even kernels.
+                    padding=(kernel_size - 1) // 2,
+                    act=("leakyrelu", {"negative_slope": 0.2}),
+                    norm=None,
+                    dropout=None,
+                )
+            )
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        if head == "global_avg":
+            self.head = nn.Sequential(
+                Pool[Pool.ADAPTIVEAVG, spatial_dims](1), nn.Flatten(1), nn.Linear(channels[-1], 1)
+            )
+        else:
+            self.head = Convolution(spatial_dims, channels[-1], 1, kernel_size=3, conv_only=True)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Score image ``(B, image_channels, *spatial)`` with label map ``(B, num_classes, *spatial)``.
+
+        ``y`` is one-hot for real labels and G's softmax for fakes.
+
+        Returns:
+            logits ``(B, 1)``; apply a sigmoid for the probability of "real".
+
+        Raises:
+            ValueError: when a shape does not match.
+        """
+        name = type(self).__name__
+        spatial = _SPATIAL_NAMES[self.spatial_dims]
+        bound = check_input_shape(name, "image", x, ("B", self.image_channels, *spatial))
+        check_input_shape(name, "label map", y, ("B", self.num_classes, *spatial), bound)
+        h = self.features(torch.cat([x, y.to(x.dtype)], dim=1))
+        out = self.head(h)
+        return out if self.head_type == "global_avg" else out.flatten(1).mean(dim=1, keepdim=True)

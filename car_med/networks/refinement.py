@@ -1,0 +1,253 @@
+"""Refinement network G: a noise-conditioned U-Net that turns F(x) into coherent samples."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from car_med.networks.calibration import _SPATIAL_NAMES, _check_spatial_dims, check_input_shape
+
+__all__ = ["NoiseInjection", "NoiseInjectedUNet"]
+
+_LEAKY = ("leakyrelu", {"negative_slope": 0.2})
+
+
+class NoiseInjection(nn.Module):
+    """Channel-wise affine modulation of a feature map by a noise vector, then a 1x1 convolution.
+
+    Two linear layers map eps to a residual r and a scale s, one value per channel, and the block
+    computes ``conv1x1((f + r) * (s + 1e-5))``, similar to adaptive instance normalisation.
+    Written by hand because MONAI has no noise-conditioned modulation block.
+
+    Initialisation follows the authors' code: Xavier-uniform linear weights with zero bias, so s
+    is zero-mean and the output depends strongly on eps from the start; orthogonal 1x1 weights.
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: channels of the modulated feature map.
+        noise_dim: length of eps.
+        out_channels: channels after the 1x1 convolution.
+    """
+
+    scale_offset: float = 1e-5
+
+    def __init__(self, spatial_dims: int, channels: int, noise_dim: int, out_channels: int) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.residual = nn.Linear(noise_dim, channels)
+        self.scale = nn.Linear(noise_dim, channels)
+        self.proj = Convolution(spatial_dims, channels, out_channels, kernel_size=1, conv_only=True)
+        for linear in (self.residual, self.scale):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        nn.init.orthogonal_(self.proj.conv.weight)
+        nn.init.trunc_normal_(self.proj.conv.bias, std=1e-3)
+
+    def forward(self, features: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        shape = (noise.shape[0], -1) + (1,) * self.spatial_dims
+        r = self.residual(noise).view(shape)
+        s = self.scale(noise).view(shape)
+        return self.proj((features + r) * (s + self.scale_offset))
+
+
+def _match_size(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    # Stride-2 convs round up (23 -> 12) and x2 upsampling overshoots (12 -> 24); trim the trailing
+    # border, which is where the rounding added a position. Negative F.pad crops, positive pads.
+    pad: list[int] = []
+    for have, want in zip(reversed(x.shape[2:]), reversed(tuple(size))):
+        pad += [0, int(want) - int(have)]
+    return F.pad(x, pad) if any(pad) else x
+
+
+class NoiseInjectedUNet(nn.Module):
+    """The refinement network G of Calibrated Adversarial Refinement (Kassapis et al. 2021).
+
+    Input is the image concatenated with the calibration map F(x), which is detached inside
+    ``forward`` so that no gradient from G's losses can reach F. Four down blocks (3x3 conv with
+    stride 2, BatchNorm, LeakyReLU(0.2), dropout) halve the resolution; four up blocks (2x2
+    transposed conv with stride 2, BatchNorm, LeakyReLU(0.2), dropout) restore it, each taking the
+    previous up block's output concatenated with the down block of the same resolution. With the
+    default channels the up blocks output 128 (H/8), 64 (H/4), 32 (H/2) and 32 (H) channels, as
+    in the authors' code.
+
+    Noise eps of shape ``(B, noise_dim)`` enters through :class:`NoiseInjection`, with the same
+    eps at every site of a sample:
+
+    - ``injection="paper"`` (default): after every up block.
+    - ``injection="code"``: after the up blocks at H/4, H/2 and H only, as in the authors' code.
+
+    After an intermediate site a LeakyReLU follows; the site at full resolution is also the output
+    head, its 1x1 convolution producing the ``num_classes`` logits.
+
+    Sizes that are not multiples of 16 work (180 -> 90 -> 45 -> 23 -> 12): upsampled maps are
+    trimmed to the skip's size and the output is exactly the input's size.
+
+    Args:
+        image_channels: image channels.
+        num_classes: classes of the calibration map and of the output.
+        noise_dim: length of eps (8 for LIDC, 32 for Cityscapes in the paper).
+        channels: channels of the down blocks, shallow to deep.
+        dropout: dropout probability in every down and up block.
+        injection: ``"paper"`` or ``"code"``, see above.
+        spatial_dims: 2 (default) or 3.
+
+    Example::
+
+        g = NoiseInjectedUNet(image_channels=1, num_classes=2, noise_dim=8)
+        probs = g(image, torch.softmax(f(image), 1), torch.randn(image.shape[0], 8))
+    """
+
+    def __init__(
+        self,
+        image_channels: int = 1,
+        num_classes: int = 2,
+        noise_dim: int = 8,
+        channels: Sequence[int] = (32, 64, 128, 256),
+        dropout: float = 0.1,
+        injection: str = "paper",
+        spatial_dims: int = 2,
+    ) -> None:
+        super().__init__()
+        _check_spatial_dims(spatial_dims)
+        channels = tuple(channels)
+        if injection not in ("paper", "code"):
+            raise ValueError(f"injection must be 'paper' or 'code', got {injection!r}")
+        min_levels = 3 if injection == "code" else 2
+        if len(channels) < min_levels:
+            raise ValueError(f"injection={injection!r} needs at least {min_levels} levels, got channels={channels}")
+        self.image_channels = image_channels
+        self.num_classes = num_classes
+        self.noise_dim = noise_dim
+        self.injection = injection
+        self.spatial_dims = spatial_dims
+        n = len(channels)
+
+        def block(c_in: int, c_out: int, up: bool) -> Convolution:
+            return Convolution(
+                spatial_dims,
+                c_in,
+                c_out,
+                strides=2,
+                kernel_size=2 if up else 3,
+                padding=0 if up else 1,
+                output_padding=0 if up else None,
+                is_transposed=up,
+                act=_LEAKY,
+                norm="batch",
+                dropout=dropout,
+                adn_ordering="NAD",
+            )
+
+        self.down = nn.ModuleList()
+        c_in = image_channels + num_classes
+        for c in channels:
+            self.down.append(block(c_in, c, up=False))
+            c_in = c
+
+        # up[j] returns to the resolution of down[n - 2 - j] (the input's for the last one).
+        up_out = [channels[n - 2 - j] for j in range(n - 1)] + [channels[0]]
+        self.up = nn.ModuleList()
+        for j, c_out in enumerate(up_out):
+            c_in = channels[-1] if j == 0 else up_out[j - 1] + channels[n - 1 - j]
+            self.up.append(block(c_in, c_out, up=True))
+
+        injected = range(n) if injection == "paper" else range(n - 3, n)
+        self.inject = nn.ModuleDict(
+            {
+                str(j): NoiseInjection(spatial_dims, up_out[j], noise_dim, num_classes if j == n - 1 else up_out[j])
+                for j in injected
+            }
+        )
+        self.act = nn.LeakyReLU(0.2)
+
+    def _check_inputs(
+        self, x: torch.Tensor, calibration: torch.Tensor | None, noise: torch.Tensor | None, noise_shape=("B", "Z")
+    ) -> None:
+        name = type(self).__name__
+        spatial = _SPATIAL_NAMES[self.spatial_dims]
+        bound = check_input_shape(name, "image", x, ("B", self.image_channels, *spatial))
+        if calibration is not None:
+            check_input_shape(name, "calibration", calibration, ("B", self.num_classes, *spatial), bound)
+        if noise is not None:
+            check_input_shape(name, "noise", noise, tuple(self.noise_dim if d == "Z" else d for d in noise_shape), bound)
+
+    def encode(self, x: torch.Tensor, calibration: torch.Tensor) -> list[torch.Tensor]:
+        """Run the noise-free down path once; the result can be decoded with many eps draws.
+
+        Returns:
+            the down blocks' outputs, shallow to deep, followed by the input itself (used only for
+            its spatial size).
+        """
+        self._check_inputs(x, calibration, None)
+        h = torch.cat([x, calibration.detach().to(x.dtype)], dim=1)
+        feats = []
+        for block in self.down:
+            h = block(h)
+            feats.append(h)
+        return feats + [x]
+
+    def decode(self, features: Sequence[torch.Tensor], noise: torch.Tensor, return_logits: bool = False) -> torch.Tensor:
+        """Decode :meth:`encode` output with noise ``(B, noise_dim)``; see :meth:`forward`."""
+        *skips, x = features
+        check_input_shape(type(self).__name__, "noise", noise, (skips[-1].shape[0], self.noise_dim))
+        n = len(self.up)
+        h = skips[-1]
+        for j, up in enumerate(self.up):
+            target = skips[n - 2 - j] if j < n - 1 else x
+            h = _match_size(up(h), target.shape[2:])
+            if str(j) in self.inject:
+                h = self.inject[str(j)](h, noise.to(h.dtype))
+                if j < n - 1:
+                    h = self.act(h)
+            if j < n - 1:
+                h = torch.cat([h, target], dim=1)
+        # "code" leaves the first up blocks uninjected, but the last site is always injected.
+        return h if return_logits else torch.softmax(h, dim=1)
+
+    def forward(
+        self, x: torch.Tensor, calibration: torch.Tensor, noise: torch.Tensor, return_logits: bool = False
+    ) -> torch.Tensor:
+        """One refined sample per image.
+
+        Args:
+            x: image ``(B, image_channels, *spatial)``.
+            calibration: F's probabilities ``(B, num_classes, *spatial)``; detached here.
+            noise: eps ``(B, noise_dim)``.
+            return_logits: return logits instead of softmax probabilities.
+
+        Returns:
+            probabilities (or logits) ``(B, num_classes, *spatial)``.
+
+        Raises:
+            ValueError: when a shape does not match.
+        """
+        self._check_inputs(x, calibration, noise)
+        return self.decode(self.encode(x, calibration), noise, return_logits=return_logits)
+
+    def forward_samples(
+        self, x: torch.Tensor, calibration: torch.Tensor, noise: torch.Tensor, return_logits: bool = False
+    ) -> torch.Tensor:
+        """M samples per image, encoding each image once.
+
+        The M draws are folded into the batch only for the decoder, so the encoder runs B times
+        rather than B*M. In train mode the M samples of an image therefore share one encoder
+        dropout mask; call :meth:`forward` on a folded batch if independent masks are wanted.
+
+        Args:
+            x: image ``(B, image_channels, *spatial)``.
+            calibration: ``(B, num_classes, *spatial)``; detached here.
+            noise: eps ``(B, M, noise_dim)``.
+            return_logits: return logits instead of probabilities.
+
+        Returns:
+            ``(B, M, num_classes, *spatial)``.
+        """
+        self._check_inputs(x, calibration, noise, noise_shape=("B", "M", "Z"))
+        b, m = noise.shape[:2]
+        feats = [f.repeat_interleave(m, dim=0) for f in self.encode(x, calibration)]
+        out = self.decode(feats, noise.reshape(b * m, -1), return_logits=return_logits)
+        return out.reshape(b, m, *out.shape[1:])
