@@ -165,7 +165,11 @@ class NoiseInjectedUNet(nn.Module):
         self.act = nn.LeakyReLU(0.2)
 
     def _check_inputs(
-        self, x: torch.Tensor, calibration: torch.Tensor | None, noise: torch.Tensor | None, noise_shape=("B", "Z")
+        self,
+        x: torch.Tensor,
+        calibration: torch.Tensor | None,
+        noise: torch.Tensor | None,
+        noise_shape: Sequence[str] = ("B", "Z"),
     ) -> None:
         name = type(self).__name__
         spatial = _SPATIAL_NAMES[self.spatial_dims]
@@ -173,7 +177,8 @@ class NoiseInjectedUNet(nn.Module):
         if calibration is not None:
             check_input_shape(name, "calibration", calibration, ("B", self.num_classes, *spatial), bound)
         if noise is not None:
-            check_input_shape(name, "noise", noise, tuple(self.noise_dim if d == "Z" else d for d in noise_shape), bound)
+            expected = tuple(self.noise_dim if d == "Z" else d for d in noise_shape)
+            check_input_shape(name, "noise", noise, expected, bound)
 
     def encode(self, x: torch.Tensor, calibration: torch.Tensor) -> list[torch.Tensor]:
         """Run the noise-free down path once; the result can be decoded with many eps draws.
@@ -190,7 +195,9 @@ class NoiseInjectedUNet(nn.Module):
             feats.append(h)
         return feats + [x]
 
-    def decode(self, features: Sequence[torch.Tensor], noise: torch.Tensor, return_logits: bool = False) -> torch.Tensor:
+    def decode(
+        self, features: Sequence[torch.Tensor], noise: torch.Tensor, return_logits: bool = False
+    ) -> torch.Tensor:
         """Decode :meth:`encode` output with noise ``(B, noise_dim)``; see :meth:`forward`."""
         *skips, x = features
         check_input_shape(type(self).__name__, "noise", noise, (skips[-1].shape[0], self.noise_dim))
@@ -248,6 +255,8 @@ class NoiseInjectedUNet(nn.Module):
         """
         self._check_inputs(x, calibration, noise, noise_shape=("B", "M", "Z"))
         b, m = noise.shape[:2]
-        feats = [f.repeat_interleave(m, dim=0) for f in self.encode(x, calibration)]
+        *skips, size_ref = self.encode(x, calibration)
+        # size_ref only lends its spatial size to the decoder, so it need not be repeated.
+        feats = [f.repeat_interleave(m, dim=0) for f in skips] + [size_ref]
         out = self.decode(feats, noise.reshape(b * m, -1), return_logits=return_logits)
         return out.reshape(b, m, *out.shape[1:])

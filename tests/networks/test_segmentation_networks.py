@@ -148,7 +148,8 @@ def test_refinement_rejects_wrong_shapes():
     x, cal, eps = torch.rand(2, 1, 64, 64), torch.rand(2, 2, 64, 64), torch.randn(2, 8)
     with pytest.raises(ValueError, match=_shape_error("image of shape (B, 1, H, W)", (2, 3, 64, 64))):
         g(torch.rand(2, 3, 64, 64), cal, eps)
-    with pytest.raises(ValueError, match=r"NoiseInjectedUNet expected image of shape \(B, 1, H, W\), got \(1, 64, 64\)"):
+    full_message = r"NoiseInjectedUNet expected image of shape \(B, 1, H, W\), got \(1, 64, 64\)"
+    with pytest.raises(ValueError, match=full_message):
         g(torch.rand(1, 64, 64), cal, eps)
     with pytest.raises(ValueError, match=_shape_error("calibration of shape (B=2, 2, H=64, W=64)", (2, 3, 64, 64))):
         g(x, torch.rand(2, 3, 64, 64), eps)
@@ -172,7 +173,8 @@ def test_calibration_nets_and_discriminator_reject_wrong_shapes():
     bb = BlackBoxCalibrationNet(channels=4)
     with pytest.raises(ValueError, match=_shape_error("image of shape (B, 3, H, W)", (1, 1, 32, 32))):
         bb(torch.rand(1, 1, 32, 32), torch.rand(1, 25, 32, 32))
-    with pytest.raises(ValueError, match=_shape_error("blackbox_onehot of shape (B=1, 25, H=32, W=32)", (1, 19, 32, 32))):
+    expected_onehot = "blackbox_onehot of shape (B=1, 25, H=32, W=32)"
+    with pytest.raises(ValueError, match=_shape_error(expected_onehot, (1, 19, 32, 32))):
         bb(torch.rand(1, 3, 32, 32), torch.rand(1, 19, 32, 32))
 
     d = Discriminator(channels=(4, 4, 4, 4))
@@ -262,7 +264,9 @@ def test_segnet_loads_local_weights(tmp_path):
         assert torch.equal(again(x), net.eval()(x))
 
     with pytest.raises(ValueError, match="expected shape"):
-        SegNetCalibrationNet(in_channels=3, channels=(4, 8, 16), convs_per_block=(2, 2, 4), pretrained_weights=str(path))
+        SegNetCalibrationNet(
+            in_channels=3, channels=(4, 8, 16), convs_per_block=(2, 2, 4), pretrained_weights=str(path)
+        )
     with pytest.raises(ValueError, match="conv blocks"):
         SegNetCalibrationNet(in_channels=3, channels=(4, 8), convs_per_block=(2, 2), pretrained_weights=str(path))
 
