@@ -1,1 +1,43 @@
-"""car_med.data."""
+"""Datasets, transforms and release converters.
+
+Public names are resolved lazily (PEP 562) so that ``import car_med.data`` stays cheap: torch and MONAI
+are imported only when a name from a submodule is first used. Add a submodule's names to ``_LAZY``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY: dict[str, str] = {
+    # car_med.data.lidc
+    "ANNOTATOR_CHOICES": "lidc",
+    "DEFAULT_HU_WINDOW": "lidc",
+    "INTENSITY_KINDS": "lidc",
+    "NUM_ANNOTATORS": "lidc",
+    "RandAnnotatord": "lidc",
+    "ScaleLIDCIntensityd": "lidc",
+    "lidc_dataset": "lidc",
+    "lidc_transforms": "lidc",
+    "load_lidc_datalist": "lidc",
+    # car_med.data.lidc_releases
+    "convert_pickle_release": "lidc_releases",
+    "convert_png_release": "lidc_releases",
+    "load_release_pickle": "lidc_releases",
+    "parse_png_name": "lidc_releases",
+    "split_patients": "lidc_releases",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
