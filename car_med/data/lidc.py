@@ -62,7 +62,9 @@ ANNOTATOR_CHOICES = ("all", "present", "nonempty")
 
 SPLIT_ALIASES = {"train": "training", "val": "validation", "valid": "validation", "test": "test"}
 
-_REQUIRED_FIELDS = ("image", "label", "patient_id", "series_uid", "nodule_id", "annotation_ids", "slice_z", "num_annotators")
+_REQUIRED_FIELDS = (
+    "image", "label", "patient_id", "series_uid", "nodule_id", "annotation_ids", "slice_z", "num_annotators"
+)
 
 
 def _is_int(value: Any) -> bool:
@@ -186,14 +188,18 @@ def load_lidc_datalist(
     except json.JSONDecodeError as err:
         raise ValueError(f"LIDC datalist {str(path)!r} is not valid JSON: {err}.") from None
     if not isinstance(content, Mapping):
-        raise ValueError(f"LIDC datalist {str(path)!r}: expected a JSON object with split keys, got {type(content).__name__}.")
+        raise ValueError(
+            f"LIDC datalist {str(path)!r}: expected a JSON object with split keys, got {type(content).__name__}."
+        )
     key = SPLIT_ALIASES.get(split, split)
     if key not in content:
         splits = [k for k in ("training", "validation", "test") if k in content]
         raise ValueError(f"LIDC datalist {str(path)!r} has no split {split!r}; it has {splits}.")
     items = content[key]
     if not isinstance(items, list):
-        raise ValueError(f"LIDC datalist {str(path)!r} split {key!r}: expected a list of items, got {type(items).__name__}.")
+        raise ValueError(
+            f"LIDC datalist {str(path)!r} split {key!r}: expected a list of items, got {type(items).__name__}."
+        )
     where_prefix = f"LIDC datalist {str(path)!r} split {key!r}"
     base = path.parent.resolve()
     return [_validate_item(i, item, base, where_prefix, num_labels, check_files) for i, item in enumerate(items)]
@@ -400,7 +406,9 @@ def lidc_transforms(
         ScaleLIDCIntensityd(image_key, hu_window=hu_window, clip=clip),
         CastToTyped(label_key, dtype=label_dtype),
         Lambdad("annotation_ids", json.dumps, allow_missing_keys=True),
-        EnsureTyped("annotator_present", data_type="tensor", dtype=torch.bool, track_meta=False, allow_missing_keys=True),
+        EnsureTyped(
+            "annotator_present", data_type="tensor", dtype=torch.bool, track_meta=False, allow_missing_keys=True
+        ),
     ]
     if mode == "train":
         transforms.append(RandAnnotatord(label_key, among=annotator_choice))

@@ -138,7 +138,9 @@ def _read_png(path: Path) -> np.ndarray:
     if mode == "RGB" and (array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all():
         # cv2-based writers may store grey crops as three equal channels.
         return np.ascontiguousarray(array[..., 0])
-    raise ValueError(f"{str(path)!r}: expected an 8-bit greyscale PNG (mode 'L', or RGB with equal channels), got mode {mode!r}.")
+    raise ValueError(
+        f"{str(path)!r}: expected an 8-bit greyscale PNG (mode 'L', or RGB with equal channels), got mode {mode!r}."
+    )
 
 
 def _read_mask_png(path: Path) -> np.ndarray:
@@ -170,7 +172,9 @@ def _write_datalist(output_dir: Path, splits: Mapping[str, list], header: Mappin
 def _prepare_output(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     output_dir = Path(output_dir)
     if (output_dir / "datalist.json").exists() and not overwrite:
-        raise FileExistsError(f"{str(output_dir / 'datalist.json')!r} exists; pass overwrite=True (--overwrite) to replace it.")
+        raise FileExistsError(
+            f"{str(output_dir / 'datalist.json')!r} exists; pass overwrite=True (--overwrite) to replace it."
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir
 
@@ -201,7 +205,8 @@ def _collect_png_patient(images_dir: Path, gt_dir: Path) -> list[tuple[PngName, 
             if name.reader is None:
                 raise ValueError(f"{str(path)!r}: an image file name in the gt folder (masks end in _l<j>.png).")
             if name.image_stem not in images:
-                raise ValueError(f"{str(path)!r}: mask without an image; expected {str(images_dir / (name.image_stem + '.png'))!r}.")
+                expected = images_dir / f"{name.image_stem}.png"
+                raise ValueError(f"{str(path)!r}: mask without an image; expected {str(expected)!r}.")
             masks.setdefault(name.image_stem, {})[name.reader] = path
     crops = []
     for stem, (name, path) in images.items():
@@ -274,11 +279,15 @@ def convert_png_release(
                 masks = [_read_mask_png(p) for p in mask_paths]
                 for mask_path, mask in zip(mask_paths, masks):
                     if mask.shape != image.shape:
-                        raise ValueError(f"{str(mask_path)!r}: mask shape {mask.shape} differs from image shape {image.shape}.")
+                        raise ValueError(
+                            f"{str(mask_path)!r}: mask shape {mask.shape} differs from image shape {image.shape}."
+                        )
                 affine = np.diag([PNG_PIXEL_MM, PNG_PIXEL_MM, 1.0, 1.0])
                 affine[2, 3] = name.z
                 rel_image = Path(split, "images", patient, f"{name.image_stem}.nii.gz")
-                rel_labels = [Path(split, "labels", patient, f"{name.image_stem}_l{k}.nii.gz") for k in range(NUM_READERS)]
+                rel_labels = [
+                    Path(split, "labels", patient, f"{name.image_stem}_l{k}.nii.gz") for k in range(NUM_READERS)
+                ]
                 _save_nifti(image, affine, output_dir / rel_image)
                 for rel, mask in zip(rel_labels, masks):
                     _save_nifti(mask, affine, output_dir / rel)
@@ -342,9 +351,10 @@ def load_release_pickle(path: str | os.PathLike, *, trusted: bool = False, encod
     """Load the Prob. U-Net/PHiSeg LIDC pickle.
 
     The file is unpickled straight from a buffered file object, so its bytes are read object by object
-    (64 KiB arrays), never as one multi-GB buffer. The earlier loaders concatenated 2 GB chunks into a
-    ``bytearray`` first, needing twice the file size; this needs about the file size (~2.1 GB for the
-    15,096-slice release) for the unpickled dict.
+    (one 64 KiB array at a time), never as one multi-GB buffer; the older loaders concatenated 2 GB chunks
+    into a ``bytearray`` first and needed the file size twice over. Peak memory is the unpickled dict:
+    about the file size for a protocol 3+ pickle (measured 1.02x), about twice the array bytes for a
+    protocol-2 pickle, whose arrays pass through latin-1 strings (measured 1.76x the file size).
 
     Args:
         path: the ``.pickle`` file.
@@ -381,10 +391,14 @@ def _pickle_masks(key: str, value: Any, shape: tuple[int, ...]) -> list[np.ndarr
     for k, mask in enumerate(value):
         mask = np.asarray(mask)
         if mask.shape != shape:
-            raise ValueError(f"pickle key {key!r} field 'masks[{k}]': shape {mask.shape} differs from image shape {shape}.")
+            raise ValueError(
+                f"pickle key {key!r} field 'masks[{k}]': shape {mask.shape} differs from image shape {shape}."
+            )
         values = np.unique(mask)
         if not set(values.tolist()) <= {0, 1}:
-            raise ValueError(f"pickle key {key!r} field 'masks[{k}]': expected binary 0/1 values, found {values[:8].tolist()}.")
+            raise ValueError(
+                f"pickle key {key!r} field 'masks[{k}]': expected binary 0/1 values, found {values[:8].tolist()}."
+            )
         masks.append(mask.astype(np.uint8))
     return masks
 
@@ -402,8 +416,9 @@ def convert_pickle_release(
     """Convert the Prob. U-Net/PHiSeg LIDC pickle (LIDC v1) into NIfTI files and a ``datalist.json``.
 
     Memory: the pickle is one dict, which Python can only rebuild whole, so the conversion needs about the
-    pickle's size in RAM (~2.1 GB for the real release) once; entries are dropped from the dict as they are
-    written. Training then reads the small per-item files and never holds the release.
+    pickle's size in RAM once (see :func:`load_release_pickle`; about 2 GB for the real release, up to about
+    4 GB if it was written with protocol 2); entries are dropped from the dict as they are written.
+    Training then reads the small per-item files and never holds the release.
 
     The pickle has no split, so patients (the key up to its first ``_``) are split ``fractions`` with
     :func:`split_patients`. Written: ``OUT/<split>/images/<patient>/<key>.nii.gz`` (the image's dtype,
@@ -440,7 +455,10 @@ def convert_pickle_release(
     for key in keys:
         entry = data.pop(key)
         if not isinstance(entry, Mapping):
-            raise ValueError(f"pickle key {key!r}: expected a dict with 'image', 'masks' and 'series_uid', got {type(entry).__name__}.")
+            raise ValueError(
+                f"pickle key {key!r}: expected a dict with 'image', 'masks' and 'series_uid', "
+                f"got {type(entry).__name__}."
+            )
         missing = [field for field in ("image", "masks", "series_uid") if field not in entry]
         if missing:
             raise ValueError(f"pickle key {key!r}: missing field(s) {missing}.")
@@ -454,11 +472,15 @@ def convert_pickle_release(
         patient, slice_key = parsed[key]
         file_stem = _SAFE_NAME.sub("_", key)
         if used_names.setdefault(file_stem, key) != key:
-            raise ValueError(f"pickle keys {used_names[file_stem]!r} and {key!r} map to the same file name {file_stem!r}.")
+            raise ValueError(
+                f"pickle keys {used_names[file_stem]!r} and {key!r} map to the same file name {file_stem!r}."
+            )
         split = split_of[patient]
         patient_dir = _SAFE_NAME.sub("_", patient)
         rel_image = Path(folder[split], "images", patient_dir, f"{file_stem}.nii.gz")
-        rel_labels = [Path(folder[split], "labels", patient_dir, f"{file_stem}_l{k}.nii.gz") for k in range(NUM_READERS)]
+        rel_labels = [
+            Path(folder[split], "labels", patient_dir, f"{file_stem}_l{k}.nii.gz") for k in range(NUM_READERS)
+        ]
         affine = np.eye(4)
         _save_nifti(image, affine, output_dir / rel_image)
         for rel, mask in zip(rel_labels, masks):

@@ -46,13 +46,25 @@ def _rewrite(hu_datalist: Path, tmp_path: Path, edit) -> Path:
     ("edit", "expected"),
     [
         (lambda item: item.pop("patient_id"), r"item 1 .*missing required field\(s\) \['patient_id'\]"),
-        (lambda item: item["label"].pop(), r"item 1 \(patient_id='LIDC-IDRI-0001'.*field 'label': expected a list of 4 mask paths, got 3"),
-        (lambda item: item.update(image=item["image"] + ".gone"), r"item 1 .*field 'image': file .*train1\.nii\.gz\.gone' does not exist"),
-        (lambda item: item["label"].__setitem__(2, "nowhere_l2.nii.gz"), r"field 'label\[2\]': file .*nowhere_l2\.nii\.gz' does not exist"),
+        (
+            lambda item: item["label"].pop(),
+            r"item 1 \(patient_id='LIDC-IDRI-0001'.*field 'label': expected a list of 4 mask paths, got 3",
+        ),
+        (
+            lambda item: item.update(image=item["image"] + ".gone"),
+            r"item 1 .*field 'image': file .*train1\.nii\.gz\.gone' does not exist",
+        ),
+        (
+            lambda item: item["label"].__setitem__(2, "nowhere_l2.nii.gz"),
+            r"field 'label\[2\]': file .*nowhere_l2\.nii\.gz' does not exist",
+        ),
         (lambda item: item.update(slice_z="-12.5"), r"item 1 .*field 'slice_z': expected a finite number"),
         (lambda item: item.update(num_annotators=True), r"field 'num_annotators': expected a non-negative integer"),
         (lambda item: item.update(intensity="raw"), r"field 'intensity': expected one of \('hu', 'uint8', 'unit'\)"),
-        (lambda item: item.update(annotator_present=[True, False]), r"field 'annotator_present': expected a list of 4 booleans"),
+        (
+            lambda item: item.update(annotator_present=[True, False]),
+            r"field 'annotator_present': expected a list of 4 booleans",
+        ),
         (lambda item: item.update(patient_id=""), r"field 'patient_id': must not be empty"),
     ],
 )
@@ -76,7 +88,8 @@ def test_scale_intensity_by_storage_kind():
     narrow = ScaleLIDCIntensityd("image", hu_window=(-1000, 0), clip=False)({"image": hu})["image"]
     assert torch.allclose(narrow, torch.tensor([[[-1.0, -0.024, 0.688, 1.4, 2.0]]]))
     display = torch.tensor([[[0.0, 51.0, 255.0]]])
-    assert torch.allclose(ScaleLIDCIntensityd("image")({"image": display, "intensity": "uint8"})["image"], torch.tensor([[[0.0, 0.2, 1.0]]]))
+    scaled = ScaleLIDCIntensityd("image")({"image": display, "intensity": "uint8"})["image"]
+    assert torch.allclose(scaled, torch.tensor([[[0.0, 0.2, 1.0]]]))
     unit = torch.tensor([[[0.0, 0.25, 1.0]]])
     assert torch.equal(ScaleLIDCIntensityd("image")({"image": unit, "intensity": "unit"})["image"], unit)
     with pytest.raises(ValueError, match=r"'intensity' of item \(patient_id='p'\) must be one of"):
