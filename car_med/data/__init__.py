@@ -26,6 +26,12 @@ _LAZY: dict[str, str] = {
     "load_release_pickle": "lidc_releases",
     "parse_png_name": "lidc_releases",
     "split_patients": "lidc_releases",
+    # car_med.data.toy
+    "ToyBatchDataset": "toy",
+    "sample_toy": "toy",
+    "toy_expected_y": "toy",
+    "toy_log_likelihood": "toy",
+    "toy_mode_means": "toy",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,1 +1,18 @@
-"""car_med.engines."""
+"""Training engines: stage 1 is MONAI's SupervisedTrainer on F; stage 2 is :class:`CARTrainer`."""
+
+from __future__ import annotations
+
+from .car_trainer import CARTrainer
+from .checkpoints import latest_checkpoint, load_network_checkpoint
+from .d_schedule import DiscriminatorSchedule
+from .guards import NonFiniteLossError, NonFiniteLossGuard, raise_if_non_finite
+
+__all__ = [
+    "CARTrainer",
+    "DiscriminatorSchedule",
+    "NonFiniteLossError",
+    "NonFiniteLossGuard",
+    "latest_checkpoint",
+    "load_network_checkpoint",
+    "raise_if_non_finite",
+]

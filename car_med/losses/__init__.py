@@ -1,1 +1,32 @@
-"""car_med.losses."""
+"""CAR's losses: cross-entropy for F, L_cal and the adversarial pair with R1."""
+
+from __future__ import annotations
+
+from .adversarial import (
+    DiscriminatorLoss,
+    GeneratorAdversarialLoss,
+    discriminator_loss,
+    generator_adversarial_loss,
+    r1_penalty,
+)
+from .calibration import (
+    CategoricalCalibrationLoss,
+    GaussianCalibrationLoss,
+    categorical_calibration_loss,
+    gaussian_calibration_loss,
+)
+from .segmentation import PixelwiseCrossEntropyLoss, pixelwise_cross_entropy
+
+__all__ = [
+    "CategoricalCalibrationLoss",
+    "DiscriminatorLoss",
+    "GaussianCalibrationLoss",
+    "GeneratorAdversarialLoss",
+    "PixelwiseCrossEntropyLoss",
+    "categorical_calibration_loss",
+    "discriminator_loss",
+    "gaussian_calibration_loss",
+    "generator_adversarial_loss",
+    "pixelwise_cross_entropy",
+    "r1_penalty",
+]

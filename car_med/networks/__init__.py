@@ -5,3 +5,15 @@ from __future__ import annotations
 from car_med.networks.calibration import BlackBoxCalibrationNet, SegNetCalibrationNet
 from car_med.networks.discriminator import Discriminator
 from car_med.networks.refinement import NoiseInjectedUNet, NoiseInjection
+from car_med.networks.toy import ToyCalibrationMLP, ToyDiscriminatorMLP, ToyRefinementMLP
+
+__all__ = [
+    "BlackBoxCalibrationNet",
+    "Discriminator",
+    "NoiseInjectedUNet",
+    "NoiseInjection",
+    "SegNetCalibrationNet",
+    "ToyCalibrationMLP",
+    "ToyDiscriminatorMLP",
+    "ToyRefinementMLP",
+]

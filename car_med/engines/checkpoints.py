@@ -1,0 +1,82 @@
+"""Find and load the checkpoints that MONAI's ``CheckpointSaver`` writes, with clear errors."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["latest_checkpoint", "load_network_checkpoint"]
+
+
+def _checkpoint_order(path: Path) -> tuple[int, float]:
+    # ignite names files "<prefix>_<key>=<number>.pt"; order by that number, then by mtime.
+    match = re.search(r"=(\d+)\.pt$", path.name)
+    return (int(match.group(1)) if match else -1, path.stat().st_mtime)
+
+
+def latest_checkpoint(directory: str | os.PathLike, prefix: str = "") -> str | None:
+    """Newest ``<prefix>*.pt`` in ``directory`` (for resuming after a kill), or ``None`` if there is none."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return None
+    candidates = [p for p in folder.glob(f"{prefix}*.pt") if p.is_file()]
+    if not candidates:
+        return None
+    return str(max(candidates, key=_checkpoint_order))
+
+
+def load_network_checkpoint(
+    network: nn.Module, path: str | os.PathLike, key: str | None = None, map_location: str | torch.device = "cpu"
+) -> nn.Module:
+    """Load weights into ``network`` from a plain state dict or a MONAI/ignite multi-object checkpoint.
+
+    Args:
+        network: the module to fill.
+        path: checkpoint file.
+        key: entry of a multi-object checkpoint (e.g. ``"refinement_network"``); if ``None`` the file must
+            be a plain state dict or hold exactly one entry whose keys fit.
+        map_location: passed to ``torch.load``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the checkpoint holds no such key, or its weights belong to another architecture.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {file}")
+    checkpoint = torch.load(file, map_location=map_location, weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{file}: expected a state dict, got {type(checkpoint).__name__}.")
+    expected_keys = set(network.state_dict())
+    state = checkpoint
+    if key is not None:
+        if key not in checkpoint:
+            raise ValueError(f"{file}: no entry '{key}'; entries are {sorted(checkpoint)}.")
+        state = checkpoint[key]
+    elif not expected_keys & set(checkpoint):
+        nested = {k: v for k, v in checkpoint.items() if isinstance(v, dict) and expected_keys & set(v)}
+        if len(nested) == 1:
+            state = next(iter(nested.values()))
+    name = type(network).__name__
+    missing = sorted(expected_keys - set(state))
+    unexpected = sorted(set(state) - expected_keys)
+    if missing or unexpected:
+        raise ValueError(
+            f"{file}{'#' + key if key else ''} does not hold a {name}: {len(missing)} expected weights are missing "
+            f"(e.g. {missing[:3]}) and {len(unexpected)} are unexpected (e.g. {unexpected[:3]}). "
+            f"Was it saved from a different network or configuration?"
+        )
+    own = network.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        k, got, want = wrong[0]
+        raise ValueError(
+            f"{file}: {len(wrong)} weights of {name} have the wrong shape, e.g. '{k}' is {got} but the network "
+            f"expects {want}. The network configuration (channels, classes, noise_dim) differs from training."
+        )
+    network.load_state_dict(state)
+    return network

@@ -1,0 +1,58 @@
+"""Stop training on a non-finite loss before it reaches the weights."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from ignite.engine import Engine
+
+__all__ = ["NonFiniteLossError", "raise_if_non_finite", "NonFiniteLossGuard"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss is NaN or infinite; the optimiser step for that iteration never ran."""
+
+
+def raise_if_non_finite(losses: Mapping[str, torch.Tensor | float], iteration: int, where: str) -> None:
+    """Raise :class:`NonFiniteLossError` naming every non-finite loss, before any backward pass.
+
+    Checking before ``backward``/``step`` keeps the weights, and so every checkpoint written so
+    far, free of NaNs.
+    """
+    values = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in losses.items()}
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        raise NonFiniteLossError(
+            f"{where}: non-finite loss at iteration {iteration} ({shown}). Training stopped before the optimiser "
+            "step, so the weights and the last saved checkpoint are intact. Lower the learning rate or check the "
+            "input data for NaNs, then resume from the last checkpoint."
+        )
+
+
+class NonFiniteLossGuard:
+    """Ignite handler for MONAI's ``SupervisedTrainer``: checks the loss at ``LOSS_COMPLETED``.
+
+    MONAI fires ``IterationEvents.LOSS_COMPLETED`` after the loss and before ``backward``, so raising
+    here prevents the bad update (ignite's ``TerminateOnNan`` only looks after the step).
+
+    Args:
+        output_keys: keys of ``engine.state.output`` to check.
+        name: label for the error message, e.g. "stage 1 (F)".
+    """
+
+    def __init__(self, output_keys: Sequence[str] = ("loss",), name: str = "training") -> None:
+        self.output_keys = tuple(output_keys)
+        self.name = name
+
+    def attach(self, engine: Engine) -> None:
+        from monai.engines.utils import IterationEvents
+
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        output = engine.state.output
+        losses = {k: output[k] for k in self.output_keys if k in output}
+        raise_if_non_finite(losses, engine.state.iteration, self.name)

@@ -1,0 +1,157 @@
+"""Draw M coherent samples per image from a trained CAR model, folded into the batch and chunked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from monai.networks.utils import eval_mode
+from torch import nn
+
+__all__ = ["SampleSet", "CARSampler", "calibration_output", "fold_for_sampling"]
+
+
+def calibration_output(raw: torch.Tensor, output_type: str = "categorical") -> torch.Tensor:
+    """F's raw output as the calibration target: softmax probabilities, or the regression value itself."""
+    return torch.softmax(raw, dim=1) if output_type == "categorical" else raw
+
+
+def fold_for_sampling(
+    image: torch.Tensor, calibration: torch.Tensor, num_samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeat every image M times along the batch: row ``b * M + m`` is sample m of image b."""
+    return image.repeat_interleave(num_samples, dim=0), calibration.repeat_interleave(num_samples, dim=0)
+
+
+@dataclass
+class SampleSet:
+    """What the sampler returns. The sample axis is dim 1 everywhere.
+
+    Attributes:
+        samples: hard samples: argmax class maps ``(B, M, *spatial)`` (long) for segmentation, or the
+            regression values ``(B, M, *feature)``.
+        mean: Gbar, the mean of G's outputs over the M samples ``(B, C, *spatial)``.
+        calibration: F(x) as probabilities ``(B, C, *spatial)`` (or F's regression value).
+        noise: the noise vectors used ``(B, M, noise_dim)``, to reproduce any sample.
+        probs: G's softmax of every sample ``(B, M, C, *spatial)``; ``None`` when not kept.
+        entropy: H(F(x)) in nats ``(B, *spatial)``, the aleatoric uncertainty map; ``None`` for regression.
+    """
+
+    samples: torch.Tensor
+    mean: torch.Tensor
+    calibration: torch.Tensor
+    noise: torch.Tensor
+    probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+
+class CARSampler:
+    """M samples per image from F and G in eval mode, without gradients.
+
+    The M draws are folded into the batch, ``(B*M, ...)``, and G runs over at most ``max_batch``
+    folded rows at a time, so memory stays bounded for any M. Gbar is accumulated chunk by chunk, so
+    with ``return_probs=False`` the per-sample probabilities are never all held at once.
+
+    Args:
+        calibration_network: F, returning logits (segmentation) or values (regression).
+        refinement_network: G, called as ``G(image, calibration, noise)``.
+        num_samples: default M.
+        noise_dim: size of one noise vector; read from ``refinement_network.noise_dim`` if omitted.
+        max_batch: folded rows per G forward pass.
+        output_type: ``"categorical"`` or ``"continuous"``.
+        return_probs: keep every sample's probabilities in ``SampleSet.probs``.
+    """
+
+    def __init__(
+        self,
+        calibration_network: nn.Module,
+        refinement_network: nn.Module,
+        num_samples: int = 16,
+        noise_dim: int | None = None,
+        max_batch: int = 32,
+        output_type: str = "categorical",
+        return_probs: bool = True,
+    ) -> None:
+        if output_type not in ("categorical", "continuous"):
+            raise ValueError(f"output_type must be 'categorical' or 'continuous', got {output_type!r}.")
+        noise_dim = noise_dim if noise_dim is not None else getattr(refinement_network, "noise_dim", None)
+        if noise_dim is None or noise_dim < 1:
+            raise ValueError("CARSampler needs noise_dim >= 1 (pass it, or give G a `noise_dim` attribute).")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}.")
+        self._check_num_samples(num_samples)
+        self.calibration_network = calibration_network
+        self.refinement_network = refinement_network
+        self.num_samples = num_samples
+        self.noise_dim = int(noise_dim)
+        self.max_batch = max_batch
+        self.output_type = output_type
+        self.return_probs = return_probs
+
+    @staticmethod
+    def _check_num_samples(num_samples: int) -> None:
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"the number of samples M must be an integer >= 1, got {num_samples!r}.")
+
+    def draw_noise(
+        self, batch: int, num_samples: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Standard normal noise ``(B, M, noise_dim)``."""
+        return torch.randn(batch, num_samples, self.noise_dim, generator=generator, device=device)
+
+    def __call__(
+        self,
+        image: torch.Tensor,
+        num_samples: int | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> SampleSet:
+        """Sample.
+
+        Args:
+            image: batch of images ``(B, C, *spatial)`` (or ``(B, D)`` inputs for regression).
+            num_samples: M for this call; defaults to the sampler's.
+            noise: explicit noise ``(B, M, noise_dim)``; drawn when omitted.
+            generator: torch generator for reproducible noise.
+        """
+        if not isinstance(image, torch.Tensor) or image.ndim < 2:
+            raise ValueError(f"CARSampler expected a batched image tensor (B, C, ...), got {getattr(image, 'shape', image)}.")
+        batch = image.shape[0]
+        if noise is not None:
+            if noise.ndim != 3 or noise.shape[0] != batch or noise.shape[2] != self.noise_dim:
+                raise ValueError(
+                    f"noise must have shape (B={batch}, M, noise_dim={self.noise_dim}), got {tuple(noise.shape)}."
+                )
+            num_samples = noise.shape[1]
+        num_samples = self.num_samples if num_samples is None else num_samples
+        self._check_num_samples(num_samples)
+        if noise is None:
+            noise = self.draw_noise(batch, num_samples, image.device, generator)
+        noise = noise.to(image.device)
+
+        with eval_mode(self.calibration_network, self.refinement_network):
+            calibration = calibration_output(self.calibration_network(image), self.output_type)
+            image_folded, calibration_folded = fold_for_sampling(image, calibration, num_samples)
+            noise_folded = noise.reshape(batch * num_samples, self.noise_dim)
+            total = batch * num_samples
+            mean = torch.zeros_like(calibration) if self.output_type == "categorical" else None
+            hard, kept = [], []
+            for start in range(0, total, self.max_batch):
+                stop = min(start + self.max_batch, total)
+                out = self.refinement_network(image_folded[start:stop], calibration_folded[start:stop], noise_folded[start:stop])
+                if self.output_type == "categorical":
+                    hard.append(out.argmax(dim=1))
+                    rows = torch.arange(start, stop, device=out.device) // num_samples
+                    mean.index_add_(0, rows, out)
+                    if self.return_probs:
+                        kept.append(out)
+                else:
+                    hard.append(out)
+            samples = torch.cat(hard).reshape(batch, num_samples, *hard[0].shape[1:])
+            if self.output_type == "categorical":
+                mean = mean / num_samples
+                probs = torch.cat(kept).reshape(batch, num_samples, *kept[0].shape[1:]) if self.return_probs else None
+                entropy = -(calibration * calibration.clamp_min(1e-12).log()).sum(dim=1)
+            else:
+                mean, probs, entropy = samples.mean(dim=1), None, None
+        return SampleSet(samples=samples, mean=mean, calibration=calibration, noise=noise, probs=probs, entropy=entropy)
