@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from car_med.engines.d_schedule import DiscriminatorSchedule
-from car_med.engines.guards import raise_if_non_finite
+from car_med.engines.guards import BufferSnapshot, NonFiniteLossError, raise_if_non_finite
 from car_med.losses.adversarial import discriminator_loss, generator_adversarial_loss, r1_penalty
 from car_med.losses.calibration import categorical_calibration_loss, gaussian_calibration_loss
 from car_med.sampling import calibration_output, fold_for_sampling
@@ -208,6 +208,15 @@ class CARTrainer(Trainer):
         image = batchdata[self.image_key].to(engine.state.device, non_blocking=engine.non_blocking)
         label = batchdata[self.label_key].to(engine.state.device, non_blocking=engine.non_blocking)
         iteration = engine.state.iteration
+        # a NaN batch corrupts BatchNorm statistics in the forward pass, before any loss exists
+        snapshot = BufferSnapshot(self.calibration_network, self.refinement_network, self.discriminator)
+        try:
+            return self._train_step(engine, image, label, iteration)
+        except NonFiniteLossError:
+            snapshot.restore()
+            raise
+
+    def _train_step(self, engine: CARTrainer, image: torch.Tensor, label: torch.Tensor, iteration: int) -> dict[str, float]:
         out: dict[str, float] = {}
 
         # F: frozen target, or jointly trained with its own loss while G only ever sees a detached copy.

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from ignite.engine import Engine
 
-__all__ = ["NonFiniteLossError", "raise_if_non_finite", "NonFiniteLossGuard"]
+__all__ = ["NonFiniteLossError", "raise_if_non_finite", "NonFiniteLossGuard", "BufferSnapshot"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -32,6 +32,22 @@ def raise_if_non_finite(losses: Mapping[str, torch.Tensor | float], iteration: i
         )
 
 
+class BufferSnapshot:
+    """Copies of a module's buffers (BatchNorm running statistics) taken before a forward pass.
+
+    A NaN input poisons the running statistics during the forward pass itself, before any loss can
+    be checked; restoring the snapshot keeps the in-memory model as good as the last checkpoint.
+    """
+
+    def __init__(self, *modules: torch.nn.Module) -> None:
+        self._saved = [(buf, buf.detach().clone()) for m in modules for buf in m.buffers()]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buf, saved in self._saved:
+                buf.copy_(saved)
+
+
 class NonFiniteLossGuard:
     """Ignite handler for MONAI's ``SupervisedTrainer``: checks the loss at ``LOSS_COMPLETED``.
 
@@ -48,11 +64,23 @@ class NonFiniteLossGuard:
         self.name = name
 
     def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
         from monai.engines.utils import IterationEvents
 
+        self._snapshot: BufferSnapshot | None = None
+        engine.add_event_handler(Events.ITERATION_STARTED, self._take_snapshot)
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+
+    def _take_snapshot(self, engine: Engine) -> None:
+        network = getattr(engine, "network", None)
+        self._snapshot = BufferSnapshot(network) if network is not None else None
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
         losses = {k: output[k] for k in self.output_keys if k in output}
-        raise_if_non_finite(losses, engine.state.iteration, self.name)
+        try:
+            raise_if_non_finite(losses, engine.state.iteration, self.name)
+        except NonFiniteLossError:
+            if self._snapshot is not None:
+                self._snapshot.restore()
+            raise
