@@ -139,6 +139,7 @@ def _process_scan(
     """
     pid, uid = data.patient_id, data.series_uid
     slices, skips = slice_by_z(files.slices, dicom_root, pid, uid, slice_location_filter)
+    skips.extend(files.incomplete)
     if not data.nodules:
         skips.append(Skip("scan", "no annotations in the DB", pid, uid, detail=f"scan_id={data.scan_id}"))
         return [], skips, []

@@ -108,12 +108,22 @@ class DicomSlice:
 
 @dataclass
 class SeriesFiles:
-    """All readable DICOM files of one (study, series) pair found under a patient folder."""
+    """All readable DICOM files of one (study, series) pair found under a patient folder.
+
+    Attributes:
+        study_uid: StudyInstanceUID.
+        series_uid: SeriesInstanceUID.
+        modality: Modality of the first file seen.
+        slices: the files that can be placed as image slices.
+        incomplete: files of the series whose header lacks a tag needed to place them (a truncated header,
+            or a non-image object); reported only if the series is one the run uses.
+    """
 
     study_uid: str
     series_uid: str
     modality: str
     slices: list[DicomSlice] = field(default_factory=list)
+    incomplete: list[Skip] = field(default_factory=list)
 
 
 def find_patient_dirs(dicom_root: str | os.PathLike) -> dict[str, Path]:
@@ -203,8 +213,14 @@ def read_series_headers(
             continue
         key = (study, series_uid)
         entry = series.setdefault(key, SeriesFiles(study, series_uid, str(ds.get("Modality", "")).strip()))
-        if "ImagePositionPatient" not in ds or "PixelSpacing" not in ds:
-            # Scout images, SR and SEG objects share studies with the CT; they cannot be placed as slices.
+        missing = [tag for tag in ("ImagePositionPatient", "PixelSpacing", "Rows", "Columns") if tag not in ds]
+        if missing:
+            # pydicom returns a partial dataset for a header cut short, so a missing tag is how truncation
+            # shows; it is also how scouts and SR objects look, hence reported only for series in use.
+            entry.incomplete.append(
+                Skip("file", "DICOM header incomplete (truncated file or not an image)", patient_id, series_uid,
+                     relative, detail=f"missing {', '.join(missing)}")
+            )
             continue
         try:
             position = _float_list(ds.ImagePositionPatient, 3, "ImagePositionPatient")
