@@ -68,7 +68,7 @@ class CARSampler:
         refinement_network: nn.Module,
         num_samples: int = 16,
         noise_dim: int | None = None,
-        max_batch: int = 32,
+        max_batch: int = 8,
         output_type: str = "categorical",
         return_probs: bool = True,
     ) -> None:
@@ -87,6 +87,32 @@ class CARSampler:
         self.max_batch = max_batch
         self.output_type = output_type
         self.return_probs = return_probs
+
+    def _refine_in_chunks(self, image, calibration, noise_folded, num_samples):
+        """Yield ``(first folded row, G output)`` over the B*M folded rows, at most ``max_batch`` at a time.
+
+        G's noise enters only in its decoder, so when G exposes ``encode``/``decode`` each image is
+        encoded once and only the decoder runs per sample; otherwise the folded rows go through
+        ``G.forward``.
+        """
+        g = self.refinement_network
+        total = image.shape[0] * num_samples
+        if hasattr(g, "encode") and hasattr(g, "decode"):
+            images_per_chunk = max(1, self.max_batch // num_samples)
+            for first_image in range(0, image.shape[0], images_per_chunk):
+                last_image = min(first_image + images_per_chunk, image.shape[0])
+                *skips, size_ref = g.encode(image[first_image:last_image], calibration[first_image:last_image])
+                first_row, last_row = first_image * num_samples, last_image * num_samples
+                for start in range(first_row, last_row, self.max_batch):
+                    stop = min(start + self.max_batch, last_row)
+                    owner = torch.arange(start, stop, device=image.device) // num_samples - first_image
+                    features = [f.index_select(0, owner) for f in skips] + [size_ref]
+                    yield start, g.decode(features, noise_folded[start:stop])
+            return
+        image_folded, calibration_folded = fold_for_sampling(image, calibration, num_samples)
+        for start in range(0, total, self.max_batch):
+            stop = min(start + self.max_batch, total)
+            yield start, g(image_folded[start:stop], calibration_folded[start:stop], noise_folded[start:stop])
 
     @staticmethod
     def _check_num_samples(num_samples: int) -> None:
@@ -131,17 +157,13 @@ class CARSampler:
 
         with eval_mode(self.calibration_network, self.refinement_network):
             calibration = calibration_output(self.calibration_network(image), self.output_type)
-            image_folded, calibration_folded = fold_for_sampling(image, calibration, num_samples)
             noise_folded = noise.reshape(batch * num_samples, self.noise_dim)
-            total = batch * num_samples
             mean = torch.zeros_like(calibration) if self.output_type == "categorical" else None
             hard, kept = [], []
-            for start in range(0, total, self.max_batch):
-                stop = min(start + self.max_batch, total)
-                out = self.refinement_network(image_folded[start:stop], calibration_folded[start:stop], noise_folded[start:stop])
+            for start, out in self._refine_in_chunks(image, calibration, noise_folded, num_samples):
                 if self.output_type == "categorical":
                     hard.append(out.argmax(dim=1))
-                    rows = torch.arange(start, stop, device=out.device) // num_samples
+                    rows = torch.arange(start, start + out.shape[0], device=out.device) // num_samples
                     mean.index_add_(0, rows, out)
                     if self.return_probs:
                         kept.append(out)
