@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import multiprocessing
 import os
@@ -358,8 +359,6 @@ def split_patients(patient_ids: Sequence[str], seed: int) -> dict[str, str]:
 
 
 def _load_record(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    import json
-
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
