@@ -1,1 +1,65 @@
-"""car_med.metrics."""
+"""car_med.metrics: GED, Hungarian-matched IoU, ECE and stochastic-class calibration, as functions and MONAI metrics.
+
+Conventions (SPEC section 2, docs/metrics.md): hard samples are integer argmax maps ``(B, N, *spatial)``, labels are
+integer maps ``(B, R, *spatial)``, d(a, b) = 1 - IoU(a, b), a class absent from both maps is skipped and a pair with
+every class absent has IoU 1, and GED uses the biased (diagonal-including) means unless ``unbiased=True``.
+"""
+
+from __future__ import annotations
+
+from car_med.metrics.calibration import (
+    ClassCalibrationResult,
+    ExpectedCalibrationError,
+    ReliabilityData,
+    StochasticClassCalibration,
+    calibration_bin_statistics,
+    class_calibration_offsets,
+    class_calibration_statistics,
+    expected_calibration_error,
+    plot_reliability_diagram,
+)
+from car_med.metrics.energy_distance import (
+    EnergyDistanceTerms,
+    GeneralizedEnergyDistance,
+    SampleDiversity,
+    generalized_energy_distance,
+    sample_diversity,
+)
+from car_med.metrics.hungarian_iou import HungarianMatchedIoU, hungarian_matched_iou, matched_iou_from_matrix
+from car_med.metrics.pairwise import PairwiseIoU, pairwise_iou
+from car_med.metrics.stochastic_classes import (
+    CITYSCAPES_IGNORE_INDEX,
+    CITYSCAPES_STOCHASTIC_CLASSES,
+    CITYSCAPES_SWITCHABLE_CLASSES,
+    stochastic_label_modes,
+    stochastic_mode_flips,
+    stochastic_mode_weights,
+)
+
+__all__ = [
+    "CITYSCAPES_IGNORE_INDEX",
+    "CITYSCAPES_STOCHASTIC_CLASSES",
+    "CITYSCAPES_SWITCHABLE_CLASSES",
+    "ClassCalibrationResult",
+    "EnergyDistanceTerms",
+    "ExpectedCalibrationError",
+    "GeneralizedEnergyDistance",
+    "HungarianMatchedIoU",
+    "PairwiseIoU",
+    "ReliabilityData",
+    "SampleDiversity",
+    "StochasticClassCalibration",
+    "calibration_bin_statistics",
+    "class_calibration_offsets",
+    "class_calibration_statistics",
+    "expected_calibration_error",
+    "generalized_energy_distance",
+    "hungarian_matched_iou",
+    "matched_iou_from_matrix",
+    "pairwise_iou",
+    "plot_reliability_diagram",
+    "sample_diversity",
+    "stochastic_label_modes",
+    "stochastic_mode_flips",
+    "stochastic_mode_weights",
+]
