@@ -72,6 +72,8 @@ from preprocessing.lidc_io import (
     write_nifti,
 )
 
+from car_med.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, split_patients
+
 __all__ = ["FORMAT_VERSION", "main", "process_patient", "run", "split_patients"]
 
 logger = logging.getLogger("preprocessing.lidc")
@@ -79,8 +81,6 @@ logger = logging.getLogger("preprocessing.lidc")
 FORMAT_VERSION = 1
 """Bump when the crop content changes, so that old per-patient records are recomputed, not reused."""
 
-SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
-SPLIT_NAMES = ("training", "validation", "test")
 PIXEL_SPACING_TOLERANCE_MM = 1e-3
 
 MANIFEST_COLUMNS = (
@@ -338,26 +338,6 @@ def _skip_key(skip: dict[str, Any]) -> tuple:
     return tuple(str(skip.get(field, "")) for field in ("patient_id", "level", "series_uid", "path", "slice_z", "nodule_id", "reason", "detail"))
 
 
-def split_patients(patient_ids: Sequence[str], seed: int) -> dict[str, str]:
-    """Assign patients to training/validation/test, 70/15/15, by a seeded permutation of the sorted ids.
-
-    With three or more patients every split gets at least one.
-
-    Returns:
-        ``{patient_id: split name}``.
-    """
-    ordered = sorted(set(patient_ids))
-    n = len(ordered)
-    n_val = int(np.floor(n * SPLIT_FRACTIONS[1] + 0.5))
-    n_test = int(np.floor(n * SPLIT_FRACTIONS[2] + 0.5))
-    if n >= 3:
-        n_val, n_test = max(n_val, 1), max(n_test, 1)
-    n_train = n - n_val - n_test
-    order = np.random.default_rng(seed).permutation(n)
-    names = [SPLIT_NAMES[0]] * n_train + [SPLIT_NAMES[1]] * n_val + [SPLIT_NAMES[2]] * n_test
-    return {ordered[index]: names[rank] for rank, index in enumerate(order)}
-
-
 def _load_record(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     try:
         record = json.loads(path.read_text())
@@ -470,7 +450,7 @@ def _write_outputs(
     summary = {
         "config": {
             "split_seed": split_seed,
-            "split_fractions": list(SPLIT_FRACTIONS),
+            "split_fractions": list(DEFAULT_SPLIT_FRACTIONS),
             "slice_location_filter": slice_location_filter,
             "crop_size": CROP_SIZE,
             "spacing_mm": TARGET_SPACING_MM,

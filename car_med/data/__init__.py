@@ -25,7 +25,9 @@ _LAZY: dict[str, str] = {
     "convert_png_release": "lidc_releases",
     "load_release_pickle": "lidc_releases",
     "parse_png_name": "lidc_releases",
-    "split_patients": "lidc_releases",
+    # car_med.data.splits
+    "split_patients": "splits",
+    "SPLIT_NAMES": "splits",
     # car_med.data.toy
     "ToyBatchDataset": "toy",
     "sample_toy": "toy",

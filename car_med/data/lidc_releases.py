@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import pickle
 import re
@@ -30,6 +29,8 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+
+from car_med.data.splits import split_patients
 
 __all__ = [
     "PngName",
@@ -96,35 +97,6 @@ def parse_png_name(name: str | os.PathLike) -> PngName:
         crop=int(match["crop"]),
         reader=None if reader is None else int(reader),
     )
-
-
-def split_patients(
-    patient_ids: Iterable[str], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
-) -> dict[str, str]:
-    """Assign each patient to ``"training"``, ``"validation"`` or ``"test"``, never splitting a patient.
-
-    The sorted unique patients are shuffled with ``numpy.random.default_rng(seed)``; the first
-    ``round(f_train * n)`` go to training, the next ``round(f_val * n)`` to validation, the rest to test.
-
-    Args:
-        patient_ids: patient ids, repeats allowed.
-        fractions: training, validation and test fractions, summing to 1.
-        seed: the shuffle seed.
-
-    Returns:
-        A dict from patient id to split name.
-    """
-    fractions = tuple(float(f) for f in fractions)
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}.")
-    patients = sorted(set(patient_ids))
-    order = np.random.default_rng(seed).permutation(len(patients))
-    n_train = min(len(patients), round(fractions[0] * len(patients)))
-    n_val = min(len(patients) - n_train, round(fractions[1] * len(patients)))
-    split_of = {}
-    for rank, index in enumerate(order):
-        split_of[patients[index]] = "training" if rank < n_train else "validation" if rank < n_train + n_val else "test"
-    return split_of
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -442,7 +414,7 @@ def convert_pickle_release(
         if match is None:
             raise ValueError(f"{str(src)!r}: key {key!r} is not of the form '<patient>_<slice>'.")
         parsed[key] = (match["patient"], match["slice"])
-    split_of = split_patients((patient for patient, _ in parsed.values()), fractions, seed)
+    split_of = split_patients((patient for patient, _ in parsed.values()), seed=seed, fractions=fractions)
     output_dir = _prepare_output(output_dir, overwrite)
     folder = {"training": "train", "validation": "val", "test": "test"}
     splits: dict[str, list] = {key: [] for key in folder}
