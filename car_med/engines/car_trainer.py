@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 from monai.engines import Trainer
-from monai.engines.utils import default_prepare_batch
 from torch import nn
 from torch.nn import functional as F
 
@@ -60,7 +59,7 @@ class CARTrainer(Trainer):
         calibration_optimizer: if given, F is trained jointly on CE (its output still detached
             for G), the authors' code's option.
         calibration_loss_function: F's loss for joint training (e.g. ``PixelwiseCrossEntropyLoss``).
-        epoch_length, non_blocking, prepare_batch, iteration_update, postprocessing, key_train_metric,
+        epoch_length, non_blocking, iteration_update, postprocessing, key_train_metric,
             additional_metrics, metric_cmp_fn, train_handlers, amp: as MONAI's ``Trainer``.
         image_key, label_key: batch dict keys.
     """
@@ -92,7 +91,6 @@ class CARTrainer(Trainer):
         calibration_loss_function: Callable | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
-        prepare_batch: Callable = default_prepare_batch,
         iteration_update: Callable | None = None,
         postprocessing: Callable | None = None,
         key_train_metric: dict | None = None,
@@ -122,7 +120,6 @@ class CARTrainer(Trainer):
             data_loader=train_data_loader,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
             iteration_update=iteration_update,
             postprocessing=postprocessing,
             key_metric=key_train_metric,
