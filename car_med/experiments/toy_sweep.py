@@ -59,6 +59,28 @@ def _read_curve(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return table[:, 0], table[:, 1]
 
 
+def markdown_summary(rows: list[dict]) -> str:
+    """Mean (and min-max) over seeds per (pi, sigma, lambda), as a markdown table."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["pi"], row["sigma"], row["lambda_cal"]), []).append(row)
+    lines = [
+        "| pi | sigma | lambda | seeds | P(sample < 0), x < 0.4 | mean abs(mean - F(x)) | sample std, x < 0.4 | final log-lik |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(values: list[float], digits: int) -> str:
+        return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    for (pi, sigma, lam), group in sorted(groups.items()):
+        lines.append(
+            f"| {pi:g} | {sigma:g} | {lam:g} | {len(group)} | {cell([r['frac_below_zero_bimodal'] for r in group], 3)} | "
+            f"{cell([r['calibration_error'] for r in group], 3)} | {cell([r['sample_std_bimodal'] for r in group], 3)} | "
+            f"{cell([r['final_log_likelihood'] for r in group], 2)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def summarise(output_dir: Path, grid: list[tuple[float, float, float, int]], focus: tuple[float, float, int]) -> list[dict]:
     """Write results.csv and fig3a/b/c.png from the finished runs; returns the result rows."""
     rows, curves, iterations = [], {}, None
@@ -78,6 +100,7 @@ def summarise(output_dir: Path, grid: list[tuple[float, float, float, int]], foc
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    (output_dir / "summary.md").write_text(markdown_summary(rows))
     if curves:
         plot_likelihood_curves(curves, iterations, output_dir / "fig3a.png", "Data log-likelihood of G's samples")
     pi, sigma, seed = focus
