@@ -22,6 +22,7 @@ from car_med.metrics.energy_distance import (
     EnergyDistanceTerms,
     GeneralizedEnergyDistance,
     SampleDiversity,
+    energy_distance_from_iou,
     generalized_energy_distance,
     sample_diversity,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "SampleDiversity",
     "StochasticClassCalibration",
     "calibration_bin_statistics",
+    "energy_distance_from_iou",
     "class_calibration_offsets",
     "class_calibration_statistics",
     "expected_calibration_error",

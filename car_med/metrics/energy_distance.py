@@ -9,11 +9,12 @@ import torch
 from monai.metrics import CumulativeIterationMetric
 from monai.utils import MetricReduction, convert_to_tensor
 
-from car_med.metrics.pairwise import DEFAULT_MAX_ELEMENTS, pairwise_iou
+from car_med.metrics.pairwise import DEFAULT_MAX_ELEMENTS, PairwiseIoU, pairwise_iou
 
 __all__ = [
     "EnergyDistanceTerms",
     "generalized_energy_distance",
+    "energy_distance_from_iou",
     "sample_diversity",
     "GeneralizedEnergyDistance",
     "SampleDiversity",
@@ -42,7 +43,7 @@ def _normalised_label_weights(label_weights: Any, batch: int, raters: int, devic
     if label_weights is None:
         return torch.full((batch, raters), 1.0 / raters, dtype=torch.float64, device=device)
     w = convert_to_tensor(label_weights, track_meta=False)
-    if not isinstance(w, torch.Tensor) or not (w.is_floating_point() or w.dtype in (torch.int32, torch.int64)):
+    if not isinstance(w, torch.Tensor) or w.dtype == torch.bool or w.is_complex():
         raise ValueError(f"label_weights must be a numeric tensor of shape (R,) or (B, R), got {label_weights!r}.")
     w = w.to(device=device, dtype=torch.float64)
     if w.ndim == 1 and w.shape[0] == raters:
@@ -122,6 +123,24 @@ def generalized_energy_distance(
         num_classes=num_classes,
         max_elements=max_elements,
     )
+    terms = energy_distance_from_iou(iou, label_weights=label_weights, unbiased=unbiased)
+    return terms if return_terms else terms.ged
+
+
+def energy_distance_from_iou(
+    iou: PairwiseIoU,
+    *,
+    label_weights: torch.Tensor | Sequence[float] | None = None,
+    unbiased: bool = False,
+) -> EnergyDistanceTerms:
+    """GED and its terms from precomputed IoU matrices (all three blocks of :func:`pairwise_iou`).
+
+    Lets an evaluator compute the pairwise IoUs once and derive both GED and HM-IoU
+    (:func:`car_med.metrics.matched_iou_from_matrix` on ``iou.sy``). Arguments as in
+    :func:`generalized_energy_distance`.
+    """
+    if iou.sy is None or iou.ss is None or iou.yy is None:
+        raise ValueError("energy_distance_from_iou needs the 'sy', 'ss' and 'yy' blocks of pairwise_iou.")
     d_sy_m, d_ss_m, d_yy_m = 1.0 - iou.sy, 1.0 - iou.ss, 1.0 - iou.yy
     batch, _, raters = d_sy_m.shape
     w = _normalised_label_weights(label_weights, batch, raters, d_sy_m.device)
@@ -139,8 +158,7 @@ def generalized_energy_distance(
         d_yy = (ww * off * d_yy_m).sum(dim=(1, 2)) / norm
     else:
         d_yy = (ww * d_yy_m).sum(dim=(1, 2))
-    ged = 2.0 * d_sy - d_ss - d_yy
-    return EnergyDistanceTerms(ged, d_sy, d_ss, d_yy) if return_terms else ged
+    return EnergyDistanceTerms(2.0 * d_sy - d_ss - d_yy, d_sy, d_ss, d_yy)
 
 
 def sample_diversity(

@@ -101,8 +101,9 @@ def _check_range(
     if num_classes is None or t.numel() == 0:
         return
     bad = (t < 0) | (t >= num_classes)
-    if ignore:
-        bad &= ~torch.isin(t, torch.tensor(ignore, device=t.device, dtype=t.dtype))
+    kept = tuple(v for v in ignore if _fits(v, t.dtype))
+    if kept:
+        bad &= _not_in(t, kept)
     if bool(bad.any()):
         value = int(t[bad].flatten()[0])
         raise ValueError(
@@ -188,6 +189,107 @@ def _bmm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b.transpose(1, 2)).double()
 
 
+# columns kept when compacting: compaction only pays while it removes a good share of them
+_DENSE_FRACTION = 0.75
+_EMPTY = object()
+
+
+def _compaction_index(active: torch.Tensor) -> torch.Tensor | None | object:
+    """Per-image column indices ``(B, M)`` covering every active column of ``active (B, P)``.
+
+    Images with fewer than M active columns are padded with one of their own inactive columns, where every class
+    mask is zero, so padding adds nothing. Returns ``_EMPTY`` when no column is active and None when compaction
+    would keep most columns anyway.
+    """
+    counts = active.sum(dim=1)
+    m = int(counts.max()) if counts.numel() else 0
+    if m == 0:
+        return _EMPTY
+    if m > _DENSE_FRACTION * active.shape[1]:
+        return None
+    b_idx, p_idx = active.nonzero(as_tuple=True)
+    starts = torch.cumsum(counts, dim=0) - counts
+    slot = torch.arange(b_idx.numel(), device=active.device) - starts[b_idx]
+    pad = (~active).to(torch.uint8).argmax(dim=1)  # the first inactive column of each image
+    idx = pad[:, None].repeat(1, m)
+    idx[b_idx, slot] = p_idx
+    return idx
+
+
+def _fits(value: int, dtype: torch.dtype) -> bool:
+    info = torch.iinfo(dtype)
+    return info.min <= value <= info.max
+
+
+def _not_in(x: torch.Tensor, values: tuple[int, ...]) -> torch.Tensor:
+    """``~isin(x, values)`` for a handful of values; an equality per value is much faster than ``torch.isin``."""
+    out = x != values[0]
+    for v in values[1:]:
+        out &= x != v
+    return out
+
+
+def _equals(x: torch.Tensor, value: int) -> torch.Tensor:
+    if not _fits(value, x.dtype):
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    return x == value
+
+
+def _any_over_maps(mask: torch.Tensor) -> torch.Tensor:
+    """``mask.any(dim=1)`` for ``(B, K, P)`` bool masks; a uint8 max reduces the strided axis faster on CPU."""
+    return mask.view(torch.uint8).amax(dim=1).bool()
+
+
+def _gather_columns(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 2, idx[:, None, :].expand(-1, x.shape[1], -1))
+
+
+def _accumulate(
+    k: int,
+    s_c: torch.Tensor,
+    y_c: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    inter: dict[str, torch.Tensor],
+    union: dict[str, torch.Tensor],
+) -> None:
+    """Add one pixel chunk's intersection and union counts of class slot ``k`` to every requested block."""
+    f32 = torch.float32
+    s_f = s_c.to(f32)
+    y_f = None if y_c is None else y_c.to(f32)
+    valid_f = None if valid is None else valid.to(f32)
+    # mask sizes are the diagonals of the Gram matrices where those exist (an exact count, and no extra pass)
+    s_size = None
+    if "ss" in inter:
+        # samples are compared on the pixels no label of the image ignores
+        s_m = (s_c & valid.all(dim=1, keepdim=True)).to(f32) if valid is not None else s_f
+        i_ss = _bmm_t(s_m, s_m)
+        size = i_ss.diagonal(dim1=1, dim2=2)
+        inter["ss"][k] += i_ss
+        union["ss"][k] += size[:, :, None] + size[:, None, :] - i_ss
+        if valid is None:
+            s_size = size
+    if "sy" in inter or "yy" in inter:
+        i_yy = _bmm_t(y_f, y_f)
+        y_size = i_yy.diagonal(dim1=1, dim2=2)
+    if "sy" in inter:
+        i_sy = _bmm_t(s_f, y_f)
+        if valid_f is not None:
+            # a sample's size counts only the pixels that label r does not ignore
+            s_size_r = _bmm_t(s_f, valid_f)
+        else:
+            s_size_r = (s_size if s_size is not None else s_f.sum(-1).double())[..., None]
+        inter["sy"][k] += i_sy
+        union["sy"][k] += s_size_r + y_size[:, None, :] - i_sy
+    if "yy" in inter:
+        inter["yy"][k] += i_yy
+        if valid_f is not None:
+            # |y_r = c on pixels label r' keeps|; y_r = c already excludes label r's own ignore pixels
+            a = _bmm_t(y_f, valid_f)
+            union["yy"][k] += a + a.transpose(1, 2) - i_yy
+        else:
+            union["yy"][k] += y_size[:, :, None] + y_size[:, None, :] - i_yy
+
+
 def pairwise_iou(
     samples: torch.Tensor,
     labels: torch.Tensor | None,
@@ -232,7 +334,6 @@ def pairwise_iou(
     if labels is None and (set(blocks) & {"sy", "yy"} or ignore_index is not None):
         raise ValueError(f"labels are required for blocks {blocks} with ignore_index={ignore_index!r}.")
     s, y, classes_t, ignore = check_label_maps(samples, labels, classes, ignore_index, num_classes)
-    want_sy, want_ss, want_yy = "sy" in blocks, "ss" in blocks, "yy" in blocks
 
     b_total, n = s.shape[:2]
     r = 0 if y is None else y.shape[1]
@@ -240,72 +341,50 @@ def pairwise_iou(
     y = None if y is None else y.reshape(b_total, r, -1)
     pixels = s.shape[-1]
     device = s.device
-    ignore_t = torch.tensor(ignore, device=device, dtype=y.dtype) if (ignore and y is not None) else None
+    # values a map's dtype cannot hold never occur in it: such classes are absent from every pair and skipped
+    kept = tuple(c for c in classes_t if _fits(c, s.dtype) or (y is not None and _fits(c, y.dtype)))
+    ign_y = () if y is None else tuple(v for v in ignore if _fits(v, y.dtype))
 
-    out_sy = torch.empty((b_total, n, r), dtype=torch.float64, device=device) if want_sy else None
-    out_ss = torch.empty((b_total, n, n), dtype=torch.float64, device=device) if want_ss else None
-    out_yy = torch.empty((b_total, r, r), dtype=torch.float64, device=device) if want_yy else None
+    shapes = {"sy": (b_total, n, r), "ss": (b_total, n, n), "yy": (b_total, r, r)}
+    # a pair with no class present keeps IoU 1
+    outs = {k: torch.ones(shape, dtype=torch.float64, device=device) for k, shape in shapes.items() if k in blocks}
+    if not kept:
+        return PairwiseIoU(outs.get("sy"), outs.get("ss"), outs.get("yy"))
 
     b_chunk, p_chunk = _chunk_sizes(b_total, n + r, pixels, max_elements)
-    f32 = torch.float32
     for b0 in range(0, b_total, b_chunk):
         b1 = min(b_total, b0 + b_chunk)
-        nb = b1 - b0
-        # running sum of per-class IoUs and count of classes present, per pair
-        acc = {
-            k: (torch.zeros(shape, dtype=torch.float64, device=device), torch.zeros(shape, dtype=torch.float64, device=device))
-            for k, want, shape in (("sy", want_sy, (nb, n, r)), ("ss", want_ss, (nb, n, n)), ("yy", want_yy, (nb, r, r)))
-            if want
+        # per class and pair: intersection and union counts, summed over pixel chunks
+        inter = {
+            k: torch.zeros((len(kept), b1 - b0) + v.shape[1:], dtype=torch.float64, device=device)
+            for k, v in outs.items()
         }
-        for c in classes_t:
-            inter = {k: torch.zeros_like(v[0]) for k, v in acc.items()}
-            union = {k: torch.zeros_like(v[0]) for k, v in acc.items()}
-            for p0 in range(0, pixels, p_chunk):
-                p1 = min(pixels, p0 + p_chunk)
-                s_c = s[b0:b1, :, p0:p1] == c
-                y_c = None if y is None else y[b0:b1, :, p0:p1] == c
-                active = s_c.any(dim=1)
+        union = {k: torch.zeros_like(v) for k, v in inter.items()}
+        for p0 in range(0, pixels, p_chunk):
+            p1 = min(pixels, p0 + p_chunk)
+            sc = s[b0:b1, :, p0:p1]
+            yc = None if y is None else y[b0:b1, :, p0:p1]
+            valid = _not_in(yc, ign_y) if ign_y else None
+            for k, c in enumerate(kept):
+                s_c = _equals(sc, c)
+                y_c = None if yc is None else _equals(yc, c)
+                # keep, per image, only the pixels where some map has class c: the others add to no count, and
+                # for sparse foregrounds (LIDC lesions) or many classes (Cityscapes) they are most of the image
+                active = _any_over_maps(s_c)
                 if y_c is not None:
-                    active |= y_c.any(dim=1)
-                cols = active.any(dim=0).nonzero().squeeze(1)
-                if cols.numel() == 0:
+                    active |= _any_over_maps(y_c)
+                idx = _compaction_index(active)
+                if idx is _EMPTY:
                     continue
-                s_c = s_c[..., cols]
-                y_c = None if y_c is None else y_c[..., cols]
-                valid = None
-                if ignore_t is not None:
-                    valid = ~torch.isin(y[b0:b1, :, p0:p1][..., cols], ignore_t)
-                s_f = s_c.to(f32)
-                y_f = None if y_c is None else y_c.to(f32)
-                if want_sy:
-                    i_sy = _bmm_t(s_f, y_f)
-                    # a sample's size is taken only over the pixels that label r does not ignore
-                    s_size = _bmm_t(s_f, valid.to(f32)) if valid is not None else s_f.sum(-1, dtype=torch.float64)[..., None]
-                    y_size = y_f.sum(-1, dtype=torch.float64)[:, None, :]
-                    inter["sy"] += i_sy
-                    union["sy"] += s_size + y_size - i_sy
-                if want_ss:
-                    s_m = (s_c & valid.all(dim=1, keepdim=True)).to(f32) if valid is not None else s_f
-                    i_ss = _bmm_t(s_m, s_m)
-                    size = s_m.sum(-1, dtype=torch.float64)
-                    inter["ss"] += i_ss
-                    union["ss"] += size[:, :, None] + size[:, None, :] - i_ss
-                if want_yy:
-                    i_yy = _bmm_t(y_f, y_f)
-                    if valid is not None:
-                        # |y_r=c restricted to pixels label r' keeps|; y_r=c already excludes r's own ignore pixels
-                        a = _bmm_t(y_f, valid.to(f32))
-                        union["yy"] += a + a.transpose(1, 2) - i_yy
-                    else:
-                        size = y_f.sum(-1, dtype=torch.float64)
-                        union["yy"] += size[:, :, None] + size[:, None, :] - i_yy
-                    inter["yy"] += i_yy
-            for k, (iou_sum, present) in acc.items():
-                has = union[k] > 0
-                iou_sum += torch.where(has, inter[k] / union[k].clamp_min(1.0), torch.zeros_like(inter[k]))
-                present += has.to(torch.float64)
-        for k, dest in (("sy", out_sy), ("ss", out_ss), ("yy", out_yy)):
-            if k in acc:
-                iou_sum, present = acc[k]
-                dest[b0:b1] = torch.where(present > 0, iou_sum / present.clamp_min(1.0), torch.ones_like(iou_sum))
-    return PairwiseIoU(out_sy, out_ss, out_yy)
+                valid_c = valid
+                if idx is not None:
+                    s_c = _gather_columns(s_c, idx)
+                    y_c = None if y_c is None else _gather_columns(y_c, idx)
+                    valid_c = None if valid is None else _gather_columns(valid, idx)
+                _accumulate(k, s_c, y_c, valid_c, inter, union)
+        for key, out in outs.items():
+            has = union[key] > 0
+            iou = torch.where(has, inter[key] / union[key].clamp_min(1.0), torch.zeros_like(inter[key]))
+            present = has.sum(dim=0)
+            out[b0:b1] = torch.where(present > 0, iou.sum(dim=0) / present.clamp_min(1), torch.ones_like(out[b0:b1]))
+    return PairwiseIoU(outs.get("sy"), outs.get("ss"), outs.get("yy"))

@@ -11,7 +11,10 @@ from car_med.metrics import (
     CITYSCAPES_IGNORE_INDEX,
     CITYSCAPES_STOCHASTIC_CLASSES,
     CITYSCAPES_SWITCHABLE_CLASSES,
+    energy_distance_from_iou,
     generalized_energy_distance,
+    hungarian_matched_iou,
+    matched_iou_from_matrix,
     pairwise_iou,
     sample_diversity,
     stochastic_label_modes,
@@ -193,3 +196,17 @@ def test_bool_and_uint8_inputs_and_3d_chunking_agree():
     expected = generalized_energy_distance(samples, labels)
     torch.testing.assert_close(generalized_energy_distance(samples.bool(), labels.to(torch.uint8)), expected)
     torch.testing.assert_close(generalized_energy_distance(samples, labels, max_elements=17), expected)
+
+
+def test_one_kernel_call_gives_ged_and_hm_iou():
+    samples, labels = make_maps(14, 3, 8, 4, (6, 6), multiclass=True)
+    kw = dict(classes=MULTI_CLASSES, ignore_index=MULTI_IGNORE)
+    iou = pairwise_iou(samples, labels, **kw)
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    shared = energy_distance_from_iou(iou, label_weights=w, unbiased=True)
+    direct = generalized_energy_distance(samples, labels, label_weights=w, unbiased=True, return_terms=True, **kw)
+    for a, b in zip(shared, direct):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(matched_iou_from_matrix(iou.sy), hungarian_matched_iou(samples, labels, **kw))
+    with pytest.raises(ValueError, match="'sy', 'ss' and 'yy'"):
+        energy_distance_from_iou(pairwise_iou(samples, labels, blocks=("sy",), **kw))

@@ -126,3 +126,14 @@ def test_bad_label_weights_raise():
         generalized_energy_distance(s, y, label_weights=torch.zeros(4))
     with pytest.raises(ValueError, match="at least 2 labels"):
         generalized_energy_distance(s, y[:, :1], unbiased=True)
+
+
+def test_mixed_dtypes_and_classes_beyond_a_narrow_dtype():
+    samples, labels = make_maps(2, 2, 8, 4, (5, 5), multiclass=False)
+    labels = labels * 300  # class 300 exists only in the int64 labels; uint8 samples cannot hold it
+    expected = generalized_energy_distance(samples.long(), labels, classes=(0, 300))
+    torch.testing.assert_close(generalized_energy_distance(samples.to(torch.uint8), labels, classes=(0, 300)), expected)
+    torch.testing.assert_close(
+        hungarian_matched_iou(samples.to(torch.uint8), labels, classes=(0, 300)),
+        hungarian_matched_iou(samples.long(), labels, classes=(0, 300)),
+    )
