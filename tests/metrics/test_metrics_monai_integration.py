@@ -163,3 +163,35 @@ def test_ddp_ranks_are_gathered_by_the_base_class():
     for _, ged, ece in results:
         np.testing.assert_allclose(ged, expected_ged, atol=1e-12)
         assert ece == pytest.approx(expected_ece, abs=1e-12)
+
+
+def test_metric_handlers_build_from_a_bundle_config():
+    from monai.bundle import ConfigParser
+
+    config = {
+        "val_metrics": {
+            "ged": {
+                "_target_": "monai.handlers.IgniteMetricHandler",
+                "metric_fn": {
+                    "_target_": "car_med.metrics.GeneralizedEnergyDistance",
+                    "classes": "$car_med.metrics.CITYSCAPES_SWITCHABLE_CLASSES",
+                    "ignore_index": "$car_med.metrics.CITYSCAPES_IGNORE_INDEX",
+                    "label_weights": "$car_med.metrics.stochastic_mode_weights()",
+                },
+                "output_transform": "$monai.handlers.from_engine(['pred', 'label'])",
+            },
+            "ece": {
+                "_target_": "monai.handlers.IgniteMetricHandler",
+                "metric_fn": {"_target_": "car_med.metrics.ExpectedCalibrationError", "n_bins": 10, "ignore_index": 24},
+                "output_transform": "$monai.handlers.from_engine(['probs', 'target'])",
+            },
+        },
+        "imports": ["$import car_med", "$import car_med.metrics"],
+    }
+    parser = ConfigParser(config)
+    parser.get_parsed_content("imports")  # as a bundle workflow does before anything else
+    handlers = parser.get_parsed_content("val_metrics")
+    assert isinstance(handlers["ged"], IgniteMetricHandler)
+    assert isinstance(handlers["ged"].metric_fn, GeneralizedEnergyDistance)
+    assert handlers["ged"].metric_fn.label_weights.shape == (32,)
+    assert isinstance(handlers["ece"].metric_fn, ExpectedCalibrationError)
