@@ -207,7 +207,8 @@ def run_naive(args, n: int, mem: PeakMemory, ged_ref: torch.Tensor, hm_ref: torc
     peak, extra = mem.peak_mib(), mem.peak_mib() - before
     got = np.array(results)
     err = max(
-        float(np.abs(got[:, 0] - ged_ref[:count].numpy()).max()), float(np.abs(got[:, 1] - hm_ref[:count].numpy()).max())
+        float(np.abs(got[:, 0] - ged_ref[:count].numpy()).max()),
+        float(np.abs(got[:, 1] - hm_ref[:count].numpy()).max()),
     )
     return seconds * args.n_images / count, seconds / count, peak, extra, err, count
 
@@ -226,7 +227,10 @@ def main() -> None:
     parser.add_argument("--pattern", choices=("lesion", "random"), default="lesion")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--cityscapes-images", type=int, default=4, help="256x512 Cityscapes-style images for the memory check (0: skip)"
+        "--cityscapes-images",
+        type=int,
+        default=4,
+        help="256x512 Cityscapes-style images for the memory check (0: skip)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -271,7 +275,8 @@ def main() -> None:
         print("|---|---|---|---|")
         for n in args.samples:
             seconds, peak, extra = run_cityscapes(args, n, mem)
-            print(f"| {n} | {seconds:.1f} | {1000 * seconds / args.cityscapes_images:.0f} | {peak:.0f} (+{extra:.0f}) |")
+            per_image = 1000 * seconds / args.cityscapes_images
+            print(f"| {n} | {seconds:.1f} | {per_image:.0f} | {peak:.0f} (+{extra:.0f}) |")
 
 
 if __name__ == "__main__":

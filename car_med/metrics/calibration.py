@@ -107,7 +107,8 @@ def _target_accuracy(
         # one-hot or soft labels: credit the probability mass the target puts on the predicted class
         if ignore:
             raise ValueError(
-                "ignore_index applies to integer targets only; soft targets mark unlabelled pixels with all-zero vectors."
+                "ignore_index applies to integer targets only; soft targets mark unlabelled pixels with "
+                "all-zero vectors."
             )
         if tuple(t.shape) != tuple(probs.shape):
             raise ValueError(f"soft target {tuple(t.shape)} must match probs {tuple(probs.shape)}.")
@@ -429,7 +430,8 @@ def class_calibration_statistics(
             )
     elif pred.is_floating_point() or pred.is_complex():
         raise ValueError(
-            f"samples must be integer label maps (B, N, *spatial), got dtype {pred.dtype} with shape {tuple(pred.shape)}."
+            f"samples must be integer label maps (B, N, *spatial), got dtype {pred.dtype} "
+            f"with shape {tuple(pred.shape)}."
         )
     t = _single_label(label, pred, source)
     b = pred.shape[0]
@@ -525,7 +527,9 @@ class StochasticClassCalibration(CumulativeIterationMetric):
     def _check_reduction(reduction: MetricReduction | str) -> MetricReduction:
         reduction = MetricReduction(reduction)
         if reduction not in (MetricReduction.MEAN, MetricReduction.NONE):
-            raise ValueError(f"StochasticClassCalibration supports reduction 'mean' or 'none', got {reduction.value!r}.")
+            raise ValueError(
+                f"StochasticClassCalibration supports reduction 'mean' or 'none', got {reduction.value!r}."
+            )
         return reduction
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:

@@ -6,10 +6,10 @@ once, for all images of a batch, without a Python loop over pairs:
 
 * for each class ``c`` the maps are turned into flattened 0/1 masks, and the intersections of all pairs are one
   ``bmm`` of the mask matrix with its transpose;
-* mask sizes are row sums (or, where a pair has its own ignore mask, one more ``bmm`` against the valid masks),
-  and unions are ``|a| + |b| - |a & b|``;
-* columns (pixels) where no map of the chunk has class ``c`` are dropped before the product. They add nothing to
-  any intersection or size, and for sparse foregrounds (LIDC lesions) most pixels are such columns;
+* mask sizes are the diagonals of those Gram matrices (where a pair has its own ignore mask, one more ``bmm``
+  against the valid masks), and unions are ``|a| + |b| - |a & b|``;
+* per image and class, the pixels where no map has class ``c`` are dropped before the product. They add nothing
+  to any intersection or size, and they are most of the image for LIDC lesions and for each Cityscapes class;
 * images and pixels are processed in chunks, so memory stays bounded (N=100 at 256x512, or 3D volumes); counts are
   additive over pixels, so pixel chunks are simply summed.
 
@@ -151,7 +151,9 @@ def check_label_maps(
 
     s = _as_label_tensor(samples, "samples")
     if s.ndim < 3:
-        raise ValueError(f"samples must have shape (B, N, *spatial) with at least one spatial dim, got {tuple(s.shape)}.")
+        raise ValueError(
+            f"samples must have shape (B, N, *spatial) with at least one spatial dim, got {tuple(s.shape)}."
+        )
     if s.shape[1] < 1:
         raise ValueError(f"samples must hold at least one sample per image, got shape {tuple(s.shape)}.")
     _check_range(s, "samples", num_classes, ())

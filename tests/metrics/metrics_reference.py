@@ -1,7 +1,7 @@
 """Plain per-pair reference implementations of GED and HM-IoU, written straight from SPEC section 2.
 
-Deliberately slow and literal (a Python loop over every pair, each IoU from its own masks) so that the vectorised kernel is
-checked against the formulas, not against a second clever implementation.
+Deliberately slow and literal (a Python loop over every pair, each IoU from its own masks) so that the vectorised
+kernel is checked against the formulas, not against a second clever implementation.
 """
 
 from __future__ import annotations

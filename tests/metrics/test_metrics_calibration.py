@@ -102,7 +102,8 @@ def test_ece_metric_pools_bins_over_batches_not_per_image_means():
     per_image = metric.aggregate("none")
     assert per_image.shape == (5,)
     for b in range(5):
-        torch.testing.assert_close(per_image[b], expected_calibration_error(probs[b : b + 1], target[b : b + 1], ignore_index=255)[0])
+        single, _ = expected_calibration_error(probs[b : b + 1], target[b : b + 1], ignore_index=255)
+        torch.testing.assert_close(per_image[b], single)
     assert abs(float(per_image.mean()) - float(pooled)) > 1e-4
 
 
@@ -130,9 +131,10 @@ def test_ece_bad_inputs_raise_value_errors_naming_shapes():
 
 
 def test_reliability_diagram_plot(tmp_path):
-    data = ReliabilityData.from_bin_sums(
-        torch.tensor([[0, 0, 0, 0, 5, 10, 10, 20, 30, 50], [0, 0, 0, 0, 2.3, 5.5, 6.4, 15, 25.5, 47.5], [0, 0, 0, 0, 2, 5, 6, 13, 24, 47]], dtype=torch.float64)
-    )
+    count = [0, 0, 0, 0, 5, 10, 10, 20, 30, 50]
+    conf_sum = [0, 0, 0, 0, 2.3, 5.5, 6.4, 15, 25.5, 47.5]
+    acc_sum = [0, 0, 0, 0, 2, 5, 6, 13, 24, 47]
+    data = ReliabilityData.from_bin_sums(torch.tensor([count, conf_sum, acc_sum], dtype=torch.float64))
     path = tmp_path / "sub" / "reliability.png"
     fig = plot_reliability_diagram(data, path)
     assert path.exists() and path.stat().st_size > 1000
@@ -164,8 +166,9 @@ def test_class_calibration_offsets_for_probs_and_samples():
         probs[:, 0][region] = 1.0 - pred_flip[flipped]
     # 17 samples: sidewalk flipped in 8 of them (calibrated), person in all of them, car never
     samples = label.unsqueeze(1).repeat(1, 17, 1, 1)
-    samples[:, :8][(label == 1).unsqueeze(1).expand(-1, 8, -1, -1) | (label == 19).unsqueeze(1).expand(-1, 8, -1, -1)] = 19
-    samples[:, 8:][(label == 19).unsqueeze(1).expand(-1, 9, -1, -1)] = 1
+    sidewalk = ((label == 1) | (label == 19)).unsqueeze(1)
+    samples[:, :8][sidewalk.expand(-1, 8, -1, -1)] = 19
+    samples[:, 8:][sidewalk.expand(-1, 9, -1, -1)] = 1
     samples[(label == 11).unsqueeze(1).expand(-1, 17, -1, -1)] = 20
 
     res = class_calibration_offsets(label, probs=probs, samples=samples)
@@ -175,7 +178,8 @@ def test_class_calibration_offsets_for_probs_and_samples():
     assert f.pixel_count.tolist() == [32, 32, 32, 16, 0]
     torch.testing.assert_close(f.predicted[:4], torch.tensor([0.5, 7 / 17, 0.2, 0.0], dtype=torch.float64))
     assert torch.isnan(f.predicted[4])  # no road pixel: undefined, left out of the mean
-    torch.testing.assert_close(f.offsets[:4], (torch.tensor([0.5, 7 / 17, 0.2, 0.0], dtype=torch.float64) - true[:4]).abs())
+    predicted = torch.tensor([0.5, 7 / 17, 0.2, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(f.offsets[:4], (predicted - true[:4]).abs())
     assert f.mean_offset == pytest.approx(float(f.offsets[:4].mean()))
     assert g.pixel_count.tolist() == [32 * 17, 32 * 17, 32 * 17, 16 * 17, 0]
     torch.testing.assert_close(g.predicted[:4], torch.tensor([8 / 17, 1.0, 0.0, 0.0], dtype=torch.float64))
@@ -208,7 +212,9 @@ def test_class_calibration_bad_inputs():
     with pytest.raises(ValueError, match="integer label maps"):
         class_calibration_offsets(label, samples=torch.zeros(2, 16, 8, 8))
     with pytest.raises(ValueError, match="probability"):
-        class_calibration_offsets(label, samples=torch.zeros(2, 16, 8, 8, dtype=torch.long), stochastic_classes=[(1, 19, 1.5)])
+        class_calibration_offsets(
+            label, samples=torch.zeros(2, 16, 8, 8, dtype=torch.long), stochastic_classes=[(1, 19, 1.5)]
+        )
     with pytest.raises(ValueError, match="needs probs"):
         class_calibration_offsets(label)
 

@@ -48,8 +48,10 @@ def test_ged_matches_per_pair_reference(n, spatial, multiclass, weighted):
     weights = torch.as_tensor(np.random.default_rng(n).random((batch, 4)) + 0.1) if weighted else None
 
     # a small memory bound forces pixel chunks (16 pixels each) through the accumulation path
+    max_elements = (n + 4) * 16 if n < 100 else 2**24
     terms = generalized_energy_distance(
-        samples, labels, classes=classes, ignore_index=ignore, label_weights=weights, return_terms=True, max_elements=(n + 4) * 16
+        samples, labels, classes=classes, ignore_index=ignore, label_weights=weights, return_terms=True,
+        max_elements=max_elements,
     )
     expected = reference(samples, labels, classes, ignore, weights)
     got = torch.stack(list(terms), dim=1).numpy()
@@ -166,7 +168,9 @@ def test_unbiased_differs_from_biased_by_the_formula(weighted):
     torch.testing.assert_close(unbiased.d_ss, expected_ss)
     torch.testing.assert_close(unbiased.d_yy, expected_yy)
     torch.testing.assert_close(unbiased.ged - biased.ged, -(biased.d_ss / (n - 1)) - (expected_yy - biased.d_yy))
-    ref = np.array([ref_ged_terms(samples[b].numpy(), labels[b].numpy(), (1,), None, w.numpy(), True) for b in range(3)])
+    ref = np.array(
+        [ref_ged_terms(samples[b].numpy(), labels[b].numpy(), (1,), None, w.numpy(), True) for b in range(3)]
+    )
     np.testing.assert_allclose(torch.stack(list(unbiased), dim=1).numpy(), ref, atol=1e-6)
 
 

@@ -9,7 +9,9 @@ from metrics_reference import MULTI_CLASSES, MULTI_IGNORE, make_maps, ref_hm_iou
 
 from car_med.metrics import generalized_energy_distance, hungarian_matched_iou, matched_iou_from_matrix, pairwise_iou
 
-CASES = [(n, spatial, multiclass) for n in (4, 16, 100) for spatial in ((6, 7), (3, 4, 5)) for multiclass in (False, True)]
+CASES = [
+    (n, spatial, multiclass) for n in (4, 16, 100) for spatial in ((6, 7), (3, 4, 5)) for multiclass in (False, True)
+]
 
 
 @pytest.mark.parametrize("n, spatial, multiclass", CASES)

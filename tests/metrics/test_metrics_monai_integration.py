@@ -83,9 +83,11 @@ def test_ignite_metric_handlers_on_an_engine():
         return {"pred": s, "label": y, "probs": p, "target": y[:, 0]}
 
     engine = Engine(step)
-    IgniteMetricHandler(GeneralizedEnergyDistance(), output_transform=from_engine(["pred", "label"])).attach(engine, "ged")
-    IgniteMetricHandler(HungarianMatchedIoU(), output_transform=from_engine(["pred", "label"])).attach(engine, "hm_iou")
-    IgniteMetricHandler(ExpectedCalibrationError(), output_transform=from_engine(["probs", "target"])).attach(engine, "ece")
+    samples_and_labels = from_engine(["pred", "label"])
+    IgniteMetricHandler(GeneralizedEnergyDistance(), output_transform=samples_and_labels).attach(engine, "ged")
+    IgniteMetricHandler(HungarianMatchedIoU(), output_transform=samples_and_labels).attach(engine, "hm_iou")
+    probs_and_target = from_engine(["probs", "target"])
+    IgniteMetricHandler(ExpectedCalibrationError(), output_transform=probs_and_target).attach(engine, "ece")
     engine.run(list(zip(batches, prob_batches)), max_epochs=1)
 
     all_s = torch.cat([s for s, _ in batches])
