@@ -247,7 +247,8 @@ class GeneralizedEnergyDistance(_PerImageMetric):
         ignore_index: label value(s) excluded, e.g. ``(24, 255)`` for Cityscapes.
         label_weights: fixed ``(R,)`` label probabilities used for every batch (the Cityscapes modes are enumerated
             in a fixed order, so their weights do not depend on the image). A ``label_weights`` keyword passed to
-            ``__call__`` overrides it for that batch.
+            ``__call__`` overrides it for that batch; give it as ``(R,)``, or as ``(B, R)`` with batch-first tensors
+            (a list input is computed one item at a time, with the same keywords for every item).
         unbiased: exclude the diagonals of the S-S' and Y-Y' matrices.
         num_classes: optional bound, checked on class ids and map values.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
