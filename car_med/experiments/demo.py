@@ -53,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     run("inference", config_file=str(args.bundle_dir / "inference.json"), output_dir=str(output_dir), **infer_keys)
 
     summary = toy_sample_summary(output_dir / "samples.npz")
-    figure = plot_toy_samples(output_dir / "samples.npz", output_dir / "samples.png", "CAR toy: samples and calibration")
+    import json
+
+    defaults = json.loads((args.bundle_dir / "train.json").read_text())
+    pi, sigma = float(overrides.get("pi", defaults["pi"])), float(overrides.get("sigma", defaults["sigma"]))
+    figure = plot_toy_samples(
+        output_dir / "samples.npz", output_dir / "samples.png", f"CAR toy, pi={pi:g}, sigma={sigma:g}", data=(pi, sigma)
+    )
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{output_dir / 'mlflow.db'}")

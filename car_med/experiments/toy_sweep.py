@@ -107,7 +107,9 @@ def summarise(output_dir: Path, grid: list[tuple[float, float, float, int]], foc
     for lam, name in ((1.0, "fig3b.png"), (0.0, "fig3c.png")):
         npz = output_dir / "runs" / run_name(pi, sigma, lam, seed) / "samples.npz"
         if npz.is_file():
-            plot_toy_samples(npz, output_dir / name, f"pi={pi:g}, sigma={sigma:g}, lambda={lam:g}, seed={seed}")
+            plot_toy_samples(
+                npz, output_dir / name, f"pi={pi:g}, sigma={sigma:g}, lambda={lam:g}, seed={seed}", data=(pi, sigma)
+            )
     return rows
 
 

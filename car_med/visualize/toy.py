@@ -34,8 +34,25 @@ def toy_sample_summary(npz_path: str | Path) -> dict[str, float]:
     }
 
 
-def plot_toy_samples(npz_path: str | Path, output_file: str | Path, title: str = "", data_points: tuple | None = None):
-    """Fig. 3b/c: D's output as background, the samples, their mean and the calibration target F(x)."""
+def plot_toy_samples(
+    npz_path: str | Path, output_file: str | Path, title: str = "", data: tuple[float, float] | None = None
+) -> str:
+    """Fig. 3b/c: D's output as background, the samples, their mean and the calibration target F(x).
+
+    Args:
+        npz_path: inference output ``samples.npz``.
+        output_file: PNG path.
+        title: figure title.
+        data: ``(pi, sigma)`` of the training data, to draw 1000 fresh data points as black dots.
+    """
+    data_points = None
+    if data is not None:
+        import torch
+
+        from car_med.data.toy import sample_toy
+
+        x, y = sample_toy(1000, data[0], data[1], torch.Generator().manual_seed(0))
+        data_points = (x[:, 0].numpy(), y[:, 0].numpy())
     data = np.load(npz_path)
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     extent = (float(data["d_x"][0]), float(data["d_x"][-1]), float(data["d_y"][0]), float(data["d_y"][-1]))
