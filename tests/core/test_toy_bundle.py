@@ -91,3 +91,16 @@ def test_toy_inference_without_training_says_what_to_do(tmp_path):
     cause = excinfo.value.__cause__
     assert isinstance(cause, FileNotFoundError)
     assert "run the toy training" in str(cause) and str(tmp_path) in str(cause)
+
+
+def test_demo_command_runs_the_bundle_and_reports(tmp_path, capsys):
+    from car_med.experiments.demo import main
+
+    out = tmp_path / "demo"
+    args = ["--output-dir", str(out), "--f_iterations", "20", "--gan_iterations_per_epoch", "10", "--gan_epochs", "1",
+            "--likelihood_points", "32"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "fraction of samples below 0" in printed and "MLflow run" in printed and "loss_cal" in printed
+    assert (out / "samples.png").stat().st_size > 10_000
+    assert np.load(out / "samples.npz")["samples"].shape == (200, 100)
