@@ -98,7 +98,7 @@ def test_demo_command_runs_the_bundle_and_reports(tmp_path, capsys):
 
     out = tmp_path / "demo"
     args = ["--output-dir", str(out), "--f_iterations", "20", "--gan_iterations_per_epoch", "10", "--gan_epochs", "1",
-            "--likelihood_points", "32"]
+            "--likelihood_points", "32", "--log_every", "5"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "fraction of samples below 0" in printed and "MLflow run" in printed and "loss_cal" in printed
