@@ -14,6 +14,7 @@ from car_med.engines.d_schedule import DiscriminatorSchedule
 from car_med.engines.guards import BufferSnapshot, NonFiniteLossError, raise_if_non_finite
 from car_med.losses.adversarial import discriminator_loss, generator_adversarial_loss, r1_penalty
 from car_med.losses.calibration import categorical_calibration_loss, gaussian_calibration_loss
+from car_med.losses.segmentation import class_index_map
 from car_med.sampling import calibration_output, fold_for_sampling
 
 __all__ = ["CARTrainer"]
@@ -50,17 +51,19 @@ class CARTrainer(Trainer):
             ``"continuous"`` (regression: F and G return values; L_cal is the Gaussian form).
         num_classes: class count for the one-hot real labels (categorical only).
         ignore_index: label value excluded from L_cal and CE (categorical only).
-        r1_gamma: R1 weight; 0 disables it.
+        r1_gamma: R1 weight; 0 disables it. The penalty is taken over D's whole real input, image and
+            one-hot label (the authors' code penalises the concatenation of both).
         r1_half: use Mescheder's 1/2 factor in R1.
         d_schedule: when D steps; default every iteration.
         d_fake_samples: ``"first"`` uses one fake per image in the D step (the authors' code),
-            ``"all"`` uses all M.
+            ``"all"`` uses all M. While the schedule's accuracy gate holds D back, D's accuracy is still
+            measured on every batch of the window (without a step), so the gate reopens once G catches up.
         calibration_clamp: clamp of both distributions inside L_cal.
         calibration_optimizer: if given, F is trained jointly on CE (its output still detached
             for G), the authors' code's option.
         calibration_loss_function: F's loss for joint training (e.g. ``PixelwiseCrossEntropyLoss``).
         epoch_length, non_blocking, iteration_update, postprocessing, key_train_metric,
-            additional_metrics, metric_cmp_fn, train_handlers, amp: as MONAI's ``Trainer``.
+            additional_metrics, metric_cmp_fn, train_handlers: as MONAI's ``Trainer``.
         image_key, label_key: batch dict keys.
     """
 
@@ -97,7 +100,6 @@ class CARTrainer(Trainer):
         additional_metrics: dict | None = None,
         metric_cmp_fn: Callable | None = None,
         train_handlers: Sequence | None = None,
-        amp: bool = False,
         image_key: str = "image",
         label_key: str = "label",
     ) -> None:
@@ -125,7 +127,6 @@ class CARTrainer(Trainer):
             key_metric=key_train_metric,
             additional_metrics=additional_metrics,
             handlers=train_handlers,
-            amp=amp,
             decollate=False,
             **extra,
         )
@@ -156,26 +157,31 @@ class CARTrainer(Trainer):
         self._last_d_accuracy: float | None = None
 
     # ----------------------------------------------------------------------------------------- helpers
-    def _label_index_map(self, label: torch.Tensor) -> torch.Tensor:
-        """(B, 1, *spatial) or (B, *spatial) labels as a (B, *spatial) long tensor."""
-        if label.ndim >= 3 and label.shape[1] == 1:
-            label = label[:, 0]
-        return label.long()
+    def _checked_label(self, label: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Segmentation: validated ``(B, *spatial)`` class indices. Regression: the float targets."""
+        if self.output_type == "continuous":
+            if label.shape[0] != image.shape[0]:
+                raise ValueError(
+                    f"batch['{self.label_key}'] has {label.shape[0]} rows but batch['{self.image_key}'] has {image.shape[0]}."
+                )
+            return label.float()
+        return class_index_map(
+            label, image.shape[0], image.shape[2:], self.num_classes, self.ignore_index, name=f"batch['{self.label_key}']"
+        )
 
     def _real_label_map(self, label: torch.Tensor) -> torch.Tensor:
         if self.output_type == "continuous":
-            return label.float()
-        index_map = self._label_index_map(label)
+            return label
+        index_map = label
         if self.ignore_index is not None and self.ignore_index >= self.num_classes:
             # an ignore value outside the class range has no channel; show D those pixels as background
             index_map = torch.where(index_map == self.ignore_index, torch.zeros_like(index_map), index_map)
-        onehot = F.one_hot(index_map, self.num_classes).movedim(-1, 1)
-        return onehot.float()
+        return F.one_hot(index_map, self.num_classes).movedim(-1, 1).float()
 
     def _valid_mask(self, label: torch.Tensor) -> torch.Tensor | None:
         if self.output_type == "continuous" or self.ignore_index is None:
             return None
-        return self._label_index_map(label) != self.ignore_index
+        return label != self.ignore_index
 
     def _regulariser_loss(self, fake: torch.Tensor, calibration: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         batch = calibration.shape[0]
@@ -189,11 +195,10 @@ class CARTrainer(Trainer):
         # cGAN + L_ce baseline: every sample is pulled towards the (single) label.
         label_folded = label.repeat_interleave(self.num_samples, dim=0)
         if self.output_type == "continuous":
-            return 0.5 * F.mse_loss(fake, label_folded.float())
+            return 0.5 * F.mse_loss(fake, label_folded)
         log_probs = fake.clamp_min(1e-7).log()
-        index_map = self._label_index_map(label_folded)
         ignore = -100 if self.ignore_index is None else self.ignore_index
-        return F.nll_loss(log_probs, index_map, ignore_index=ignore)
+        return F.nll_loss(log_probs, label_folded, ignore_index=ignore)
 
     # --------------------------------------------------------------------------------------- iteration
     def _iteration(self, engine: CARTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -204,23 +209,27 @@ class CARTrainer(Trainer):
             raise ValueError(f"CARTrainer expects batch dicts with '{self.image_key}' and '{self.label_key}', got {keys}.")
         image = batchdata[self.image_key].to(engine.state.device, non_blocking=engine.non_blocking)
         label = batchdata[self.label_key].to(engine.state.device, non_blocking=engine.non_blocking)
+        raw_label = label
+        label = self._checked_label(label, image)
         iteration = engine.state.iteration
         # a NaN batch corrupts BatchNorm statistics in the forward pass, before any loss exists
         snapshot = BufferSnapshot(self.calibration_network, self.refinement_network, self.discriminator)
         try:
-            return self._train_step(engine, image, label, iteration)
+            return self._train_step(engine, image, label, raw_label, iteration)
         except NonFiniteLossError:
             snapshot.restore()
             raise
 
-    def _train_step(self, engine: CARTrainer, image: torch.Tensor, label: torch.Tensor, iteration: int) -> dict[str, float]:
+    def _train_step(
+        self, engine: CARTrainer, image: torch.Tensor, label: torch.Tensor, raw_label: torch.Tensor, iteration: int
+    ) -> dict[str, float]:
         out: dict[str, float] = {}
 
         # F: frozen target, or jointly trained with its own loss while G only ever sees a detached copy.
         if self.calibration_optimizer is not None:
             self.calibration_network.train()
             f_raw = self.calibration_network(image)
-            loss_f = self.calibration_loss_function(f_raw, label)
+            loss_f = self.calibration_loss_function(f_raw, raw_label)
             raise_if_non_finite({"loss_f": loss_f}, iteration, "CAR stage 2 (joint F)")
             self.calibration_optimizer.zero_grad(set_to_none=True)
             loss_f.backward()
@@ -253,32 +262,38 @@ class CARTrainer(Trainer):
         # D step, on the schedule.
         stepped = self.d_schedule.should_step(iteration, self._last_d_accuracy)
         out["d_stepped"] = float(stepped)
+        if self.d_fake_samples == "first":
+            fake_d, fake_image = fake.detach()[:: self.num_samples], image
+        else:
+            fake_d, fake_image = fake.detach(), image_folded
+        real = self._real_label_map(label)
         if stepped:
-            real = self._real_label_map(label)
+            real_image = image.detach().clone()
             if self.r1_gamma > 0:
                 real.requires_grad_(True)
-            fake_detached = fake.detach()
-            if self.d_fake_samples == "first":
-                fake_detached = fake_detached[:: self.num_samples]
-                fake_image = image
-            else:
-                fake_image = image_folded
-            real_logits = self.discriminator(image, real)
-            fake_logits = self.discriminator(fake_image, fake_detached)
+                real_image.requires_grad_(True)
+            real_logits = self.discriminator(real_image, real)
+            fake_logits = self.discriminator(fake_image, fake_d)
             loss_d = discriminator_loss(real_logits, fake_logits)
             loss_r1 = (
-                r1_penalty(real_logits, real, gamma=self.r1_gamma, half=self.r1_half)
+                r1_penalty(real_logits, [real_image, real], gamma=self.r1_gamma, half=self.r1_half)
                 if self.r1_gamma > 0
                 else torch.zeros((), device=image.device)
             )
-            total = loss_d + loss_r1
             raise_if_non_finite({"loss_d": loss_d, "loss_r1": loss_r1}, iteration, "CAR stage 2 (D)")
             self.d_optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            (loss_d + loss_r1).backward()
             self.d_optimizer.step()
+            out.update(loss_d=float(loss_d.detach()), loss_r1=float(loss_r1.detach()))
+        elif self.d_schedule.in_window(iteration):
+            # held back by the accuracy gate: still measure D, or the gate could never reopen
+            with torch.no_grad():
+                real_logits = self.discriminator(image, real)
+                fake_logits = self.discriminator(fake_image, fake_d)
+        if stepped or self.d_schedule.in_window(iteration):
             with torch.no_grad():
                 accuracy = 0.5 * ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
             self._last_d_accuracy = float(accuracy)
-            out.update(loss_d=float(loss_d.detach()), loss_r1=float(loss_r1.detach()), d_accuracy=self._last_d_accuracy)
+            out["d_accuracy"] = self._last_d_accuracy
         engine.state.output = out
         return out

@@ -29,10 +29,13 @@ class DiscriminatorSchedule:
         self.active = active
         self.max_accuracy = max_accuracy
 
+    def in_window(self, iteration: int) -> bool:
+        """Whether this (1-based, ignite-style) iteration lies in the part of the period where D may step."""
+        return (iteration - 1) % self.period < self.active
+
     def should_step(self, iteration: int, last_accuracy: float | None) -> bool:
-        """Whether D steps at this (1-based, ignite-style) iteration given its previous accuracy."""
-        in_window = (iteration - 1) % self.period < self.active
-        if not in_window:
+        """Whether D steps at this iteration given its accuracy on the previous batch."""
+        if not self.in_window(iteration):
             return False
         return self.max_accuracy is None or last_accuracy is None or last_accuracy < self.max_accuracy
 

@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = args.output_dir.resolve()
     warnings.filterwarnings("ignore", message="parsing config_file")
     run("training", config_file=str(args.bundle_dir / "train.json"), output_dir=str(output_dir), **overrides)
-    infer_keys = {k: v for k, v in overrides.items() if k in ("pi", "seed", "num_samples", "num_points")}
+    # inference rebuilds the networks, so it needs the same architecture overrides as training
+    shared = ("pi", "seed", "num_samples", "num_points", "noise_dim", "hidden", "num_hidden_layers")
+    infer_keys = {k: v for k, v in overrides.items() if k in shared}
     run("inference", config_file=str(args.bundle_dir / "inference.json"), output_dir=str(output_dir), **infer_keys)
 
     summary = toy_sample_summary(output_dir / "samples.npz")

@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra bundle overrides passed to training, e.g. --gan_epochs 4")
     args, unknown = parser.parse_known_args(argv)
     extra = list(args.overrides) + unknown
+    # runs execute with their own folder as cwd, so every path handed to them must be absolute
+    args.output_dir = args.output_dir.resolve()
+    args.bundle_dir = args.bundle_dir.resolve()
     if not (args.bundle_dir / "train.json").is_file():
         parser.error(f"no train.json in --bundle-dir {args.bundle_dir}")
     grid = list(itertools.product(args.pis, args.sigmas, args.lambdas, args.seeds))

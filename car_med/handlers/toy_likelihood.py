@@ -20,7 +20,8 @@ class ToyLikelihoodHandler:
     the mean exact log-likelihood log p(y_hat | x). The curve is written to ``output_file`` (CSV) when
     the engine completes, and the latest value is put in ``engine.state.metrics``.
 
-    The x draws use a fixed generator, so every evaluation and every run scores the same x.
+    Each evaluation draws fresh x and noise from a generator seeded with ``seed + iteration``, so runs
+    with the same seed are scored on the same points and the curves of different runs compare.
 
     Args:
         pi: the data's mode probability.
@@ -49,7 +50,7 @@ class ToyLikelihoodHandler:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def evaluate(self, engine: Engine) -> float:
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + engine.state.iteration)
         device = engine.state.device
         x = torch.rand(self.num_points, 1, generator=generator).to(device)
         noise = torch.randn(self.num_points, engine.noise_dim, generator=generator).to(device)

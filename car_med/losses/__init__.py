@@ -15,7 +15,7 @@ from .calibration import (
     categorical_calibration_loss,
     gaussian_calibration_loss,
 )
-from .segmentation import PixelwiseCrossEntropyLoss, pixelwise_cross_entropy
+from .segmentation import PixelwiseCrossEntropyLoss, class_index_map, pixelwise_cross_entropy
 
 __all__ = [
     "CategoricalCalibrationLoss",
@@ -24,6 +24,7 @@ __all__ = [
     "GeneratorAdversarialLoss",
     "PixelwiseCrossEntropyLoss",
     "categorical_calibration_loss",
+    "class_index_map",
     "discriminator_loss",
     "gaussian_calibration_loss",
     "generator_adversarial_loss",

@@ -2,28 +2,55 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch.nn import functional as F
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["pixelwise_cross_entropy", "PixelwiseCrossEntropyLoss"]
+__all__ = ["class_index_map", "pixelwise_cross_entropy", "PixelwiseCrossEntropyLoss"]
 
 
-def _as_index_map(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    # MONAI pipelines carry labels as (B, 1, *spatial); torch's CE wants (B, *spatial) integers.
-    if target.ndim == logits.ndim and target.shape[1] == 1:
+def class_index_map(
+    target: torch.Tensor,
+    batch: int,
+    spatial: Sequence[int],
+    num_classes: int,
+    ignore_index: int | None = None,
+    name: str = "label",
+) -> torch.Tensor:
+    """Validate integer class labels and return them as a ``(B, *spatial)`` long tensor.
+
+    MONAI pipelines carry one label as ``(B, 1, *spatial)``; ``(B, *spatial)`` is accepted too. Floats
+    are accepted only when they hold whole numbers (a resampled or soft label would be silently
+    truncated otherwise).
+
+    Raises:
+        ValueError: wrong shape, non-integer values, or a class outside ``[0, num_classes)`` that is
+            not ``ignore_index``; the message names ``name`` and what was expected.
+    """
+    spatial = tuple(spatial)
+    if target.ndim == len(spatial) + 2 and target.shape[1] == 1:
         target = target[:, 0]
-    if target.ndim != logits.ndim - 1 or target.shape[0] != logits.shape[0] or target.shape[1:] != logits.shape[2:]:
+    if target.ndim != len(spatial) + 1 or target.shape[0] != batch or tuple(target.shape[1:]) != spatial:
         raise ValueError(
-            f"pixelwise cross-entropy expected labels (B, 1, *spatial) or (B, *spatial) matching logits "
-            f"{tuple(logits.shape)}, got {tuple(target.shape)}."
+            f"{name}: expected one class-index map per image, shape (B={batch}, 1, {', '.join(map(str, spatial))}) "
+            f"or (B, {', '.join(map(str, spatial))}), got {tuple(target.shape)}."
         )
     if target.is_floating_point():
         rounded = target.round()
         if not torch.equal(rounded, target):
-            raise ValueError("pixelwise cross-entropy expected integer class labels, got non-integer floats.")
+            raise ValueError(f"{name}: expected integer class labels, got non-integer floats.")
         target = rounded
-    return target.long()
+    index_map = target.long()
+    valid = index_map != ignore_index if ignore_index is not None else torch.ones_like(index_map, dtype=torch.bool)
+    bad = valid & ((index_map < 0) | (index_map >= num_classes))
+    if bad.any():
+        raise ValueError(
+            f"{name}: label values must be in [0, {num_classes - 1}] (or ignore_index={ignore_index}), "
+            f"found {sorted(index_map[bad].unique().tolist())[:5]}."
+        )
+    return index_map
 
 
 def pixelwise_cross_entropy(
@@ -36,15 +63,7 @@ def pixelwise_cross_entropy(
         target: class indices ``(B, 1, *spatial)`` or ``(B, *spatial)``.
         ignore_index: label value excluded from the mean (e.g. 24 for Cityscapes' ignore class).
     """
-    index_map = _as_index_map(logits, target)
-    num_classes = logits.shape[1]
-    valid = index_map != ignore_index if ignore_index is not None else torch.ones_like(index_map, dtype=torch.bool)
-    bad = valid & ((index_map < 0) | (index_map >= num_classes))
-    if bad.any():
-        raise ValueError(
-            f"label values must be in [0, {num_classes - 1}] (or ignore_index={ignore_index}), "
-            f"found {sorted(index_map[bad].unique().tolist())[:5]}."
-        )
+    index_map = class_index_map(target, logits.shape[0], logits.shape[2:], logits.shape[1], ignore_index)
     return F.cross_entropy(logits, index_map, ignore_index=-100 if ignore_index is None else ignore_index)
 
 
