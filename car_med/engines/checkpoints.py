@@ -12,10 +12,11 @@ from torch import nn
 __all__ = ["latest_checkpoint", "load_network_checkpoint"]
 
 
-def _checkpoint_order(path: Path) -> tuple[int, float]:
-    # ignite names files "<prefix>_<key>=<number>.pt"; order by that number, then by mtime.
+def _checkpoint_order(path: Path) -> tuple[int, int]:
+    # The newest write is what a resume wants, whatever ignite's counter in the name ("epoch=3",
+    # "iteration=1500", "final_iteration=...") says; the counter only breaks ties of equal mtimes.
     match = re.search(r"=(\d+)\.pt$", path.name)
-    return (int(match.group(1)) if match else -1, path.stat().st_mtime)
+    return (path.stat().st_mtime_ns, int(match.group(1)) if match else -1)
 
 
 def latest_checkpoint(directory: str | os.PathLike, prefix: str = "") -> str | None:
