@@ -69,6 +69,19 @@ def check_input_shape(
     return bound
 
 
+def _check_floating(owner: str, what: str, tensor: torch.Tensor) -> None:
+    # Integer images would otherwise fail deep inside the first convolution with a dtype mismatch.
+    if not tensor.is_floating_point():
+        raise ValueError(f"{owner} expected a floating-point {what}, got {tensor.dtype}; convert it with .float()")
+
+
+def _check_min_spatial(owner: str, tensor: torch.Tensor, minimum: int, config: str) -> None:
+    # Below the minimum a pooling/conv stage would produce an empty map and PyTorch would fail inside.
+    spatial = tuple(tensor.shape[2:])
+    if min(spatial) < minimum:
+        raise ValueError(f"{owner} needs every spatial dim >= {minimum} with {config}, got {spatial}")
+
+
 def _check_spatial_dims(spatial_dims: int) -> None:
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -88,7 +101,8 @@ class SegNetCalibrationNet(nn.Module):
 
     Unpooling is given each pre-pooling size, so odd sizes round-trip exactly
     (180 -> 90 -> 45 -> 22 -> 11 -> 5 -> ... -> 180). The input needs at least ``2 ** len(channels)``
-    pixels per spatial dimension (32 with the defaults).
+    pixels per spatial dimension (32 with the defaults) and a floating-point dtype; ``forward``
+    raises a ``ValueError`` otherwise.
 
     Args:
         in_channels: image channels.
@@ -131,6 +145,9 @@ class SegNetCalibrationNet(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.spatial_dims = spatial_dims
+        # Each of the len(channels) 2x2 max-pools halves the size, rounding down, and must leave >= 1.
+        self._min_size = 2 ** len(channels)
+        self._size_config = f"channels={channels}"
 
         def conv(c_in: int, c_out: int) -> Convolution:
             return Convolution(
@@ -171,9 +188,10 @@ class SegNetCalibrationNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map an image ``(B, in_channels, *spatial)`` to logits ``(B, out_channels, *spatial)``."""
-        check_input_shape(
-            type(self).__name__, "image", x, ("B", self.in_channels, *_SPATIAL_NAMES[self.spatial_dims])
-        )
+        name = type(self).__name__
+        check_input_shape(name, "image", x, ("B", self.in_channels, *_SPATIAL_NAMES[self.spatial_dims]))
+        _check_floating(name, "image", x)
+        _check_min_spatial(name, x, self._min_size, self._size_config)
         sizes, indices = [], []
         h = x
         for block in self.encoder:
@@ -303,4 +321,5 @@ class BlackBoxCalibrationNet(nn.Module):
         spatial = _SPATIAL_NAMES[self.spatial_dims]
         bound = check_input_shape(name, "image", x, ("B", self.image_channels, *spatial))
         check_input_shape(name, "blackbox_onehot", blackbox_onehot, ("B", self.num_classes, *spatial), bound)
+        _check_floating(name, "image", x)
         return self.head(self.blocks(torch.cat([x, blackbox_onehot.to(x.dtype)], dim=1)))

@@ -9,7 +9,13 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers import Pool
 from torch import nn
 
-from car_med.networks.calibration import _SPATIAL_NAMES, _check_spatial_dims, check_input_shape
+from car_med.networks.calibration import (
+    _SPATIAL_NAMES,
+    _check_floating,
+    _check_min_spatial,
+    _check_spatial_dims,
+    check_input_shape,
+)
 
 __all__ = ["Discriminator"]
 
@@ -27,7 +33,8 @@ class Discriminator(nn.Module):
     - ``head="patch"``: a 3x3 convolution to one channel, whose patch logits are averaged.
 
     With ``kernel_size=4`` (padding 1) each stage halves the size, rounding down, so the input
-    needs at least ``2 ** len(channels)`` pixels per dimension (16 with the defaults).
+    needs at least ``2 ** len(channels)`` pixels per dimension (16 with the defaults); ``forward``
+    raises a ``ValueError`` for smaller inputs and for a non-floating-point image.
 
     Args:
         image_channels: image channels.
@@ -58,6 +65,14 @@ class Discriminator(nn.Module):
         self.num_classes = num_classes
         self.spatial_dims = spatial_dims
         self.head_type = head
+        padding = (kernel_size - 1) // 2
+        # Smallest size whose every stage output, floor((s + 2p - k) / 2) + 1, stays >= 1: walk the
+        # stages backwards from one output pixel (2 ** len(channels) for kernel_size=4).
+        need = 1
+        for _ in channels:
+            need = max(1, 2 * (need - 1) + kernel_size - 2 * padding)
+        self._min_size = need
+        self._size_config = f"channels={channels}" + ("" if kernel_size == 4 else f", kernel_size={kernel_size}")
 
         layers = []
         c_in = image_channels + num_classes
@@ -70,7 +85,7 @@ class Discriminator(nn.Module):
                     strides=2,
                     kernel_size=kernel_size,
                     # Explicit because MONAI's "same" padding is undefined for even kernels.
-                    padding=(kernel_size - 1) // 2,
+                    padding=padding,
                     act=("leakyrelu", {"negative_slope": 0.2}),
                     norm=None,
                     dropout=None,
@@ -94,12 +109,15 @@ class Discriminator(nn.Module):
             logits ``(B, 1)``; apply a sigmoid for the probability of "real".
 
         Raises:
-            ValueError: when a shape does not match.
+            ValueError: when a shape does not match, the input is below the minimum size, or the
+                image is not floating point.
         """
         name = type(self).__name__
         spatial = _SPATIAL_NAMES[self.spatial_dims]
         bound = check_input_shape(name, "image", x, ("B", self.image_channels, *spatial))
         check_input_shape(name, "label map", y, ("B", self.num_classes, *spatial), bound)
+        _check_floating(name, "image", x)
+        _check_min_spatial(name, x, self._min_size, self._size_config)
         h = self.features(torch.cat([x, y.to(x.dtype)], dim=1))
         out = self.head(h)
         return out if self.head_type == "global_avg" else out.flatten(1).mean(dim=1, keepdim=True)

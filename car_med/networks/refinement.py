@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from car_med.networks.calibration import _SPATIAL_NAMES, _check_spatial_dims, check_input_shape
+from car_med.networks.calibration import _SPATIAL_NAMES, _check_floating, _check_spatial_dims, check_input_shape
 
 __all__ = ["NoiseInjection", "NoiseInjectedUNet"]
 
@@ -84,7 +84,11 @@ class NoiseInjectedUNet(nn.Module):
     head, its 1x1 convolution producing the ``num_classes`` logits.
 
     Sizes that are not multiples of 16 work (180 -> 90 -> 45 -> 23 -> 12): upsampled maps are
-    trimmed to the skip's size and the output is exactly the input's size.
+    trimmed to the skip's size and the output is exactly the input's size. As the stride-2
+    convolutions round up, any size passes in eval mode; in training with a batch of one image,
+    BatchNorm needs the deepest map to have more than one pixel, so some spatial dim must exceed
+    ``2 ** len(channels)`` (16 with the defaults), else a ``ValueError`` is raised. The image must be
+    floating point.
 
     Args:
         image_channels: image channels.
@@ -124,6 +128,7 @@ class NoiseInjectedUNet(nn.Module):
         self.noise_dim = noise_dim
         self.injection = injection
         self.spatial_dims = spatial_dims
+        self.channels = channels
         n = len(channels)
 
         def block(c_in: int, c_out: int, up: bool) -> Convolution:
@@ -179,6 +184,18 @@ class NoiseInjectedUNet(nn.Module):
         if noise is not None:
             expected = tuple(self.noise_dim if d == "Z" else d for d in noise_shape)
             check_input_shape(name, "noise", noise, expected, bound)
+        _check_floating(name, "image", x)
+        # Stride-2 convs round up, so any size survives the down path, but the deepest map is
+        # 1 pixel when every dim is <= 2 ** n; BatchNorm in training then sees one value per channel
+        # if the batch is a single image.
+        n = len(self.channels)
+        spatial = tuple(x.shape[2:])
+        if self.training and x.shape[0] == 1 and max(spatial) <= 2**n:
+            raise ValueError(
+                f"{name} needs a spatial dim >= {2**n + 1} with channels={self.channels} when training with "
+                f"batch size 1 (BatchNorm needs more than one value per channel after {n} stride-2 stages), "
+                f"got {spatial}; use a larger input, a batch of >= 2, or eval mode"
+            )
 
     def encode(self, x: torch.Tensor, calibration: torch.Tensor) -> list[torch.Tensor]:
         """Run the noise-free down path once; the result can be decoded with many eps draws.
@@ -230,7 +247,8 @@ class NoiseInjectedUNet(nn.Module):
             probabilities (or logits) ``(B, num_classes, *spatial)``.
 
         Raises:
-            ValueError: when a shape does not match.
+            ValueError: when a shape does not match, the image is not floating point, or the input
+                is too small for training (see the class docstring).
         """
         self._check_inputs(x, calibration, noise)
         return self.decode(self.encode(x, calibration), noise, return_logits=return_logits)

@@ -288,3 +288,56 @@ def test_volumetric_variants():
         assert d(x, probs).shape == (1, 1)
     with pytest.raises(ValueError, match=re.escape("image of shape (B, 1, D, H, W)")):
         g(torch.rand(1, 1, 32, 32), cal, torch.randn(1, 8))
+
+
+def test_too_small_inputs_name_the_network_and_its_minimum():
+    segnet = SegNetCalibrationNet(**SMALL_SEGNET).eval()
+    msg = "SegNetCalibrationNet needs every spatial dim >= 32 with channels=(4, 8, 8, 8, 8), got (31, 64)"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        segnet(torch.rand(1, 1, 31, 64))
+    assert segnet(torch.rand(1, 1, 32, 33)).shape == (1, 2, 32, 33)
+
+    d = Discriminator()
+    msg = "Discriminator needs every spatial dim >= 16 with channels=(64, 128, 256, 512), got (8, 8)"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        d(torch.rand(1, 1, 8, 8), torch.rand(1, 2, 8, 8))
+    small_d = Discriminator(channels=(4, 4, 4), spatial_dims=3)
+    msg = "Discriminator needs every spatial dim >= 8 with channels=(4, 4, 4), got (8, 7, 8)"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        small_d(torch.rand(1, 1, 8, 7, 8), torch.rand(1, 2, 8, 7, 8))
+    # Odd kernels with "same"-style padding never shrink a map to nothing, so no minimum applies.
+    odd_d = Discriminator(channels=(4, 4), kernel_size=3)
+    assert odd_d(torch.rand(1, 1, 1, 1), torch.rand(1, 2, 1, 1)).shape == (1, 1)
+
+    g = NoiseInjectedUNet(channels=(4, 8, 8, 8)).train()
+    cal, eps = torch.full((1, 2, 16, 16), 0.5), torch.randn(1, 8)
+    msg = (
+        "NoiseInjectedUNet needs a spatial dim >= 17 with channels=(4, 8, 8, 8) when training with batch size 1 "
+        "(BatchNorm needs more than one value per channel after 4 stride-2 stages), got (16, 16)"
+    )
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        g(torch.rand(1, 1, 16, 16), cal, eps)
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        g.forward_samples(torch.rand(1, 1, 16, 16), cal, torch.randn(1, 3, 8))
+    # Rounding-up stride-2 convs keep any size alive: a batch of two, a wider dim or eval mode all work.
+    assert g(torch.rand(2, 1, 16, 16), cal.expand(2, -1, -1, -1), torch.randn(2, 8)).shape == (2, 2, 16, 16)
+    assert g(torch.rand(1, 1, 16, 17), torch.full((1, 2, 16, 17), 0.5), eps).shape == (1, 2, 16, 17)
+    with torch.no_grad():
+        assert g.eval()(torch.rand(1, 1, 3, 3), torch.full((1, 2, 3, 3), 0.5), eps).shape == (1, 2, 3, 3)
+
+
+def test_integer_images_are_rejected_with_a_clear_message():
+    img = torch.randint(0, 255, (2, 1, 32, 32))
+    cal = torch.full((2, 2, 32, 32), 0.5)
+    onehot = nn.functional.one_hot(torch.randint(0, 2, (2, 32, 32)), 2).permute(0, 3, 1, 2)  # int64 is fine
+    cases = [
+        ("SegNetCalibrationNet", lambda: SegNetCalibrationNet(channels=(4, 4), convs_per_block=(1, 1))(img)),
+        ("BlackBoxCalibrationNet", lambda: BlackBoxCalibrationNet(1, 2, channels=4)(img, onehot)),
+        ("NoiseInjectedUNet", lambda: NoiseInjectedUNet(channels=(4, 8, 8, 8))(img, cal, torch.randn(2, 8))),
+        ("Discriminator", lambda: Discriminator(channels=(4, 4))(img, onehot)),
+    ]
+    for name, call in cases:
+        with pytest.raises(ValueError, match=re.escape(f"{name} expected a floating-point image, got torch.int64")):
+            call()
+    # Integer one-hot label maps are still accepted and cast to the image's dtype.
+    assert Discriminator(channels=(4, 4))(img.float(), onehot).shape == (2, 1)
