@@ -7,8 +7,11 @@ Two releases are supported (see ``docs/lidc_releases.md``):
 - the Prob. U-Net/PHiSeg pickle (LIDC v1, 15,096 slices): a dict keyed ``<patient>_<slice>`` with values
   ``{"image", "masks", "series_uid"}`` and no split.
 
-Both are written as one ``(H, W, 1)`` NIfTI per image and per reader mask plus a ``datalist.json``, so
-training reads small files and never holds a release in memory. Command line::
+Both are written as one NIfTI per image and per reader mask plus a ``datalist.json``, so training reads
+small files and never holds a release in memory. The NIfTIs follow the DICOM preprocessing's convention
+(``preprocessing/lidc_io.write_nifti``, ``docs/lidc.md``): the array is indexed ``(i, j, k) = (column, row,
+slice)``, shape ``(W, H, 1)`` for an ``(H, W)`` crop, so one loader returns the same layout for all three
+sources. Command line::
 
     python -m car_med.data.lidc_releases png SRC --output-dir OUT
     python -m car_med.data.lidc_releases pickle SRC.pickle --output-dir OUT [--seed 0]
@@ -39,6 +42,8 @@ __all__ = [
     "load_release_pickle",
     "main",
     "parse_png_name",
+    "pickle_affine",
+    "png_affine",
     "split_patients",
 ]
 
@@ -48,6 +53,32 @@ NUM_READERS = 4
 PNG_SPLITS = {"train": "training", "val": "validation", "test": "test"}
 PNG_PIXEL_MM = 0.5
 """DeepMind resampled every scan to 0.5 mm x 0.5 mm in-plane before cropping (HPU-Net README)."""
+
+# DICOM LPS -> NIfTI RAS: x and y change sign (as in preprocessing/lidc_geometry.py).
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def png_affine(z: float) -> np.ndarray:
+    """The RAS affine of a PNG-release crop stored as ``(i, j, k) = (column, row, 0)``.
+
+    As for the DICOM crops of an axial scan (``docs/lidc.md``): column ``i`` steps 0.5 mm along the DICOM
+    row direction (LPS +x, RAS -x), row ``j`` 0.5 mm along the column direction (LPS +y, RAS -y), and the
+    slice sits at RAS z = ``z`` (LPS z = RAS z). The release keeps neither the in-plane origin nor the slice
+    spacing, so the origin is 0 in-plane and the third column is 1 mm.
+    """
+    affine_lps = np.diag([PNG_PIXEL_MM, PNG_PIXEL_MM, 1.0, 1.0])
+    affine_lps[2, 3] = float(z)
+    return _LPS_TO_RAS @ affine_lps
+
+
+def pickle_affine() -> np.ndarray:
+    """The affine of a pickle-release crop stored as ``(i, j, k) = (column, row, 0)``.
+
+    The pickle keeps no geometry: 1 mm "pixels" at the origin, but with the same axis sense as the DICOM
+    and PNG crops (column -> RAS -x, row -> RAS -y, i.e. orientation LPS), so orientation-aware transforms
+    treat all sources alike.
+    """
+    return _LPS_TO_RAS.copy()
 
 # A signed decimal with any number of decimals (and an exponent, in case a z was written with repr()).
 _FLOAT = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
@@ -124,8 +155,15 @@ def _read_mask_png(path: Path) -> np.ndarray:
 
 
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """Write a ``[row, column]`` crop as a ``(columns, rows, 1)`` NIfTI, as ``preprocessing/lidc_io.write_nifti``.
+
+    qform and sform both carry the affine with code 2 (aligned): the frame has the scanner's axis sense but
+    not its origin, so it is not claimed as the scanner frame (code 1).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = nib.Nifti1Image(np.ascontiguousarray(array)[..., None], affine)
+    image = nib.Nifti1Image(np.ascontiguousarray(array.T[:, :, None]), affine)
+    image.set_qform(affine, code=2)
+    image.set_sform(affine, code=2)
     image.header.set_xyzt_units("mm")
     nib.save(image, path)
 
@@ -212,7 +250,8 @@ def convert_png_release(
     PNG, relative to ``src``), an empty ``series_uid``/``nodule_id``/``annotation_ids`` (the release has
     none), and all four slots present: the release cannot tell a missing reader from an empty mask. The
     affine has 0.5 mm pixels and the slice z, but the in-plane origin is unknown, so exports from these
-    crops are not in the scanner frame.
+    crops are not in the scanner frame. Arrays are stored ``(column, row, 1)`` with the affine of
+    :func:`png_affine`, as the DICOM preprocessing stores its crops.
 
     Raises:
         ValueError: a file name, mask count, mask value or shape does not match the release format; the
@@ -254,8 +293,7 @@ def convert_png_release(
                         raise ValueError(
                             f"{str(mask_path)!r}: mask shape {mask.shape} differs from image shape {image.shape}."
                         )
-                affine = np.diag([PNG_PIXEL_MM, PNG_PIXEL_MM, 1.0, 1.0])
-                affine[2, 3] = name.z
+                affine = png_affine(name.z)
                 rel_image = Path(split, "images", patient, f"{name.image_stem}.nii.gz")
                 rel_labels = [
                     Path(split, "labels", patient, f"{name.image_stem}_l{k}.nii.gz") for k in range(NUM_READERS)
@@ -397,8 +435,9 @@ def convert_pickle_release(
     usually float32 in [0, 1]), ``OUT/<split>/labels/<patient>/<key>_l<j>.nii.gz`` (uint8 {0, 1}) and
     ``OUT/datalist.json``. Items carry ``intensity: "unit"`` (``"uint8"`` for a uint8 image),
     ``series_uid`` from the pickle, ``pickle_key``, ``slice_key`` (the key after the patient), ``slice_z: null``
-    (the pickle has no position), and all four slots present. The affine is the identity: the pickle keeps
-    no geometry.
+    (the pickle has no position), and all four slots present. Arrays are stored ``(column, row, 1)``, as
+    the DICOM preprocessing stores its crops; the affine is :func:`pickle_affine` (the pickle keeps no
+    geometry).
 
     Raises:
         ValueError: an entry is malformed; the message names its key and field.
@@ -453,7 +492,7 @@ def convert_pickle_release(
         rel_labels = [
             Path(folder[split], "labels", patient_dir, f"{file_stem}_l{k}.nii.gz") for k in range(NUM_READERS)
         ]
-        affine = np.eye(4)
+        affine = pickle_affine()
         _save_nifti(image, affine, output_dir / rel_image)
         for rel, mask in zip(rel_labels, masks):
             _save_nifti(mask, affine, output_dir / rel)

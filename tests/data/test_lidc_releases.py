@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.data import DataLoader
 from PIL import Image
 
@@ -104,19 +105,24 @@ def test_png_release_round_trip(png_release, tmp_path):
             assert item["source"] == f"{folder}/images/{item['patient_id']}/{stem}.png"
             stored = nib.load(item["image"])
             assert stored.shape == (180, 180, 1) and stored.get_data_dtype() == np.uint8
-            assert np.array_equal(np.asarray(stored.dataobj)[..., 0], image)
-            assert stored.affine[2, 3] == item["slice_z"] and stored.affine[0, 0] == 0.5
+            # Stored as the DICOM preprocessing stores crops: (i, j, k) = (column, row, slice).
+            assert np.array_equal(np.asarray(stored.dataobj)[..., 0], image.T)
+            expected = np.diag([-0.5, -0.5, 1.0, 1.0])
+            expected[2, 3] = item["slice_z"]
+            assert np.array_equal(stored.affine, expected) and nib.aff2axcodes(stored.affine) == ("L", "P", "S")
+            assert int(stored.header["sform_code"]) == int(stored.header["qform_code"]) == 2
             for k, label_path in enumerate(item["label"]):
-                assert np.array_equal(np.asarray(nib.load(label_path).dataobj)[..., 0], masks[k])
+                assert np.array_equal(np.asarray(nib.load(label_path).dataobj)[..., 0], masks[k].T)
             seen += 1
     assert seen == len(PNG_CROPS)
-    # Same crops through the MONAI chain: 180 -> centre 128, uint8 -> [0, 1], all four readers.
+    # Same crops through the MONAI chain: 180 -> centre 128, uint8 -> [0, 1], all four readers. The loader
+    # returns (C, column, row), as for DICOM crops, so the (row, column) PNG arrays compare transposed.
     batch = next(iter(DataLoader(lidc_dataset(path, "training", mode="eval"), batch_size=4)))
     assert tuple(batch["image"].shape) == (4, 1, 128, 128) and tuple(batch["label"].shape) == (4, 4, 128, 128)
-    first = load_lidc_datalist(path, "training")[0]
-    image, masks = truth[("train", first["patient_id"], Path(first["image"]).name.removesuffix(".nii.gz"))]
-    assert np.allclose(batch["image"][0, 0].numpy(), image[26:154, 26:154] / 255.0)
-    assert np.array_equal(batch["label"][0].numpy(), masks[:, 26:154, 26:154])
+    for b, item in enumerate(load_lidc_datalist(path, "training")):
+        image, masks = truth[("train", item["patient_id"], Path(item["image"]).name.removesuffix(".nii.gz"))]
+        assert np.allclose(batch["image"][b, 0].numpy().T, image[26:154, 26:154] / 255.0)
+        assert np.array_equal(batch["label"][b].numpy().transpose(0, 2, 1), masks[:, 26:154, 26:154])
 
 
 def test_png_release_items_are_sorted_by_z(png_release, tmp_path):
@@ -162,6 +168,45 @@ def test_cli_png(png_release, tmp_path, capsys):
     assert "training 4, validation 1, test 1" in capsys.readouterr().out
 
 
+def test_png_release_and_dicom_crop_load_identically(tmp_path):
+    """A DICOM-preprocessing crop and a PNG-release crop of the same (row, column) image: same loader tensors."""
+    from preprocessing.lidc_io import write_nifti
+
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, size=(180, 180), dtype=np.uint8)
+    image[30, 100] = 255  # an asymmetric marker: a transposed layout would move it
+    masks = (rng.random((4, 180, 180)) < 0.3).astype(np.uint8)
+    root = tmp_path / "release"
+    _save_png(root / "train" / "images" / "LIDC-IDRI-0001" / "z-50.0_c0.png", image)
+    for k in range(4):
+        _save_png(root / "train" / "gt" / "LIDC-IDRI-0001" / f"z-50.0_c0_l{k}.png", masks[k] * 255)
+    release_items = load_lidc_datalist(convert_png_release(root, tmp_path / "v2"), "training")
+
+    # The DICOM path's writer, with a scanner-frame affine of an axial scan (RAS; LPS x, y negated).
+    affine = np.array([[-0.5, 0.0, 0.0, 120.0], [0.0, -0.5, 0.0, 80.0], [0.0, 0.0, 2.5, -50.0], [0, 0, 0, 1.0]])
+    dicom_dir = tmp_path / "dicom"
+    dicom_dir.mkdir()
+    write_nifti(dicom_dir / "image.nii.gz", image, affine)
+    for k in range(4):
+        write_nifti(dicom_dir / f"mask{k}.nii.gz", masks[k], affine)
+    dicom_item = dict(release_items[0])
+    dicom_item.update(
+        image=str(dicom_dir / "image.nii.gz"), label=[str(dicom_dir / f"mask{k}.nii.gz") for k in range(4)]
+    )
+    assert nib.load(dicom_item["image"]).shape == nib.load(release_items[0]["image"]).shape == (180, 180, 1)
+
+    from_release = lidc_dataset(release_items, mode="eval")[0]
+    from_dicom = lidc_dataset([dicom_item], mode="eval")[0]
+    for key in ("image", "label"):
+        assert from_release[key].shape == from_dicom[key].shape
+        assert torch.equal(from_release[key].as_tensor(), from_dicom[key].as_tensor()), key
+    # Both (C, column, row), and the in-plane axes point the same way in RAS.
+    assert np.allclose(from_release["image"][0].numpy().T, image[26:154, 26:154] / 255.0)
+    release_affine = np.asarray(from_release["image"].affine)
+    assert np.array_equal(release_affine[:2, :2], affine[:2, :2])
+    assert nib.aff2axcodes(release_affine) == nib.aff2axcodes(affine)
+
+
 def _release_dict(n_patients: int = 20, slices: int = 2, size: int = 128) -> dict:
     rng = np.random.default_rng(1)
     data = {}
@@ -194,9 +239,11 @@ def test_pickle_release_round_trip_and_patient_split(tmp_path):
             seen.add(item["pickle_key"])
             assert item["intensity"] == "unit" and item["series_uid"] == entry["series_uid"]
             assert np.isnan(item["slice_z"]) and item["slice_key"] == item["pickle_key"].split("_", 1)[1]
-            assert np.array_equal(np.asarray(nib.load(item["image"]).dataobj)[..., 0], entry["image"])
+            stored = nib.load(item["image"])
+            assert np.array_equal(np.asarray(stored.dataobj)[..., 0], entry["image"].T)
+            assert np.array_equal(stored.affine, np.diag([-1.0, -1.0, 1.0, 1.0]))
             for k, label_path in enumerate(item["label"]):
-                assert np.array_equal(np.asarray(nib.load(label_path).dataobj)[..., 0], entry["masks"][k])
+                assert np.array_equal(np.asarray(nib.load(label_path).dataobj)[..., 0], entry["masks"][k].T)
     assert seen == set(data)  # nothing dropped
     sizes = {key: len(p) for key, p in patients_by_split.items()}
     assert sizes == {"training": 14, "validation": 3, "test": 3}
@@ -205,6 +252,13 @@ def test_pickle_release_round_trip_and_patient_split(tmp_path):
     batch = next(iter(DataLoader(lidc_dataset(path, "validation", mode="train"), batch_size=3)))
     assert tuple(batch["image"].shape) == (3, 1, 128, 128) and tuple(batch["label"].shape) == (3, 1, 128, 128)
     assert float(batch["image"].min()) >= 0.0 and float(batch["image"].max()) <= 1.0
+    # Through the loader (eval: all readers), (C, column, row) against the pickle's (row, column) arrays.
+    items = load_lidc_datalist(path, "validation")
+    batch = next(iter(DataLoader(lidc_dataset(path, "validation", mode="eval"), batch_size=len(items))))
+    for b, item in enumerate(items):
+        entry = data[item["pickle_key"]]
+        assert np.array_equal(batch["image"][b, 0].numpy().T, entry["image"])
+        assert np.array_equal(batch["label"][b].numpy().transpose(0, 2, 1), np.stack(entry["masks"]))
 
 
 def test_split_patients_is_seeded_and_complete():
