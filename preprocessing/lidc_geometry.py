@@ -14,13 +14,13 @@ Conventions used throughout:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.ndimage import map_coordinates
+
+from car_med.visualize import isolate_matplotlib_config
 
 __all__ = [
     "CROP_SIZE",
@@ -125,19 +125,6 @@ class CropGrid:
     columns: np.ndarray
     affine: np.ndarray
     outside_fraction: float
-
-
-def isolate_matplotlib_config() -> None:
-    """Point matplotlib's config and cache at a temp folder unless the user chose one.
-
-    Importing matplotlib (directly, or through pylidc) creates ``~/.config/matplotlib`` and a font cache;
-    the preprocessing promises to write nothing under ``~``. Call this before the first matplotlib import.
-    """
-    if "MPLCONFIGDIR" not in os.environ:
-        folder = os.path.join(tempfile.gettempdir(), f"car-med-mplconfig-{os.getuid()}")
-        os.makedirs(folder, exist_ok=True)
-        os.environ["MPLCONFIGDIR"] = folder
-    os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def _path_class():

@@ -238,6 +238,9 @@ def plot_reliability_diagram(
     Returns:
         The matplotlib Figure.
     """
+    from car_med.visualize import isolate_matplotlib_config
+
+    isolate_matplotlib_config()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
