@@ -28,14 +28,10 @@ import textwrap
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PATIENTS = (
-    "LIDC-IDRI-0078",
-    "LIDC-IDRI-0365",
-    "LIDC-IDRI-0611",
-    "LIDC-IDRI-0719",
-    "LIDC-IDRI-0957",
-    "LIDC-IDRI-0983",
-)
+sys.path.insert(0, str(REPO_ROOT))
+
+from preprocessing.synthetic_lidc import REFERENCE_COHORT  # noqa: E402
+DEFAULT_PATIENTS = REFERENCE_COHORT
 
 _OURS = textwrap.dedent(
     """

