@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
-from monai.metrics import CumulativeIterationMetric
 from monai.utils import MetricReduction, convert_to_tensor
 
+from car_med.metrics.metric import PerImageMetric
 from car_med.metrics.pairwise import DEFAULT_MAX_ELEMENTS, PairwiseIoU, pairwise_iou
 
 __all__ = [
@@ -18,7 +18,6 @@ __all__ = [
     "sample_diversity",
     "GeneralizedEnergyDistance",
     "SampleDiversity",
-    "reduce_per_image",
 ]
 
 
@@ -200,41 +199,7 @@ def sample_diversity(
     return _mean_distance(1.0 - iou.ss, unbiased, "samples")
 
 
-def reduce_per_image(values: torch.Tensor, reduction: MetricReduction | str) -> torch.Tensor:
-    """Reduce a ``(B,)`` buffer of per-image values: ``"mean"``/``"sum"`` give a scalar, ``"none"`` returns it.
-
-    NaN entries (images where the metric is undefined) are left out of the mean and sum.
-    """
-    reduction = MetricReduction(reduction)
-    if reduction == MetricReduction.NONE:
-        return values
-    valid = values[~torch.isnan(values)]
-    if reduction in (MetricReduction.MEAN, MetricReduction.MEAN_BATCH, MetricReduction.MEAN_CHANNEL):
-        return valid.mean() if valid.numel() else torch.tensor(float("nan"), dtype=values.dtype, device=values.device)
-    return valid.sum()
-
-
-class _PerImageMetric(CumulativeIterationMetric):
-    """A cumulative metric whose ``_compute_tensor`` returns one value per image, buffered and synced by MONAI."""
-
-    def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN) -> None:
-        super().__init__()
-        self.reduction = MetricReduction(reduction)
-
-    def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:
-        """Reduce the per-image values of every rank.
-
-        Args:
-            reduction: ``"mean"`` (over images, the default), ``"sum"`` or ``"none"`` (the ``(num_images,)``
-                values); defaults to the constructor's.
-        """
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError(f"{self.__class__.__name__}.aggregate() called before any batch was added.")
-        return reduce_per_image(data.reshape(-1), reduction or self.reduction)
-
-
-class GeneralizedEnergyDistance(_PerImageMetric):
+class GeneralizedEnergyDistance(PerImageMetric):
     """GED as a MONAI cumulative metric: ``metric(y_pred=samples, y=labels)`` per batch, then ``aggregate()``.
 
     ``y_pred`` is the hard samples ``(B, N, *spatial)`` and ``y`` the labels ``(B, R, *spatial)``, both integer
@@ -295,7 +260,7 @@ class GeneralizedEnergyDistance(_PerImageMetric):
         )
 
 
-class SampleDiversity(_PerImageMetric):
+class SampleDiversity(PerImageMetric):
     """Mean d(S, S') per image as a MONAI cumulative metric; ``y`` is optional and used only for ignore masks.
 
     Args:

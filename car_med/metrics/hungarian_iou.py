@@ -10,7 +10,7 @@ import torch
 from monai.utils import MetricReduction
 from scipy.optimize import linear_sum_assignment
 
-from car_med.metrics.energy_distance import _PerImageMetric
+from car_med.metrics.metric import PerImageMetric
 from car_med.metrics.pairwise import DEFAULT_MAX_ELEMENTS, check_label_maps, pairwise_iou
 
 __all__ = ["hungarian_matched_iou", "matched_iou_from_matrix", "HungarianMatchedIoU"]
@@ -89,7 +89,7 @@ def hungarian_matched_iou(
     return matched_iou_from_matrix(iou.sy)
 
 
-class HungarianMatchedIoU(_PerImageMetric):
+class HungarianMatchedIoU(PerImageMetric):
     """HM-IoU as a MONAI cumulative metric: ``metric(y_pred=samples, y=labels)`` per batch, then ``aggregate()``.
 
     Per-image scores are buffered and gathered across DDP ranks by the base class; ``aggregate()`` averages them.

@@ -95,9 +95,7 @@ def _as_label_tensor(x: object, name: str) -> torch.Tensor:
     return t
 
 
-def _check_range(
-    t: torch.Tensor, name: str, num_classes: int | None, ignore: tuple[int, ...]
-) -> None:
+def _check_range(t: torch.Tensor, name: str, num_classes: int | None, ignore: tuple[int, ...]) -> None:
     if num_classes is None or t.numel() == 0:
         return
     bad = (t < 0) | (t >= num_classes)

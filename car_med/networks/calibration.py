@@ -20,71 +20,15 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers import Pool
 from torch import nn
 
-__all__ = ["SegNetCalibrationNet", "BlackBoxCalibrationNet", "check_input_shape"]
+from car_med.networks.utils import (
+    SPATIAL_NAMES,
+    check_floating,
+    check_input_shape,
+    check_min_spatial,
+    check_spatial_dims,
+)
 
-_SPATIAL_NAMES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
-
-
-def check_input_shape(
-    owner: str,
-    what: str,
-    tensor: torch.Tensor,
-    expected: Sequence[int | str],
-    bound: dict[str, int] | None = None,
-) -> dict[str, int]:
-    """Raise a ``ValueError`` naming the expected and the given shape when ``tensor`` does not fit.
-
-    Args:
-        owner: class name used in the message, e.g. ``"NoiseInjectedUNet"``.
-        what: what the tensor is, e.g. ``"image"``.
-        tensor: tensor to check.
-        expected: one entry per dimension; an int must match exactly, a string (``"B"``, ``"H"``)
-            is a symbol that must agree with the same symbol in ``bound``.
-        bound: symbol sizes fixed by tensors checked earlier; updated in place and returned, so that
-            several inputs of one call can be checked against each other.
-
-    Returns:
-        the updated ``bound`` mapping.
-
-    Raises:
-        ValueError: when the rank or any size does not match.
-    """
-    bound = {} if bound is None else bound
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{owner} expected {what} to be a torch.Tensor, got {type(tensor).__name__}")
-    shape = tuple(tensor.shape)
-    ok = len(shape) == len(expected)
-    if ok:
-        for e, s in zip(expected, shape):
-            if isinstance(e, str):
-                ok = ok and bound.get(e, s) == s
-            else:
-                ok = ok and int(e) == s
-    if not ok:
-        parts = [f"{e}={bound[e]}" if isinstance(e, str) and e in bound else str(e) for e in expected]
-        raise ValueError(f"{owner} expected {what} of shape ({', '.join(parts)}), got {shape}")
-    for e, s in zip(expected, shape):
-        if isinstance(e, str):
-            bound.setdefault(e, s)
-    return bound
-
-
-def _check_floating(owner: str, what: str, tensor: torch.Tensor) -> None:
-    # Integer images would otherwise fail deep inside the first convolution with a dtype mismatch.
-    if not tensor.is_floating_point():
-        raise ValueError(f"{owner} expected a floating-point {what}, got {tensor.dtype}; convert it with .float()")
-
-
-def _check_min_spatial(owner: str, tensor: torch.Tensor, minimum: int, config: str) -> None:
-    # Below the minimum a pooling/conv stage would produce an empty map and PyTorch would fail inside.
-    spatial = tuple(tensor.shape[2:])
-    if min(spatial) < minimum:
-        raise ValueError(f"{owner} needs every spatial dim >= {minimum} with {config}, got {spatial}")
-
-
-def _check_spatial_dims(spatial_dims: int) -> None:
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+__all__ = ["SegNetCalibrationNet", "BlackBoxCalibrationNet"]
 
 
 class SegNetCalibrationNet(nn.Module):
@@ -115,6 +59,8 @@ class SegNetCalibrationNet(nn.Module):
             ever downloaded. With a torchvision dict and ``in_channels != 3``, the first convolution
             keeps its random initialisation, as in the authors' code.
         spatial_dims: 2 (default) or 3.
+        act: MONAI activation after every convolution (ReLU, as in VGG).
+        norm: MONAI norm after every convolution (``"batch"``, as in VGG19-BN).
 
     Example::
 
@@ -131,9 +77,11 @@ class SegNetCalibrationNet(nn.Module):
         dropout: float = 0.1,
         pretrained_weights: str | None = None,
         spatial_dims: int = 2,
+        act: str | tuple = "relu",
+        norm: str | tuple = "batch",
     ) -> None:
         super().__init__()
-        _check_spatial_dims(spatial_dims)
+        check_spatial_dims(spatial_dims)
         channels, convs_per_block = tuple(channels), tuple(convs_per_block)
         if len(channels) == 0 or len(channels) != len(convs_per_block):
             raise ValueError(
@@ -155,8 +103,8 @@ class SegNetCalibrationNet(nn.Module):
                 c_in,
                 c_out,
                 kernel_size=3,
-                act="relu",
-                norm="batch",
+                act=act,
+                norm=norm,
                 dropout=dropout,
                 adn_ordering="NAD",
             )
@@ -189,9 +137,9 @@ class SegNetCalibrationNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map an image ``(B, in_channels, *spatial)`` to logits ``(B, out_channels, *spatial)``."""
         name = type(self).__name__
-        check_input_shape(name, "image", x, ("B", self.in_channels, *_SPATIAL_NAMES[self.spatial_dims]))
-        _check_floating(name, "image", x)
-        _check_min_spatial(name, x, self._min_size, self._size_config)
+        check_input_shape(name, "image", x, ("B", self.in_channels, *SPATIAL_NAMES[self.spatial_dims]))
+        check_floating(name, "image", x)
+        check_min_spatial(name, x, self._min_size, self._size_config)
         sizes, indices = [], []
         h = x
         for block in self.encoder:
@@ -276,6 +224,8 @@ class BlackBoxCalibrationNet(nn.Module):
         num_blocks: number of conv blocks (5 in the paper).
         dropout: dropout probability after every activation.
         spatial_dims: 2 (default) or 3.
+        negative_slope: slope of every LeakyReLU (0.2 in the paper).
+        norm: MONAI norm of every block (``"batch"`` in the paper).
     """
 
     def __init__(
@@ -286,9 +236,11 @@ class BlackBoxCalibrationNet(nn.Module):
         num_blocks: int = 5,
         dropout: float = 0.1,
         spatial_dims: int = 2,
+        negative_slope: float = 0.2,
+        norm: str | tuple = "batch",
     ) -> None:
         super().__init__()
-        _check_spatial_dims(spatial_dims)
+        check_spatial_dims(spatial_dims)
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.image_channels = image_channels
@@ -303,8 +255,8 @@ class BlackBoxCalibrationNet(nn.Module):
                     c_in,
                     channels,
                     kernel_size=3,
-                    act=("leakyrelu", {"negative_slope": 0.2}),
-                    norm="batch",
+                    act=("leakyrelu", {"negative_slope": negative_slope}),
+                    norm=norm,
                     dropout=dropout,
                     adn_ordering="NAD",
                 )
@@ -318,8 +270,8 @@ class BlackBoxCalibrationNet(nn.Module):
         """Map image ``(B, image_channels, *spatial)`` and B's one-hot ``(B, num_classes, *spatial)``
         to logits ``(B, num_classes, *spatial)``."""
         name = type(self).__name__
-        spatial = _SPATIAL_NAMES[self.spatial_dims]
+        spatial = SPATIAL_NAMES[self.spatial_dims]
         bound = check_input_shape(name, "image", x, ("B", self.image_channels, *spatial))
         check_input_shape(name, "blackbox_onehot", blackbox_onehot, ("B", self.num_classes, *spatial), bound)
-        _check_floating(name, "image", x)
+        check_floating(name, "image", x)
         return self.head(self.blocks(torch.cat([x, blackbox_onehot.to(x.dtype)], dim=1)))

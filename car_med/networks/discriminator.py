@@ -9,12 +9,12 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers import Pool
 from torch import nn
 
-from car_med.networks.calibration import (
-    _SPATIAL_NAMES,
-    _check_floating,
-    _check_min_spatial,
-    _check_spatial_dims,
+from car_med.networks.utils import (
+    SPATIAL_NAMES,
+    check_floating,
     check_input_shape,
+    check_min_spatial,
+    check_spatial_dims,
 )
 
 __all__ = ["Discriminator"]
@@ -43,6 +43,7 @@ class Discriminator(nn.Module):
         kernel_size: kernel size of the stride-2 convolutions.
         head: ``"global_avg"`` or ``"patch"``.
         spatial_dims: 2 (default) or 3.
+        negative_slope: slope of every LeakyReLU (0.2 in the paper).
     """
 
     def __init__(
@@ -53,9 +54,10 @@ class Discriminator(nn.Module):
         kernel_size: int = 4,
         head: str = "global_avg",
         spatial_dims: int = 2,
+        negative_slope: float = 0.2,
     ) -> None:
         super().__init__()
-        _check_spatial_dims(spatial_dims)
+        check_spatial_dims(spatial_dims)
         channels = tuple(channels)
         if not channels:
             raise ValueError("channels must not be empty")
@@ -86,7 +88,7 @@ class Discriminator(nn.Module):
                     kernel_size=kernel_size,
                     # Explicit because MONAI's "same" padding is undefined for even kernels.
                     padding=padding,
-                    act=("leakyrelu", {"negative_slope": 0.2}),
+                    act=("leakyrelu", {"negative_slope": negative_slope}),
                     norm=None,
                     dropout=None,
                 )
@@ -113,11 +115,11 @@ class Discriminator(nn.Module):
                 image is not floating point.
         """
         name = type(self).__name__
-        spatial = _SPATIAL_NAMES[self.spatial_dims]
+        spatial = SPATIAL_NAMES[self.spatial_dims]
         bound = check_input_shape(name, "image", x, ("B", self.image_channels, *spatial))
         check_input_shape(name, "label map", y, ("B", self.num_classes, *spatial), bound)
-        _check_floating(name, "image", x)
-        _check_min_spatial(name, x, self._min_size, self._size_config)
+        check_floating(name, "image", x)
+        check_min_spatial(name, x, self._min_size, self._size_config)
         h = self.features(torch.cat([x, y.to(x.dtype)], dim=1))
         out = self.head(h)
         return out if self.head_type == "global_avg" else out.flatten(1).mean(dim=1, keepdim=True)

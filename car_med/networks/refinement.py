@@ -9,11 +9,9 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from car_med.networks.calibration import _SPATIAL_NAMES, _check_floating, _check_spatial_dims, check_input_shape
+from car_med.networks.utils import SPATIAL_NAMES, check_floating, check_input_shape, check_spatial_dims
 
 __all__ = ["NoiseInjection", "NoiseInjectedUNet"]
-
-_LEAKY = ("leakyrelu", {"negative_slope": 0.2})
 
 
 class NoiseInjection(nn.Module):
@@ -31,13 +29,16 @@ class NoiseInjection(nn.Module):
         channels: channels of the modulated feature map.
         noise_dim: length of eps.
         out_channels: channels after the 1x1 convolution.
+        scale_offset: added to s (the authors' code uses 1e-5, which keeps the product from vanishing
+            where s is zero).
     """
 
-    scale_offset: float = 1e-5
-
-    def __init__(self, spatial_dims: int, channels: int, noise_dim: int, out_channels: int) -> None:
+    def __init__(
+        self, spatial_dims: int, channels: int, noise_dim: int, out_channels: int, scale_offset: float = 1e-5
+    ) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
+        self.scale_offset = scale_offset
         self.residual = nn.Linear(noise_dim, channels)
         self.scale = nn.Linear(noise_dim, channels)
         self.proj = Convolution(spatial_dims, channels, out_channels, kernel_size=1, conv_only=True)
@@ -98,6 +99,9 @@ class NoiseInjectedUNet(nn.Module):
         dropout: dropout probability in every down and up block.
         injection: ``"paper"`` or ``"code"``, see above.
         spatial_dims: 2 (default) or 3.
+        negative_slope: slope of every LeakyReLU (0.2 in the paper).
+        norm: MONAI norm of the up and down blocks (``"batch"`` in the paper; e.g. ``"instance"``).
+        noise_scale_offset: ``scale_offset`` of every :class:`NoiseInjection`.
 
     Example::
 
@@ -114,9 +118,12 @@ class NoiseInjectedUNet(nn.Module):
         dropout: float = 0.1,
         injection: str = "paper",
         spatial_dims: int = 2,
+        negative_slope: float = 0.2,
+        norm: str | tuple = "batch",
+        noise_scale_offset: float = 1e-5,
     ) -> None:
         super().__init__()
-        _check_spatial_dims(spatial_dims)
+        check_spatial_dims(spatial_dims)
         channels = tuple(channels)
         if injection not in ("paper", "code"):
             raise ValueError(f"injection must be 'paper' or 'code', got {injection!r}")
@@ -141,8 +148,8 @@ class NoiseInjectedUNet(nn.Module):
                 padding=0 if up else 1,
                 output_padding=0 if up else None,
                 is_transposed=up,
-                act=_LEAKY,
-                norm="batch",
+                act=("leakyrelu", {"negative_slope": negative_slope}),
+                norm=norm,
                 dropout=dropout,
                 adn_ordering="NAD",
             )
@@ -163,11 +170,17 @@ class NoiseInjectedUNet(nn.Module):
         injected = range(n) if injection == "paper" else range(n - 3, n)
         self.inject = nn.ModuleDict(
             {
-                str(j): NoiseInjection(spatial_dims, up_out[j], noise_dim, num_classes if j == n - 1 else up_out[j])
+                str(j): NoiseInjection(
+                    spatial_dims,
+                    up_out[j],
+                    noise_dim,
+                    num_classes if j == n - 1 else up_out[j],
+                    scale_offset=noise_scale_offset,
+                )
                 for j in injected
             }
         )
-        self.act = nn.LeakyReLU(0.2)
+        self.act = nn.LeakyReLU(negative_slope)
 
     def _check_inputs(
         self,
@@ -177,14 +190,14 @@ class NoiseInjectedUNet(nn.Module):
         noise_shape: Sequence[str] = ("B", "Z"),
     ) -> None:
         name = type(self).__name__
-        spatial = _SPATIAL_NAMES[self.spatial_dims]
+        spatial = SPATIAL_NAMES[self.spatial_dims]
         bound = check_input_shape(name, "image", x, ("B", self.image_channels, *spatial))
         if calibration is not None:
             check_input_shape(name, "calibration", calibration, ("B", self.num_classes, *spatial), bound)
         if noise is not None:
             expected = tuple(self.noise_dim if d == "Z" else d for d in noise_shape)
             check_input_shape(name, "noise", noise, expected, bound)
-        _check_floating(name, "image", x)
+        check_floating(name, "image", x)
         # Stride-2 convs round up, so any size survives the down path, but the deepest map is
         # 1 pixel when every dim is <= 2 ** n; BatchNorm in training then sees one value per channel
         # if the batch is a single image.

@@ -28,12 +28,15 @@ class ToyCalibrationMLP(nn.Module):
 
 
 class ToyRefinementMLP(nn.Module):
-    """G: (x, F(x), eps) -> one sample of y (LeakyReLU MLP)."""
+    """G: (x, F(x), eps) -> one sample of y (LeakyReLU MLP, slope ``negative_slope``)."""
 
-    def __init__(self, noise_dim: int = 1, hidden: int = 64, num_hidden_layers: int = 4) -> None:
+    def __init__(
+        self, noise_dim: int = 1, hidden: int = 64, num_hidden_layers: int = 4, negative_slope: float = 0.2
+    ) -> None:
         super().__init__()
         self.noise_dim = noise_dim
-        self.net = FullyConnectedNet(2 + noise_dim, 1, [hidden] * num_hidden_layers, act=("LEAKYRELU", {"negative_slope": 0.2}))
+        act = ("LEAKYRELU", {"negative_slope": negative_slope})
+        self.net = FullyConnectedNet(2 + noise_dim, 1, [hidden] * num_hidden_layers, act=act)
 
     def forward(self, x: torch.Tensor, calibration: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
@@ -45,11 +48,12 @@ class ToyRefinementMLP(nn.Module):
 
 
 class ToyDiscriminatorMLP(nn.Module):
-    """D: (x, y) -> real/fake logit (LeakyReLU MLP)."""
+    """D: (x, y) -> real/fake logit (LeakyReLU MLP, slope ``negative_slope``)."""
 
-    def __init__(self, hidden: int = 64, num_hidden_layers: int = 4) -> None:
+    def __init__(self, hidden: int = 64, num_hidden_layers: int = 4, negative_slope: float = 0.2) -> None:
         super().__init__()
-        self.net = FullyConnectedNet(2, 1, [hidden] * num_hidden_layers, act=("LEAKYRELU", {"negative_slope": 0.2}))
+        act = ("LEAKYRELU", {"negative_slope": negative_slope})
+        self.net = FullyConnectedNet(2, 1, [hidden] * num_hidden_layers, act=act)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
