@@ -60,6 +60,14 @@ class CARSampler:
         max_batch: folded rows per G forward pass.
         output_type: ``"categorical"`` or ``"continuous"``.
         return_probs: keep every sample's probabilities in ``SampleSet.probs``.
+        noise_std: standard deviation of the drawn noise; must be the ``noise_std`` G was trained with
+            (1, a standard normal, by default as in the paper).
+
+    Example::
+
+        sampler = CARSampler(f, g, num_samples=16)
+        out = sampler(images, generator=torch.Generator().manual_seed(0))
+        out.samples.shape  # (B, 16, H, W)
     """
 
     def __init__(
@@ -71,6 +79,7 @@ class CARSampler:
         max_batch: int = 8,
         output_type: str = "categorical",
         return_probs: bool = True,
+        noise_std: float = 1.0,
     ) -> None:
         if output_type not in ("categorical", "continuous"):
             raise ValueError(f"output_type must be 'categorical' or 'continuous', got {output_type!r}.")
@@ -79,6 +88,8 @@ class CARSampler:
             raise ValueError("CARSampler needs noise_dim >= 1 (pass it, or give G a `noise_dim` attribute).")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}.")
+        if noise_std <= 0:
+            raise ValueError(f"noise_std must be > 0, got {noise_std}.")
         self._check_num_samples(num_samples)
         self.calibration_network = calibration_network
         self.refinement_network = refinement_network
@@ -87,6 +98,7 @@ class CARSampler:
         self.max_batch = max_batch
         self.output_type = output_type
         self.return_probs = return_probs
+        self.noise_std = noise_std
 
     def _refine_in_chunks(self, image, calibration, noise_folded, num_samples):
         """Yield ``(first folded row, G output)`` over the B*M folded rows, at most ``max_batch`` at a time.
@@ -122,8 +134,30 @@ class CARSampler:
     def draw_noise(
         self, batch: int, num_samples: int, device: torch.device, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Standard normal noise ``(B, M, noise_dim)``."""
-        return torch.randn(batch, num_samples, self.noise_dim, generator=generator, device=device)
+        """Normal noise ``(B, M, noise_dim)`` with std ``noise_std``, on ``device``.
+
+        The draw happens on the generator's device (a CPU generator gives the same numbers whatever
+        device the model is on), then moves to ``device``.
+        """
+        source = generator.device if generator is not None else device
+        noise = torch.randn(batch, num_samples, self.noise_dim, generator=generator, device=source)
+        return (self.noise_std * noise).to(device)
+
+    @staticmethod
+    def _check_finite(image: torch.Tensor) -> None:
+        # A NaN image gives NaN probabilities whose argmax is class 0 everywhere: an empty mask that would
+        # silently count as a confident "no lesion" in GED and HM-IoU.
+        finite = torch.isfinite(image.reshape(image.shape[0], -1)).all(dim=1)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten().tolist()
+            kinds = []
+            for index in bad[:5]:
+                row = image[index]
+                kinds.append(f"{index} ({'NaN' if torch.isnan(row).any() else 'Inf'})")
+            raise ValueError(
+                f"CARSampler: image batch index {', '.join(kinds)}{' ...' if len(bad) > 5 else ''} holds non-finite "
+                "values; check the input (e.g. intensity scaling or resampling) before sampling."
+            )
 
     def __call__(
         self,
@@ -138,10 +172,21 @@ class CARSampler:
             image: batch of images ``(B, C, *spatial)`` (or ``(B, D)`` inputs for regression).
             num_samples: M for this call; defaults to the sampler's.
             noise: explicit noise ``(B, M, noise_dim)``; drawn when omitted.
-            generator: torch generator for reproducible noise.
+            generator: torch generator for reproducible noise (on any device).
+
+        Returns:
+            a :class:`SampleSet` (``samples``, ``mean``, ``calibration``, ``noise``, ``probs``, ``entropy``).
+
+        Raises:
+            ValueError: the image is not a batched tensor, holds NaN or Inf (the message names the batch
+                index), or ``num_samples`` / ``noise`` do not fit.
         """
         if not isinstance(image, torch.Tensor) or image.ndim < 2:
-            raise ValueError(f"CARSampler expected a batched image tensor (B, C, ...), got {getattr(image, 'shape', image)}.")
+            raise ValueError(
+                f"CARSampler expected a batched image tensor (B, C, ...), got {getattr(image, 'shape', image)}."
+            )
+        if image.is_floating_point() or image.is_complex():
+            self._check_finite(image)
         batch = image.shape[0]
         if noise is not None:
             if noise.ndim != 3 or noise.shape[0] != batch or noise.shape[2] != self.noise_dim:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from .car_trainer import CARTrainer
-from .checkpoints import latest_checkpoint, load_network_checkpoint
+from .checkpoints import CheckedCheckpointLoader, check_state_dict, latest_checkpoint, load_network_checkpoint
 from .d_schedule import DiscriminatorSchedule
 from .guards import NonFiniteLossError, NonFiniteLossGuard, raise_if_non_finite
+from .keys import CARKeys
 
 __all__ = [
+    "CARKeys",
     "CARTrainer",
+    "CheckedCheckpointLoader",
     "DiscriminatorSchedule",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
+    "check_state_dict",
     "latest_checkpoint",
     "load_network_checkpoint",
     "raise_if_non_finite",

@@ -6,12 +6,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from monai.engines import Trainer
+from monai.engines.utils import IterationEvents
 from torch import nn
 from torch.nn import functional as F
 
 from car_med.engines.d_schedule import DiscriminatorSchedule
 from car_med.engines.guards import BufferSnapshot, NonFiniteLossError, raise_if_non_finite
+from car_med.engines.keys import CARKeys
 from car_med.losses.adversarial import discriminator_loss, generator_adversarial_loss, r1_penalty
 from car_med.losses.calibration import categorical_calibration_loss, gaussian_calibration_loss
 from car_med.losses.segmentation import class_index_map
@@ -32,6 +35,23 @@ class CARTrainer(Trainer):
     BCE + R1 if ``d_schedule`` allows. ``regulariser="cross_entropy"`` swaps L_cal for the pixelwise
     CE against the label: the cGAN+L_ce baseline is this one switch.
 
+    Like MONAI's ``SupervisedTrainer``, each iteration fires ``IterationEvents.FORWARD_COMPLETED`` (after
+    G's samples and D's score of them), ``LOSS_COMPLETED`` (G's losses are in the output, before any
+    backward pass: where :class:`~car_med.engines.NonFiniteLossGuard` checks), ``BACKWARD_COMPLETED``
+    (G's gradients exist, before G's step) and ``MODEL_COMPLETED`` (after the D step; ``postprocessing``
+    runs here). So MONAI handlers and ``postprocessing`` attach as to any MONAI trainer.
+
+    Ignore pixels (``ignore_index``, e.g. Cityscapes' void): D must not tell real from fake by them, so
+    G's output there is overwritten with the one-hot the real label shows (as the authors' code does),
+    in D's input for L_adv and for the D step alike; L_cal and CE skip them.
+
+    Returns (``engine.state.output``, keys of :class:`~car_med.engines.CARKeys`):
+        ``image``, ``label`` (the batch's), ``calibration`` (F's probabilities), ``samples`` (G's softmax
+        ``(B, M, C, *spatial)``, detached), ``pred`` (their mean Gbar), ``loss`` and ``loss_g`` (G's total),
+        ``loss_adv``, ``loss_cal`` or ``loss_ce``, ``loss_f`` (joint F only), ``loss_d`` and ``loss_r1``
+        (when D stepped), ``d_accuracy`` (when D was measured) and ``d_stepped`` (0 or 1). Losses are
+        0-dim tensors, detached after their backward pass.
+
     Args:
         device: torch device.
         max_epochs: epochs to run.
@@ -43,7 +63,8 @@ class CARTrainer(Trainer):
         g_optimizer: optimiser over G's parameters.
         d_optimizer: optimiser over D's parameters.
         noise_dim: size of each sample's noise vector.
-        num_samples: M, samples per image in the G step.
+        num_samples: M, samples per image in the G step. The default 5 is the authors' code's; the
+            paper uses 20 for LIDC and 7 for Cityscapes (the bundles set those).
         lambda_cal: weight of the regulariser (L_cal, or CE for the baseline).
         adversarial_weight: weight of L_adv (1 in the paper, 10 in the authors' code).
         regulariser: ``"calibration"`` (CAR) or ``"cross_entropy"`` (the cGAN+L_ce baseline).
@@ -59,11 +80,16 @@ class CARTrainer(Trainer):
             ``"all"`` uses all M. While the schedule's accuracy gate holds D back, D's accuracy is still
             measured on every batch of the window (without a step), so the gate reopens once G catches up.
         calibration_clamp: clamp of both distributions inside L_cal.
+        ce_log_floor: floor on G's probabilities before the log in the cGAN+L_ce baseline's CE.
+        noise_std: standard deviation of G's noise eps (1, a standard normal, in the paper); the
+            sampler must use the same value.
         calibration_optimizer: if given, F is trained jointly on CE (its output still detached
             for G), the authors' code's option.
         calibration_loss_function: F's loss for joint training (e.g. ``PixelwiseCrossEntropyLoss``).
         epoch_length, non_blocking, iteration_update, postprocessing, key_train_metric,
             additional_metrics, metric_cmp_fn, train_handlers: as MONAI's ``Trainer``.
+        decollate: decollate batch and output after ``MODEL_COMPLETED`` (MONAI's option; off by default,
+            as the losses are per batch).
         image_key, label_key: batch dict keys.
     """
 
@@ -90,6 +116,8 @@ class CARTrainer(Trainer):
         d_schedule: DiscriminatorSchedule | None = None,
         d_fake_samples: str = "first",
         calibration_clamp: float = 1e-3,
+        ce_log_floor: float = 1e-7,
+        noise_std: float = 1.0,
         calibration_optimizer: torch.optim.Optimizer | None = None,
         calibration_loss_function: Callable | None = None,
         epoch_length: int | None = None,
@@ -100,6 +128,7 @@ class CARTrainer(Trainer):
         additional_metrics: dict | None = None,
         metric_cmp_fn: Callable | None = None,
         train_handlers: Sequence | None = None,
+        decollate: bool = False,
         image_key: str = "image",
         label_key: str = "label",
     ) -> None:
@@ -113,6 +142,10 @@ class CARTrainer(Trainer):
             raise ValueError(f"categorical CAR needs num_classes >= 2, got {num_classes}.")
         if d_fake_samples not in ("first", "all"):
             raise ValueError(f"d_fake_samples must be 'first' or 'all', got {d_fake_samples!r}.")
+        if not 0.0 < ce_log_floor < 1.0:
+            raise ValueError(f"ce_log_floor must be in (0, 1), got {ce_log_floor}.")
+        if noise_std <= 0.0:
+            raise ValueError(f"noise_std must be > 0, got {noise_std}.")
         if (calibration_optimizer is None) != (calibration_loss_function is None):
             raise ValueError("joint F training needs both calibration_optimizer and calibration_loss_function.")
         extra = {} if metric_cmp_fn is None else {"metric_cmp_fn": metric_cmp_fn}
@@ -127,7 +160,7 @@ class CARTrainer(Trainer):
             key_metric=key_train_metric,
             additional_metrics=additional_metrics,
             handlers=train_handlers,
-            decollate=False,
+            decollate=decollate,
             **extra,
         )
         self.calibration_network = calibration_network
@@ -135,7 +168,9 @@ class CARTrainer(Trainer):
         self.discriminator = discriminator
         self.g_optimizer = g_optimizer
         self.d_optimizer = d_optimizer
-        # MONAI's MLflow/stats handlers look for `engine.optimizer` to log the learning rate.
+        # MONAI's handlers look for `engine.network` / `engine.optimizer` (e.g. to log the learning rate):
+        # G is the network this engine trains.
+        self.network = refinement_network
         self.optimizer = g_optimizer
         self.noise_dim = noise_dim
         self.num_samples = num_samples
@@ -150,6 +185,8 @@ class CARTrainer(Trainer):
         self.d_schedule = d_schedule or DiscriminatorSchedule()
         self.d_fake_samples = d_fake_samples
         self.calibration_clamp = calibration_clamp
+        self.ce_log_floor = ce_log_floor
+        self.noise_std = noise_std
         self.calibration_optimizer = calibration_optimizer
         self.calibration_loss_function = calibration_loss_function
         self.image_key = image_key
@@ -162,11 +199,17 @@ class CARTrainer(Trainer):
         if self.output_type == "continuous":
             if label.shape[0] != image.shape[0]:
                 raise ValueError(
-                    f"batch['{self.label_key}'] has {label.shape[0]} rows but batch['{self.image_key}'] has {image.shape[0]}."
+                    f"batch['{self.label_key}'] has {label.shape[0]} rows but batch['{self.image_key}'] "
+                    f"has {image.shape[0]}."
                 )
             return label.float()
         return class_index_map(
-            label, image.shape[0], image.shape[2:], self.num_classes, self.ignore_index, name=f"batch['{self.label_key}']"
+            label,
+            image.shape[0],
+            image.shape[2:],
+            self.num_classes,
+            self.ignore_index,
+            name=f"batch['{self.label_key}']",
         )
 
     def _real_label_map(self, label: torch.Tensor) -> torch.Tensor:
@@ -183,6 +226,13 @@ class CARTrainer(Trainer):
             return None
         return label != self.ignore_index
 
+    @staticmethod
+    def _hide_ignored(fake: torch.Tensor, real: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """G's output with the real one-hot at ignore pixels, so D cannot use them to tell the two apart."""
+        if valid is None:
+            return fake
+        return torch.where(valid.unsqueeze(1), fake, real.to(fake.dtype))
+
     def _regulariser_loss(self, fake: torch.Tensor, calibration: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         batch = calibration.shape[0]
         samples = fake.reshape(batch, self.num_samples, *fake.shape[1:])
@@ -196,77 +246,119 @@ class CARTrainer(Trainer):
         label_folded = label.repeat_interleave(self.num_samples, dim=0)
         if self.output_type == "continuous":
             return 0.5 * F.mse_loss(fake, label_folded)
-        log_probs = fake.clamp_min(1e-7).log()
+        log_probs = fake.clamp_min(self.ce_log_floor).log()
         ignore = -100 if self.ignore_index is None else self.ignore_index
         return F.nll_loss(log_probs, label_folded, ignore_index=ignore)
 
     # --------------------------------------------------------------------------------------- iteration
-    def _iteration(self, engine: CARTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _iteration(self, engine: CARTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         if batchdata is None:
             raise ValueError("CARTrainer got no batch data for this iteration.")
         if not isinstance(batchdata, dict) or self.image_key not in batchdata or self.label_key not in batchdata:
             keys = list(batchdata) if isinstance(batchdata, dict) else type(batchdata).__name__
-            raise ValueError(f"CARTrainer expects batch dicts with '{self.image_key}' and '{self.label_key}', got {keys}.")
+            raise ValueError(
+                f"CARTrainer expects batch dicts with '{self.image_key}' and '{self.label_key}', got {keys}."
+            )
         image = batchdata[self.image_key].to(engine.state.device, non_blocking=engine.non_blocking)
-        label = batchdata[self.label_key].to(engine.state.device, non_blocking=engine.non_blocking)
-        raw_label = label
-        label = self._checked_label(label, image)
-        iteration = engine.state.iteration
+        raw_label = batchdata[self.label_key].to(engine.state.device, non_blocking=engine.non_blocking)
+        label = self._checked_label(raw_label, image)
         # a NaN batch corrupts BatchNorm statistics in the forward pass, before any loss exists
         snapshot = BufferSnapshot(self.calibration_network, self.refinement_network, self.discriminator)
         try:
-            return self._train_step(engine, image, label, raw_label, iteration)
+            return self._train_step(engine, image, label, raw_label)
         except NonFiniteLossError:
             snapshot.restore()
             raise
 
-    def _train_step(
-        self, engine: CARTrainer, image: torch.Tensor, label: torch.Tensor, raw_label: torch.Tensor, iteration: int
-    ) -> dict[str, float]:
-        out: dict[str, float] = {}
-
-        # F: frozen target, or jointly trained with its own loss while G only ever sees a detached copy.
-        if self.calibration_optimizer is not None:
-            self.calibration_network.train()
-            f_raw = self.calibration_network(image)
-            loss_f = self.calibration_loss_function(f_raw, raw_label)
-            raise_if_non_finite({"loss_f": loss_f}, iteration, "CAR stage 2 (joint F)")
-            self.calibration_optimizer.zero_grad(set_to_none=True)
-            loss_f.backward()
-            self.calibration_optimizer.step()
-            out["loss_f"] = float(loss_f.detach())
-            calibration = calibration_output(f_raw.detach(), self.output_type)
-        else:
+    def _calibration_target(self, engine: CARTrainer, image: torch.Tensor, raw_label: torch.Tensor) -> torch.Tensor:
+        """F's output as G's target: frozen in eval mode, or trained jointly while G sees a detached copy."""
+        if self.calibration_optimizer is None:
             self.calibration_network.eval()
             with torch.no_grad():
-                calibration = calibration_output(self.calibration_network(image), self.output_type)
+                return calibration_output(self.calibration_network(image), self.output_type)
+        self.calibration_network.train()
+        f_raw = self.calibration_network(image)
+        loss_f = self.calibration_loss_function(f_raw, raw_label)
+        raise_if_non_finite({CARKeys.LOSS_F: loss_f}, engine.state.iteration, "CAR stage 2 (joint F)")
+        self.calibration_optimizer.zero_grad(set_to_none=True)
+        loss_f.backward()
+        self.calibration_optimizer.step()
+        engine.state.output[CARKeys.LOSS_F] = loss_f.detach()
+        return calibration_output(f_raw.detach(), self.output_type)
+
+    def _train_step(
+        self, engine: CARTrainer, image: torch.Tensor, label: torch.Tensor, raw_label: torch.Tensor
+    ) -> dict[str, Any]:
+        iteration = engine.state.iteration
+        # the output keeps the batch's MetaTensors (affine, file names) for handlers; the losses need plain
+        # tensors, as slicing the folded rows of a batched MetaTensor would try to slice its metadata too
+        out: dict[str, Any] = {CARKeys.IMAGE: image, CARKeys.LABEL: raw_label}
+        engine.state.output = out
+        image, label, raw_label = (x.as_tensor() if isinstance(x, MetaTensor) else x for x in (image, label, raw_label))
+        calibration = self._calibration_target(engine, image, raw_label)
+        out[CARKeys.CALIBRATION] = calibration
 
         # G step: all M samples of every image in one folded batch.
         self.refinement_network.train()
         self.discriminator.train()
-        image_folded, calibration_folded = fold_for_sampling(image, calibration, self.num_samples)
-        noise = torch.randn(image_folded.shape[0], self.noise_dim, device=image.device)
+        m = self.num_samples
+        image_folded, calibration_folded = fold_for_sampling(image, calibration, m)
+        noise = self.noise_std * torch.randn(image_folded.shape[0], self.noise_dim, device=image.device)
         fake = self.refinement_network(image_folded, calibration_folded, noise)
+        real = self._real_label_map(label)
+        valid = self._valid_mask(label)
+        valid_folded = None if valid is None else valid.repeat_interleave(m, dim=0)
+        fake_shown = self._hide_ignored(fake, real.repeat_interleave(m, dim=0), valid_folded)
         self.discriminator.requires_grad_(False)
-        loss_adv = generator_adversarial_loss(self.discriminator(image_folded, fake))
-        self.discriminator.requires_grad_(True)
+        try:
+            fake_logits_g = self.discriminator(image_folded, fake_shown)
+        finally:
+            self.discriminator.requires_grad_(True)
+        samples = fake.detach().reshape(image.shape[0], m, *fake.shape[1:])
+        out[CARKeys.SAMPLES] = samples
+        out[CARKeys.PRED] = samples.mean(dim=1)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+
+        loss_adv = generator_adversarial_loss(fake_logits_g)
         loss_reg = self._regulariser_loss(fake, calibration, label)
         loss_g = self.adversarial_weight * loss_adv + self.lambda_cal * loss_reg
-        reg_name = "loss_cal" if self.regulariser == "calibration" else "loss_ce"
-        raise_if_non_finite({"loss_g": loss_g, "loss_adv": loss_adv, reg_name: loss_reg}, iteration, "CAR stage 2 (G)")
+        reg_key = CARKeys.LOSS_CAL if self.regulariser == "calibration" else CARKeys.LOSS_CE
+        out.update({CARKeys.LOSS: loss_g, CARKeys.LOSS_G: loss_g, CARKeys.LOSS_ADV: loss_adv, reg_key: loss_reg})
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        raise_if_non_finite(
+            {CARKeys.LOSS_G: loss_g, CARKeys.LOSS_ADV: loss_adv, reg_key: loss_reg}, iteration, "CAR stage 2 (G)"
+        )
         self.g_optimizer.zero_grad(set_to_none=True)
         loss_g.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         self.g_optimizer.step()
-        out.update(loss_g=float(loss_g.detach()), loss_adv=float(loss_adv.detach()), **{reg_name: float(loss_reg.detach())})
+        for key in (CARKeys.LOSS, CARKeys.LOSS_G, CARKeys.LOSS_ADV, reg_key):
+            out[key] = out[key].detach()
 
-        # D step, on the schedule.
+        self._discriminator_step(out, image, image_folded, fake_shown.detach(), real, iteration)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    def _discriminator_step(
+        self,
+        out: dict[str, Any],
+        image: torch.Tensor,
+        image_folded: torch.Tensor,
+        fake_shown: torch.Tensor,
+        real: torch.Tensor,
+        iteration: int,
+    ) -> None:
+        """D's BCE + R1 step on the schedule; while the accuracy gate holds D back, D is still measured."""
         stepped = self.d_schedule.should_step(iteration, self._last_d_accuracy)
-        out["d_stepped"] = float(stepped)
+        in_window = self.d_schedule.in_window(iteration)
+        out[CARKeys.D_STEPPED] = float(stepped)
+        if not (stepped or in_window):
+            return
         if self.d_fake_samples == "first":
-            fake_d, fake_image = fake.detach()[:: self.num_samples], image
+            # sample 0 of every image: folded rows 0, M, 2M, ...
+            fake_d, fake_image = fake_shown[:: self.num_samples], image
         else:
-            fake_d, fake_image = fake.detach(), image_folded
-        real = self._real_label_map(label)
+            fake_d, fake_image = fake_shown, image_folded
         if stepped:
             real_image = image.detach().clone()
             if self.r1_gamma > 0:
@@ -280,20 +372,17 @@ class CARTrainer(Trainer):
                 if self.r1_gamma > 0
                 else torch.zeros((), device=image.device)
             )
-            raise_if_non_finite({"loss_d": loss_d, "loss_r1": loss_r1}, iteration, "CAR stage 2 (D)")
+            raise_if_non_finite({CARKeys.LOSS_D: loss_d, CARKeys.LOSS_R1: loss_r1}, iteration, "CAR stage 2 (D)")
             self.d_optimizer.zero_grad(set_to_none=True)
             (loss_d + loss_r1).backward()
             self.d_optimizer.step()
-            out.update(loss_d=float(loss_d.detach()), loss_r1=float(loss_r1.detach()))
-        elif self.d_schedule.in_window(iteration):
+            out.update({CARKeys.LOSS_D: loss_d.detach(), CARKeys.LOSS_R1: loss_r1.detach()})
+        else:
             # held back by the accuracy gate: still measure D, or the gate could never reopen
             with torch.no_grad():
                 real_logits = self.discriminator(image, real)
                 fake_logits = self.discriminator(fake_image, fake_d)
-        if stepped or self.d_schedule.in_window(iteration):
-            with torch.no_grad():
-                accuracy = 0.5 * ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
-            self._last_d_accuracy = float(accuracy)
-            out["d_accuracy"] = self._last_d_accuracy
-        engine.state.output = out
-        return out
+        with torch.no_grad():
+            accuracy = 0.5 * ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
+        self._last_d_accuracy = float(accuracy)
+        out[CARKeys.D_ACCURACY] = self._last_d_accuracy

@@ -7,9 +7,10 @@ import re
 from pathlib import Path
 
 import torch
+from monai.handlers import CheckpointLoader
 from torch import nn
 
-__all__ = ["latest_checkpoint", "load_network_checkpoint"]
+__all__ = ["CheckedCheckpointLoader", "check_state_dict", "latest_checkpoint", "load_network_checkpoint"]
 
 
 def _checkpoint_order(path: Path) -> tuple[int, int]:
@@ -28,6 +29,65 @@ def latest_checkpoint(directory: str | os.PathLike, prefix: str = "") -> str | N
     if not candidates:
         return None
     return str(max(candidates, key=_checkpoint_order))
+
+
+def check_state_dict(network: nn.Module, state: dict, source: str) -> None:
+    """Raise a ``ValueError`` saying how ``state`` differs from ``network``'s own weights, if it does.
+
+    PyTorch's own error on a mismatch is a long list of ``size mismatch`` lines; this names the count of
+    missing, unexpected and mis-shaped weights, one example of each, and the likely cause.
+
+    Args:
+        network: the module the weights are meant for.
+        state: a state dict.
+        source: where the weights come from, for the message (e.g. ``"ckpt.pt#refinement_network"``).
+    """
+    name = type(network).__name__
+    own = network.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not hold a {name}: {len(missing)} expected weights are missing "
+            f"(e.g. {missing[:3]}) and {len(unexpected)} are unexpected (e.g. {unexpected[:3]}). "
+            f"Was it saved from a different network or configuration?"
+        )
+    wrong = [
+        (k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if wrong:
+        k, got, want = wrong[0]
+        raise ValueError(
+            f"{source}: {len(wrong)} weights of {name} have the wrong shape, e.g. '{k}' is {got} but the network "
+            f"expects {want}. The network configuration (channels, classes, noise_dim) differs from training."
+        )
+
+
+class CheckedCheckpointLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` that first checks every network's weights with :func:`check_state_dict`.
+
+    Resuming a bundle whose architecture was changed (other channels, classes or noise size) then stops
+    with one clear message naming the checkpoint entry and the first differing weight, instead of
+    PyTorch's ``size mismatch`` trace. Arguments are MONAI's.
+    """
+
+    def __call__(self, engine) -> None:
+        checkpoint = torch.load(self.load_path, map_location=self.map_location, weights_only=True)
+        for key, obj in self.load_dict.items():
+            if not isinstance(obj, nn.Module):
+                continue
+            if len(self.load_dict) == 1 and key not in checkpoint:
+                state = checkpoint  # MONAI also accepts a bare state dict for a single object
+            elif key not in checkpoint:
+                raise ValueError(
+                    f"{self.load_path}: no entry '{key}' to resume from; entries are {sorted(checkpoint)}. "
+                    "Was it written by another bundle or stage?"
+                )
+            else:
+                state = checkpoint[key]
+            network = obj.module if isinstance(obj, nn.parallel.DistributedDataParallel | nn.DataParallel) else obj
+            check_state_dict(network, state, f"{self.load_path}#{key}")
+        super().__call__(engine)
 
 
 def load_network_checkpoint(
@@ -62,22 +122,6 @@ def load_network_checkpoint(
         nested = {k: v for k, v in checkpoint.items() if isinstance(v, dict) and expected_keys & set(v)}
         if len(nested) == 1:
             state = next(iter(nested.values()))
-    name = type(network).__name__
-    missing = sorted(expected_keys - set(state))
-    unexpected = sorted(set(state) - expected_keys)
-    if missing or unexpected:
-        raise ValueError(
-            f"{file}{'#' + key if key else ''} does not hold a {name}: {len(missing)} expected weights are missing "
-            f"(e.g. {missing[:3]}) and {len(unexpected)} are unexpected (e.g. {unexpected[:3]}). "
-            f"Was it saved from a different network or configuration?"
-        )
-    own = network.state_dict()
-    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if wrong:
-        k, got, want = wrong[0]
-        raise ValueError(
-            f"{file}: {len(wrong)} weights of {name} have the wrong shape, e.g. '{k}' is {got} but the network "
-            f"expects {want}. The network configuration (channels, classes, noise_dim) differs from training."
-        )
+    check_state_dict(network, state, f"{file}{'#' + key if key else ''}")
     network.load_state_dict(state)
     return network

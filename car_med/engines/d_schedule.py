@@ -22,7 +22,9 @@ class DiscriminatorSchedule:
 
     def __init__(self, period: int = 1, active: int = 1, max_accuracy: float | None = None) -> None:
         if period < 1 or not 1 <= active <= period:
-            raise ValueError(f"DiscriminatorSchedule needs period >= 1 and 1 <= active <= period, got {period}, {active}.")
+            raise ValueError(
+                f"DiscriminatorSchedule needs period >= 1 and 1 <= active <= period, got {period}, {active}."
+            )
         if max_accuracy is not None and not 0.0 < max_accuracy <= 1.0:
             raise ValueError(f"max_accuracy must be in (0, 1] or None, got {max_accuracy}.")
         self.period = period

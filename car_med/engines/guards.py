@@ -49,15 +49,20 @@ class BufferSnapshot:
 
 
 class NonFiniteLossGuard:
-    """Ignite handler for MONAI's ``SupervisedTrainer``: checks the loss at ``LOSS_COMPLETED``.
+    """Ignite handler for MONAI's ``SupervisedTrainer`` and :class:`~car_med.engines.CARTrainer`.
 
-    MONAI fires ``IterationEvents.LOSS_COMPLETED`` after the loss and before ``backward``, so raising
-    here prevents the bad update (ignite's ``TerminateOnNan`` only looks after the step).
+    Both fire ``IterationEvents.LOSS_COMPLETED`` after the loss and before ``backward``, so raising
+    here prevents the bad update (ignite's ``TerminateOnNan`` only looks after the step). The buffers
+    (BatchNorm statistics) of every network the engine holds are restored to their state at the start
+    of the iteration.
 
     Args:
-        output_keys: keys of ``engine.state.output`` to check.
+        output_keys: keys of ``engine.state.output`` to check; ``"loss"`` is the total loss of either
+            trainer (G's for ``CARTrainer``); e.g. ``("loss_g", "loss_adv", "loss_cal")`` names the terms.
         name: label for the error message, e.g. "stage 1 (F)".
     """
+
+    network_attributes = ("network", "calibration_network", "refinement_network", "discriminator")
 
     def __init__(self, output_keys: Sequence[str] = ("loss",), name: str = "training") -> None:
         self.output_keys = tuple(output_keys)
@@ -72,8 +77,10 @@ class NonFiniteLossGuard:
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
 
     def _take_snapshot(self, engine: Engine) -> None:
-        network = getattr(engine, "network", None)
-        self._snapshot = BufferSnapshot(network) if network is not None else None
+        modules = {
+            id(m): m for a in self.network_attributes if isinstance(m := getattr(engine, a, None), torch.nn.Module)
+        }
+        self._snapshot = BufferSnapshot(*modules.values()) if modules else None
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output

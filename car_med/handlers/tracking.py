@@ -13,13 +13,19 @@ from typing import Any
 
 import torch
 
+from car_med.engines.keys import CARKeys
+
 __all__ = ["LossesForTracking", "every_n_iterations", "sqlite_tracking_uri"]
 
-_TRACKED_EXTRA = ("d_accuracy", "d_stepped")
+_TRACKED_EXTRA = (CARKeys.D_ACCURACY, CARKeys.D_STEPPED)
 
 
 class LossesForTracking:
     """Pick the scalar losses out of an engine output and give them stable metric names.
+
+    Every scalar whose key starts with ``loss`` is kept, plus ``d_accuracy`` and ``d_stepped``. CAR's
+    ``loss`` repeats ``loss_g`` (MONAI's key for the total loss), so it is left out when ``loss_g`` is
+    there, unless ``rename`` names it.
 
     Args:
         rename: map from output key to MLflow metric name, e.g. ``{"loss": "loss_f"}`` for stage 1.
@@ -37,6 +43,8 @@ class LossesForTracking:
         tracked: dict[str, float] = {}
         for key, value in output.items():
             if not (str(key).startswith("loss") or key in _TRACKED_EXTRA):
+                continue
+            if key == CARKeys.LOSS and key not in self.rename and CARKeys.LOSS_G in output:
                 continue
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
