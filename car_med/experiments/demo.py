@@ -1,8 +1,8 @@
 """The README's first command: train and sample the toy bundle end to end on built-in data.
 
-Runs ``bundles/toy/train.json`` (F, then G and D) and ``bundles/toy/inference.json`` through
-``monai.bundle.run`` in this process, then draws the Fig. 3b-style figure and prints the numbers
-and where the MLflow run lives.
+Runs ``bundles/toy/train.json`` (F, then G and D) and then ``train.json`` with the ``inference.json``
+overlay through ``monai.bundle.run`` in this process, with the same overrides for both, then draws the
+Fig. 3b-style figure and prints the numbers and where the MLflow run lives.
 
 Usage:
     python -m car_med.experiments.demo --output-dir demo_output [bundle overrides, e.g. --gan_epochs 2]
@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
     output_dir = args.output_dir.resolve()
     warnings.filterwarnings("ignore", message="parsing config_file")
-    run("training", config_file=str(args.bundle_dir / "train.json"), output_dir=str(output_dir), **overrides)
-    # inference rebuilds the networks, so it needs the same architecture overrides as training
-    shared = ("pi", "seed", "num_samples", "num_points", "noise_dim", "hidden", "num_hidden_layers")
-    infer_keys = {k: v for k, v in overrides.items() if k in shared}
-    run("inference", config_file=str(args.bundle_dir / "inference.json"), output_dir=str(output_dir), **infer_keys)
+    train_config = str(args.bundle_dir / "train.json")
+    run("training", config_file=train_config, output_dir=str(output_dir), **overrides)
+    # the overlay reuses train.json's networks and keys, so the same overrides describe the same model
+    inference_config = [train_config, str(args.bundle_dir / "inference.json")]
+    run("inference", config_file=inference_config, output_dir=str(output_dir), **overrides)
 
     summary = toy_sample_summary(output_dir / "samples.npz")
     import json

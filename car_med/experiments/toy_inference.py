@@ -77,8 +77,11 @@ class ToyInference:
         load_network_checkpoint(self.refinement_network, path, key="refinement_network")
         load_network_checkpoint(self.discriminator, path, key="discriminator")
         sampler = CARSampler(
-            self.calibration_network, self.refinement_network, num_samples=self.num_samples,
-            output_type="continuous", max_batch=20000,
+            self.calibration_network,
+            self.refinement_network,
+            num_samples=self.num_samples,
+            output_type="continuous",
+            max_batch=20000,
         )
         x = torch.linspace(0.0, 1.0, self.num_points).unsqueeze(1)
         result = sampler(x, generator=torch.Generator().manual_seed(self.seed))

@@ -26,8 +26,15 @@ from car_med.visualize.toy import plot_likelihood_curves, plot_toy_samples, toy_
 
 BUNDLE_DIR = Path(__file__).resolve().parents[2] / "bundles" / "toy"
 RESULT_FIELDS = (
-    "pi", "sigma", "lambda_cal", "seed", "frac_below_zero_bimodal", "calibration_error", "target_error",
-    "sample_std_bimodal", "final_log_likelihood",
+    "pi",
+    "sigma",
+    "lambda_cal",
+    "seed",
+    "frac_below_zero_bimodal",
+    "calibration_error",
+    "target_error",
+    "sample_std_bimodal",
+    "final_log_likelihood",
 )
 
 
@@ -41,10 +48,22 @@ def _run_one(run_dir: Path, bundle_dir: Path, pi: float, sigma: float, lambda_ca
     run_dir.mkdir(parents=True, exist_ok=True)
     common = ["--output_dir", str(run_dir), "--pi", str(pi), "--seed", str(seed)]
     train = [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(bundle_dir / "train.json"),
-        "--sigma", str(sigma), "--lambda_cal", str(lambda_cal), *common, *extra,
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(bundle_dir / "train.json"),
+        "--sigma",
+        str(sigma),
+        "--lambda_cal",
+        str(lambda_cal),
+        *common,
+        *extra,
     ]
-    infer = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(bundle_dir / "inference.json"), *common]
+    overlay = str([str(bundle_dir / "train.json"), str(bundle_dir / "inference.json")])
+    infer = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", overlay, *common, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     with open(run_dir / "run.log", "a") as log:
         for command in (train, infer):
@@ -65,7 +84,8 @@ def markdown_summary(rows: list[dict]) -> str:
     for row in rows:
         groups.setdefault((row["pi"], row["sigma"], row["lambda_cal"]), []).append(row)
     lines = [
-        "| pi | sigma | lambda | seeds | P(sample < 0), x < 0.4 | mean abs(mean - F(x)) | sample std, x < 0.4 | final log-lik |",
+        "| pi | sigma | lambda | seeds | P(sample < 0), x < 0.4 | mean abs(mean - F(x)) | sample std, x < 0.4 "
+        "| final log-lik |",
         "|---|---|---|---|---|---|---|---|",
     ]
 
@@ -73,15 +93,19 @@ def markdown_summary(rows: list[dict]) -> str:
         return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
     for (pi, sigma, lam), group in sorted(groups.items()):
+        below = cell([r["frac_below_zero_bimodal"] for r in group], 3)
+        error = cell([r["calibration_error"] for r in group], 3)
+        spread = cell([r["sample_std_bimodal"] for r in group], 3)
         lines.append(
-            f"| {pi:g} | {sigma:g} | {lam:g} | {len(group)} | {cell([r['frac_below_zero_bimodal'] for r in group], 3)} | "
-            f"{cell([r['calibration_error'] for r in group], 3)} | {cell([r['sample_std_bimodal'] for r in group], 3)} | "
+            f"| {pi:g} | {sigma:g} | {lam:g} | {len(group)} | {below} | {error} | {spread} | "
             f"{cell([r['final_log_likelihood'] for r in group], 2)} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def summarise(output_dir: Path, grid: list[tuple[float, float, float, int]], focus: tuple[float, float, int]) -> list[dict]:
+def summarise(
+    output_dir: Path, grid: list[tuple[float, float, float, int]], focus: tuple[float, float, int]
+) -> list[dict]:
     """Write results.csv and fig3a/b/c.png from the finished runs; returns the result rows."""
     rows, curves, iterations = [], {}, None
     for pi, sigma, lam, seed in grid:
@@ -122,8 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")
     parser.add_argument("--bundle-dir", type=Path, default=BUNDLE_DIR)
-    parser.add_argument("--focus", type=float, nargs=3, default=[0.9, 0.03, 0], metavar=("PI", "SIGMA", "SEED"),
-                        help="configuration drawn in fig3b (lambda=1) and fig3c (lambda=0)")
+    parser.add_argument(
+        "--focus",
+        type=float,
+        nargs=3,
+        default=[0.9, 0.03, 0],
+        metavar=("PI", "SIGMA", "SEED"),
+        help="configuration drawn in fig3b (lambda=1) and fig3c (lambda=0)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra bundle overrides passed to training, e.g. --gan_epochs 4")
     args, unknown = parser.parse_known_args(argv)
     extra = list(args.overrides) + unknown
@@ -137,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
         futures = [
-            pool.submit(_run_one, args.output_dir / "runs" / run_name(*cfg), args.bundle_dir, *cfg, extra) for cfg in grid
+            pool.submit(_run_one, args.output_dir / "runs" / run_name(*cfg), args.bundle_dir, *cfg, extra)
+            for cfg in grid
         ]
         for future in tqdm(as_completed(futures), total=len(futures), desc="toy sweep", unit="run"):
             run_dir, status = future.result()
