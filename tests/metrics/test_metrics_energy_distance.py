@@ -50,7 +50,12 @@ def test_ged_matches_per_pair_reference(n, spatial, multiclass, weighted):
     # a small memory bound forces pixel chunks (16 pixels each) through the accumulation path
     max_elements = (n + 4) * 16 if n < 100 else 2**24
     terms = generalized_energy_distance(
-        samples, labels, classes=classes, ignore_index=ignore, label_weights=weights, return_terms=True,
+        samples,
+        labels,
+        classes=classes,
+        ignore_index=ignore,
+        label_weights=weights,
+        return_terms=True,
         max_elements=max_elements,
     )
     expected = reference(samples, labels, classes, ignore, weights)

@@ -20,7 +20,7 @@ def series_dir(root: Path, patient_id: str) -> Path:
     return dirs[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _z_index(folder: Path) -> tuple[tuple[float, Path], ...]:
     # Read once per folder, before a fixture breaks any of its files.
     return tuple(

@@ -22,9 +22,8 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from scipy.ndimage import map_coordinates
-
 from lidc_cohort import CLEAN_PATIENTS, NO_ANNOTATION_PATIENT, file_at_z, needed_zs, series_dir
+from scipy.ndimage import map_coordinates
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPLITS = ("training", "validation", "test")
@@ -249,7 +248,14 @@ def bad_run(tmp_path_factory, bad_cohort, lidc_home):
     from preprocessing.lidc import run
 
     out = tmp_path_factory.mktemp("lidc_out_bad")
-    patients = ["LIDC-IDRI-0611", "LIDC-IDRI-0719", "LIDC-IDRI-0937", "LIDC-IDRI-0957", "LIDC-IDRI-0983", "LIDC-IDRI-9999"]
+    patients = [
+        "LIDC-IDRI-0611",
+        "LIDC-IDRI-0719",
+        "LIDC-IDRI-0937",
+        "LIDC-IDRI-0957",
+        "LIDC-IDRI-0983",
+        "LIDC-IDRI-9999",
+    ]
     summary = run(bad_cohort["root"], out, workers=2, patients=patients, progress=False)
     return out, summary
 
@@ -271,16 +277,26 @@ def test_bad_input_is_logged_not_fatal(bad_run, bad_cohort, pylidc_module, clean
     # Truncated inside the header: the file is unusable, so its slice is missing.
     path, z = broken["truncated_header"]
     assert [s for s in summary["skipped"] if s.get("path") == path and s["level"] == "file"]
-    assert _skips(summary, level="slice", patient_id="LIDC-IDRI-0957", slice_z=z,
-                  reason="missing slice: no readable DICOM file at this z")
+    assert _skips(
+        summary,
+        level="slice",
+        patient_id="LIDC-IDRI-0957",
+        slice_z=z,
+        reason="missing slice: no readable DICOM file at this z",
+    )
     # Non-DICOM files in the series folder.
     for path in broken["non_dicom"]:
         assert _skips(summary, level="file", path=path, reason="not a DICOM file")
     # A series that is not in the DB.
     assert _skips(summary, level="scan", series_uid=broken["absent_series"], reason="series not in the annotation DB")
     # A deleted slice.
-    assert _skips(summary, level="slice", patient_id="LIDC-IDRI-0611", slice_z=broken["missing_slice"],
-                  reason="missing slice: no readable DICOM file at this z")
+    assert _skips(
+        summary,
+        level="slice",
+        patient_id="LIDC-IDRI-0611",
+        slice_z=broken["missing_slice"],
+        reason="missing slice: no readable DICOM file at this z",
+    )
     # A scan without annotations.
     assert _skips(summary, level="scan", series_uid=broken["no_annotations"], reason="no annotations in the DB")
     # A patient that is not under the root.
@@ -333,8 +349,16 @@ def test_slice_location_filter(tmp_path, clean_cohort, pylidc_module, lidc_home)
 def test_killed_run_resumes_to_identical_outputs(tmp_path, clean_cohort, clean_run, lidc_home):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HOME=str(lidc_home))
-    command = [sys.executable, "-m", "preprocessing.lidc", "--dicom-root", str(clean_cohort),
-               "--output-dir", str(out), "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "preprocessing.lidc",
+        "--dicom-root",
+        str(clean_cohort),
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    ]
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     try:

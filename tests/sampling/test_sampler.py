@@ -78,3 +78,46 @@ def test_sampler_rejects_wrong_image_rank_and_channels(tiny_nets):
         sampler(torch.randn(32, 32))
     with pytest.raises(ValueError, match="noise must have shape"):
         sampler(torch.randn(2, 1, 32, 32), noise=torch.randn(2, 3, g.noise_dim + 1))
+
+
+@pytest.mark.parametrize("max_batch", [4, 8, 64])
+def test_each_image_is_encoded_once_whatever_m_and_chunking(tiny_nets, max_batch):
+    f, g, _ = tiny_nets
+    rows = []
+    handle = g.down[0].register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].shape[0]))
+    try:
+        out = CARSampler(f, g, num_samples=5, max_batch=max_batch)(torch.randn(3, 1, 32, 32))
+    finally:
+        handle.remove()
+    assert sum(rows) == 3, f"the encoder saw {sum(rows)} rows for 3 images"
+    assert out.samples.shape == (3, 5, 32, 32)
+
+
+@pytest.mark.parametrize("bad, kind", [(float("nan"), "NaN"), (float("inf"), "Inf"), (float("-inf"), "Inf")])
+def test_non_finite_images_are_refused_naming_the_batch_index(tiny_nets, bad, kind):
+    f, g, _ = tiny_nets
+    image = torch.randn(4, 1, 32, 32)
+    image[2, 0, 5, 7] = bad
+    with pytest.raises(ValueError, match=rf"batch index 2 \({kind}\)"):
+        CARSampler(f, g, num_samples=2)(image)
+
+
+def test_noise_is_drawn_on_the_generator_device_then_moved(tiny_nets):
+    f, g, _ = tiny_nets
+    sampler = CARSampler(f, g, num_samples=3, noise_std=0.5)
+    # the meta device stands in for an accelerator: a CPU generator's draw must still be possible
+    noise = sampler.draw_noise(2, 3, torch.device("meta"), torch.Generator().manual_seed(4))
+    assert noise.device.type == "meta" and noise.shape == (2, 3, g.noise_dim)
+    cpu = sampler.draw_noise(2, 3, torch.device("cpu"), torch.Generator().manual_seed(4))
+    torch.testing.assert_close(cpu, 0.5 * torch.randn(2, 3, g.noise_dim, generator=torch.Generator().manual_seed(4)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+def test_cpu_generator_gives_the_same_samples_on_cuda(tiny_nets):
+    f, g, _ = tiny_nets
+    image = torch.randn(2, 1, 32, 32)
+    on_cpu = CARSampler(f, g, num_samples=3)(image, generator=torch.Generator().manual_seed(0))
+    f, g = f.cuda(), g.cuda()
+    on_gpu = CARSampler(f, g, num_samples=3)(image.cuda(), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(on_gpu.noise.cpu(), on_cpu.noise)
+    torch.testing.assert_close(on_gpu.mean.cpu(), on_cpu.mean, atol=1e-4, rtol=1e-4)
