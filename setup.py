@@ -11,7 +11,9 @@ HERE = Path(__file__).parent
 
 def read_requirements() -> list[str]:
     lines = (HERE / "requirements.txt").read_text().splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#") and not line.startswith("pytest")]
+    return [
+        line.strip() for line in lines if line.strip() and not line.startswith("#") and not line.startswith("pytest")
+    ]
 
 
 setup(
@@ -24,5 +26,5 @@ setup(
     packages=find_packages(include=["car_med", "car_med.*", "preprocessing", "preprocessing.*"]),
     include_package_data=True,
     install_requires=read_requirements(),
-    extras_require={"test": ["pytest>=8.0"]},
+    extras_require={"test": ["pytest>=8.0", "ruff==0.17.6"]},
 )

@@ -26,6 +26,7 @@ missing, ``resource.getrusage`` (process-lifetime peak) is reported instead. Dat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import re
 import resource
@@ -56,10 +57,8 @@ class PeakMemory:
         self.exact = Path("/proc/self/clear_refs").exists() and Path("/proc/self/status").exists()
         # glibc keeps freed blocks below its (adaptive) mmap threshold for reuse, which would hide a call's
         # allocations from RSS; a fixed 64 KiB threshold maps and unmaps every large tensor
-        try:
+        with contextlib.suppress(OSError):
             ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-        except OSError:
-            pass
 
     @staticmethod
     def _status_kib(field: str) -> int:
@@ -128,7 +127,10 @@ def run_cityscapes(args, n: int, mem: PeakMemory):
         before = mem.peak_mib()
         t0 = time.perf_counter()
         generalized_energy_distance(
-            samples, modes, classes=CITYSCAPES_SWITCHABLE_CLASSES, ignore_index=CITYSCAPES_IGNORE_INDEX,
+            samples,
+            modes,
+            classes=CITYSCAPES_SWITCHABLE_CLASSES,
+            ignore_index=CITYSCAPES_IGNORE_INDEX,
             label_weights=weights,
         )
         seconds += time.perf_counter() - t0
@@ -242,8 +244,23 @@ def main() -> None:
         sh_s, sh_peak, sh_extra, ged_sh, hm_sh = run_vectorised(args, n, mem, shared=True)
         assert torch.equal(ged, ged_sh) and torch.equal(hm, hm_sh)
         naive_s, naive_per_img, naive_peak, naive_extra, err, count = run_naive(args, n, mem, ged, hm)
-        rows.append((n, sep_s, sh_s, max(sep_peak, sh_peak), max(sep_extra, sh_extra), naive_s, naive_per_img,
-                     naive_peak, naive_extra, err, count, float(ged.mean()), float(hm.mean())))
+        rows.append(
+            (
+                n,
+                sep_s,
+                sh_s,
+                max(sep_peak, sh_peak),
+                max(sep_extra, sh_extra),
+                naive_s,
+                naive_per_img,
+                naive_peak,
+                naive_extra,
+                err,
+                count,
+                float(ged.mean()),
+                float(hm.mean()),
+            )
+        )
 
     print(
         f"\nGED + HM-IoU (classes=(1,)), {args.n_images} images, {args.size}x{args.size}, R={args.raters}, "

@@ -31,6 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from preprocessing.synthetic_lidc import REFERENCE_COHORT  # noqa: E402
+
 DEFAULT_PATIENTS = REFERENCE_COHORT
 
 _OURS = textwrap.dedent(
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--dicom-root", help="existing DICOM root (TCIA layout); default: build a synthetic cohort")
     source.add_argument("--num-patients", type=int, help="synthetic cohort of this many small annotated patients")
-    source.add_argument("--patients", nargs="+", help=f"synthetic cohort of these DB patients (default {len(DEFAULT_PATIENTS)})")
+    source.add_argument(
+        "--patients", nargs="+", help=f"synthetic cohort of these DB patients (default {len(DEFAULT_PATIENTS)})"
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (default 1 2)")
     args = parser.parse_args(argv)
 
@@ -98,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp_path = Path(tmp)
         home = tmp_path / "home"
         home.mkdir()
-        env = dict(os.environ, HOME=str(home), PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(
+            os.environ, HOME=str(home), PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+        )
         if args.dicom_root:
             root = Path(args.dicom_root).resolve()
             patients = sorted(p.name for p in root.iterdir() if p.name.startswith("LIDC-IDRI-"))
@@ -106,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             from preprocessing.synthetic_lidc import build_cohort, select_small_patients
 
             os.environ["HOME"] = str(home)
-            patients = list(args.patients or (select_small_patients(args.num_patients) if args.num_patients else DEFAULT_PATIENTS))
+            patients = list(
+                args.patients or (select_small_patients(args.num_patients) if args.num_patients else DEFAULT_PATIENTS)
+            )
             root = tmp_path / "dicom"
             build_cohort(root, patients)
         (home / ".pylidcrc").write_text(f"[dicom]\npath = {root}\nwarn = True\n")

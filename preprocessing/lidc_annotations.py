@@ -182,7 +182,11 @@ def split_oversized_cluster(
     for annotation in ordered:
         ijk = _index_matrix(annotation.contours).astype(np.float64)
         centroids.append(
-            [ijk[:, 0].mean() * pixel_spacing, ijk[:, 1].mean() * pixel_spacing, slice_zvals[ijk[:, 2].astype(int)].mean()]
+            [
+                ijk[:, 0].mean() * pixel_spacing,
+                ijk[:, 1].mean() * pixel_spacing,
+                slice_zvals[ijk[:, 2].astype(int)].mean(),
+            ]
         )
     distances = cdist(np.asarray(centroids), np.asarray(centroids))
     tree = linkage(squareform(distances, checks=False), method="average")

@@ -97,9 +97,7 @@ class SliceGeometry:
     def pixel_to_lps(self, row: float, column: float) -> np.ndarray:
         """LPS millimetres of a (possibly fractional) pixel position."""
         return (
-            self.position
-            + column * self.column_spacing * self.row_cosine
-            + row * self.row_spacing * self.column_cosine
+            self.position + column * self.column_spacing * self.row_cosine + row * self.row_spacing * self.column_cosine
         )
 
 
@@ -176,9 +174,7 @@ def annotation_slice_mask(
     def _outline(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         local = points - offset
         if (local < 0).any() or (local >= np.asarray(shape)).any():
-            raise ValueError(
-                f"contour on slice {k} reaches outside the mask window origin={origin} shape={shape}."
-            )
+            raise ValueError(f"contour on slice {k} reaches outside the mask window origin={origin} shape={shape}.")
         return local[:, 0], local[:, 1]
 
     for contour in (c for c in on_slice if c.inclusion):
@@ -250,9 +246,7 @@ def crop_grid(
     columns = (start_column + steps) * spacing / geometry.column_spacing
 
     origin_lps = (
-        geometry.position
-        + start_column * spacing * geometry.row_cosine
-        + start_row * spacing * geometry.column_cosine
+        geometry.position + start_column * spacing * geometry.row_cosine + start_row * spacing * geometry.column_cosine
     )
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = geometry.row_cosine * spacing

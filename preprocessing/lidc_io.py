@@ -218,20 +218,35 @@ def read_series_headers(
             # pydicom returns a partial dataset for a header cut short, so a missing tag is how truncation
             # shows; it is also how scouts and SR objects look, hence reported only for series in use.
             entry.incomplete.append(
-                Skip("file", "DICOM header incomplete (truncated file or not an image)", patient_id, series_uid,
-                     relative, detail=f"missing {', '.join(missing)}")
+                Skip(
+                    "file",
+                    "DICOM header incomplete (truncated file or not an image)",
+                    patient_id,
+                    series_uid,
+                    relative,
+                    detail=f"missing {', '.join(missing)}",
+                )
             )
             continue
         try:
             position = _float_list(ds.ImagePositionPatient, 3, "ImagePositionPatient")
-            orientation = _float_list(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), 6, "ImageOrientationPatient")
+            orientation = _float_list(
+                ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), 6, "ImageOrientationPatient"
+            )
             spacing = _float_list(ds.PixelSpacing, 2, "PixelSpacing")
             rows, columns = int(ds.Rows), int(ds.Columns)
             instance = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else 2**31
             location = float(ds.SliceLocation) if ds.get("SliceLocation") not in (None, "") else None
         except Exception as err:
             skips.append(
-                Skip("file", "DICOM header with malformed geometry tags", patient_id, series_uid, relative, detail=_short(err))
+                Skip(
+                    "file",
+                    "DICOM header with malformed geometry tags",
+                    patient_id,
+                    series_uid,
+                    relative,
+                    detail=_short(err),
+                )
             )
             continue
         geometry = SliceGeometry(
@@ -263,15 +278,27 @@ def slice_by_z(
         if slice_location_filter:
             if item.slice_location is None:
                 skips.append(
-                    Skip("file", "SliceLocation filter: no SliceLocation", patient_id, series_uid,
-                         os.path.relpath(item.path, dicom_root), item.z)
+                    Skip(
+                        "file",
+                        "SliceLocation filter: no SliceLocation",
+                        patient_id,
+                        series_uid,
+                        os.path.relpath(item.path, dicom_root),
+                        item.z,
+                    )
                 )
                 continue
             if abs(abs(item.slice_location) - abs(item.z)) > Z_TOLERANCE_MM:
                 skips.append(
-                    Skip("file", "SliceLocation filter: |SliceLocation| != |ImagePositionPatient z|", patient_id,
-                         series_uid, os.path.relpath(item.path, dicom_root), item.z,
-                         detail=f"SliceLocation={item.slice_location}")
+                    Skip(
+                        "file",
+                        "SliceLocation filter: |SliceLocation| != |ImagePositionPatient z|",
+                        patient_id,
+                        series_uid,
+                        os.path.relpath(item.path, dicom_root),
+                        item.z,
+                        detail=f"SliceLocation={item.slice_location}",
+                    )
                 )
                 continue
         kept.append(item)
@@ -280,9 +307,15 @@ def slice_by_z(
     for item in kept:
         if unique and abs(unique[-1].z - item.z) <= Z_TOLERANCE_MM:
             skips.append(
-                Skip("file", "duplicate slice position; kept the lower InstanceNumber", patient_id, series_uid,
-                     os.path.relpath(item.path, dicom_root), item.z,
-                     detail=f"kept {os.path.relpath(unique[-1].path, dicom_root)}")
+                Skip(
+                    "file",
+                    "duplicate slice position; kept the lower InstanceNumber",
+                    patient_id,
+                    series_uid,
+                    os.path.relpath(item.path, dicom_root),
+                    item.z,
+                    detail=f"kept {os.path.relpath(unique[-1].path, dicom_root)}",
+                )
             )
             continue
         unique.append(item)

@@ -113,10 +113,14 @@ def agreement_maps(scan: ScanData, size: int = IMAGE_SIZE) -> dict[int, np.ndarr
             high = np.minimum(points.max(axis=0), size - 1)
             origin = (int(points[:, 0].min()), int(points[:, 1].min()))
             shape = (int(points[:, 0].max()) - origin[0] + 1, int(points[:, 1].max()) - origin[1] + 1)
-            votes = sum(annotation_slice_mask(a.contours, k, origin, shape).astype(np.float32) for a in nodule.annotations)
+            votes = sum(
+                annotation_slice_mask(a.contours, k, origin, shape).astype(np.float32) for a in nodule.annotations
+            )
             agreement = votes / len(nodule.annotations)
             target = maps.setdefault(k, np.zeros((size, size), dtype=np.float32))
-            window = agreement[low[0] - origin[0] : high[0] - origin[0] + 1, low[1] - origin[1] : high[1] - origin[1] + 1]
+            window = agreement[
+                low[0] - origin[0] : high[0] - origin[0] + 1, low[1] - origin[1] : high[1] - origin[1] + 1
+            ]
             region = target[low[0] : high[0] + 1, low[1] : high[1] + 1]
             np.maximum(region, window, out=region)
     return maps

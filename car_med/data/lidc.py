@@ -63,7 +63,14 @@ ANNOTATOR_CHOICES = ("all", "present", "nonempty")
 SPLIT_ALIASES = {"train": "training", "val": "validation", "valid": "validation", "test": "test"}
 
 _REQUIRED_FIELDS = (
-    "image", "label", "patient_id", "series_uid", "nodule_id", "annotation_ids", "slice_z", "num_annotators"
+    "image",
+    "label",
+    "patient_id",
+    "series_uid",
+    "nodule_id",
+    "annotation_ids",
+    "slice_z",
+    "num_annotators",
 )
 
 
@@ -92,9 +99,7 @@ def _resolve(path_value: Any, base: Path, where: str, field: str, check_files: b
     return os.fspath(path)
 
 
-def _validate_item(
-    index: int, item: Any, base: Path, where_prefix: str, num_labels: int, check_files: bool
-) -> dict:
+def _validate_item(index: int, item: Any, base: Path, where_prefix: str, num_labels: int, check_files: bool) -> dict:
     if not isinstance(item, Mapping):
         raise ValueError(f"{where_prefix} item {index}: expected a dict, got {type(item).__name__}.")
     where = f"{where_prefix} {_describe(index, item)}"

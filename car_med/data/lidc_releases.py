@@ -25,7 +25,7 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,7 @@ def pickle_affine() -> np.ndarray:
     treat all sources alike.
     """
     return _LPS_TO_RAS.copy()
+
 
 # A signed decimal with any number of decimals (and an exponent, in case a z was written with repr()).
 _FLOAT = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"

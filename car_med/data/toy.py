@@ -28,8 +28,12 @@ def toy_mode_means(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b=1 (probability pi) gives -0.5 on [0, 0.4), -(-1.25x + 1) on [0.4, 0.8) and 0 on [0.8, 1].
     """
     line = -1.25 * x + 1.0
-    mode_b1 = torch.where(x < _BIMODAL_END, torch.full_like(x, -0.5), torch.where(x < _CROSSING_END, -line, torch.zeros_like(x)))
-    mode_b0 = torch.where(x < _BIMODAL_END, torch.full_like(x, 0.5), torch.where(x < _CROSSING_END, line, torch.zeros_like(x)))
+    mode_b1 = torch.where(
+        x < _BIMODAL_END, torch.full_like(x, -0.5), torch.where(x < _CROSSING_END, -line, torch.zeros_like(x))
+    )
+    mode_b0 = torch.where(
+        x < _BIMODAL_END, torch.full_like(x, 0.5), torch.where(x < _CROSSING_END, line, torch.zeros_like(x))
+    )
     return mode_b1, mode_b0
 
 

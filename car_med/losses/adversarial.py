@@ -31,7 +31,10 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> 
 
 
 def r1_penalty(
-    real_logits: torch.Tensor, real_inputs: torch.Tensor | Sequence[torch.Tensor], gamma: float = 10.0, half: bool = False
+    real_logits: torch.Tensor,
+    real_inputs: torch.Tensor | Sequence[torch.Tensor],
+    gamma: float = 10.0,
+    half: bool = False,
 ) -> torch.Tensor:
     """R1 gradient penalty (Mescheder et al. 2018) on real data.
 

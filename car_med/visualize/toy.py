@@ -60,7 +60,9 @@ def plot_toy_samples(
     data = np.load(npz_path)
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     extent = (float(data["d_x"][0]), float(data["d_x"][-1]), float(data["d_y"][0]), float(data["d_y"][-1]))
-    image = ax.imshow(data["d_prob"], origin="lower", extent=extent, aspect="auto", cmap="coolwarm", vmin=0, vmax=1, alpha=0.6)
+    image = ax.imshow(
+        data["d_prob"], origin="lower", extent=extent, aspect="auto", cmap="coolwarm", vmin=0, vmax=1, alpha=0.6
+    )
     fig.colorbar(image, ax=ax, label="D(x, y): 1 = real, 0 = fake")
     if data_points is not None:
         ax.scatter(data_points[0], data_points[1], s=2, c="black", label="data", alpha=0.5)
