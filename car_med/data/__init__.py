@@ -10,6 +10,9 @@ import importlib
 from typing import Any
 
 _LAZY: dict[str, str] = {
+    # car_med.data.ambiguous_tail
+    "AmbiguousTailDataset": "ambiguous_tail",
+    "tail_mode_statistics": "ambiguous_tail",
     # car_med.data.lidc
     "ANNOTATOR_CHOICES": "lidc",
     "DEFAULT_HU_WINDOW": "lidc",
