@@ -1,0 +1,66 @@
+"""The 2D calibration check, short: CAR draws a hidden tail whole and about as often as annotators do; the
+cGAN+L_ce baseline, trained the same way, gives soft, undecided outputs (car_med.experiments.tail_calibration).
+
+A smaller problem than the docs/core.md run (24x24 images, batch 8, M=6, 2000 stage-2 iterations: about 3
+minutes on 2 CPU cores), so the tolerances are wide; the long run's numbers are in docs/core.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from car_med.experiments.tail_calibration import TailCheckConfig, run_tail_check
+
+SHORT = TailCheckConfig(
+    size=24,
+    radius=3.0,
+    tail_length=5,
+    tail_width=3,
+    num_train_images=64,
+    num_test_images=16,
+    f_iterations=600,
+    g_iterations=2000,
+    batch_size=8,
+    num_samples=6,
+    g_learning_rate=1e-3,
+    d_learning_rate=1e-3,
+    lambda_cal=5.0,
+    r1_gamma=1.0,
+    eval_samples=16,
+    variants=("CAR", "cGAN+L_ce"),
+)
+
+
+@pytest.fixture(scope="module")
+def short_check():
+    results, samples, test = run_tail_check(SHORT)
+    return results, samples, test
+
+
+def test_car_samples_the_hidden_tail_whole_and_at_about_its_probability(short_check):
+    car = short_check[0]["CAR"]
+    # F itself learns the tail's probability (0.3) up to the blur of a small CNN at the tail's far end
+    assert 0.18 <= car["f_tail_probability"] <= 0.36
+    assert car["disc_recall"] >= 0.95 and car["background_false_positive"] <= 0.01
+    # samples draw the whole tail in about 0.3 of cases (true: 0.3), seldom a fragment of it
+    assert 0.1 <= car["tail_frequency"] <= 0.5
+    assert car["partial_share"] <= 0.3
+    # G's mean follows F on the tail (L_cal) and G has decided nearly every tail pixel (L_adv)
+    assert car["mean_vs_f_tail"] <= 0.15
+    assert car["undecided_tail_probabilities"] <= 0.25
+
+
+def test_the_cross_entropy_baseline_does_measurably_worse(short_check):
+    car, baseline = short_check[0]["CAR"], short_check[0]["cGAN+L_ce"]
+    # CE pulls every sample towards the per-pixel label frequency: soft, undecided tail probabilities
+    assert baseline["undecided_tail_probabilities"] >= 2 * car["undecided_tail_probabilities"]
+    assert baseline["undecided_tail_probabilities"] >= 0.4
+    # and more of its hard samples hold a fragment of the tail than CAR's
+    assert baseline["partial_share"] > car["partial_share"]
+
+
+def test_samples_are_returned_per_variant_for_the_figure(short_check):
+    _, samples, test = short_check
+    assert set(samples) == {"CAR", "cGAN+L_ce"}
+    assert samples["CAR"].shape == (SHORT.num_test_images, SHORT.eval_samples, SHORT.size, SHORT.size)
+    assert len(test) == SHORT.num_test_images
