@@ -51,7 +51,7 @@ class TailCheckConfig:
     """Every setting of the check; the defaults are the long run in docs/core.md.
 
     Learning rates, lambda and R1 differ from the LIDC bundle's paper values: on this small problem, with
-    the tail 1.7% of the pixels, the paper's D (lr 1e-5, gamma 10) never learned to reject fragments in
+    the tail 1.7% of the pixels, G and D at lr 2e-4 and 1e-4 with gamma 10 did not learn to reject fragments in
     2,500 iterations (tail frequency 0.07, 41% partial tails), and lambda=1 left L_cal too weak against
     L_adv. docs/core.md lists the settings tried.
     """

@@ -33,7 +33,7 @@ def test_preprocessed_crops_train_both_stages_and_sample(clean_run):
         decollate=False,
     )
     stage1.run()
-    assert math.isfinite(float(stage1.state.output["loss"]))
+    assert math.isfinite(float(stage1.state.output["loss"].detach()))
 
     f_state = {k: v.clone() for k, v in f.state_dict().items()}
     stage2 = make_stage2_trainer(f, g, d, loader, num_samples=2, epoch_length=2)
