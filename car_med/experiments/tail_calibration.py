@@ -231,13 +231,14 @@ def format_table(results: dict[str, dict[str, float]], tail_probability: float) 
     """A markdown table of the statistics a reader compares."""
     lines = [
         f"| variant | tail frequency (target {tail_probability:g}) | partial tails | F on tail | |Gbar - F| on tail "
-        "| diversity | disc recall |",
-        "|---|---|---|---|---|---|---|",
+        "| undecided | diversity | disc recall |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in results.items():
         lines.append(
             f"| {name} | {s['tail_frequency']:.3f} | {s['partial_share']:.3f} | {s['f_tail_probability']:.3f} "
-            f"| {s['mean_vs_f_tail']:.3f} | {s['diversity']:.3f} | {s['disc_recall']:.3f} |"
+            f"| {s['mean_vs_f_tail']:.3f} | {s['undecided_tail_probabilities']:.3f} | {s['diversity']:.3f} "
+            f"| {s['disc_recall']:.3f} |"
         )
     return "\n".join(lines)
 
