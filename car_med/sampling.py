@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from monai.data import MetaTensor
 from monai.networks.utils import eval_mode
 from torch import nn
 
@@ -185,6 +186,9 @@ class CARSampler:
             raise ValueError(
                 f"CARSampler expected a batched image tensor (B, C, ...), got {getattr(image, 'shape', image)}."
             )
+        if isinstance(image, MetaTensor):
+            # slicing a batched MetaTensor also slices its metadata, which fails for mixed LIDC batches
+            image = image.as_tensor()
         if image.is_floating_point() or image.is_complex():
             self._check_finite(image)
         batch = image.shape[0]

@@ -121,3 +121,19 @@ def test_cpu_generator_gives_the_same_samples_on_cuda(tiny_nets):
     on_gpu = CARSampler(f, g, num_samples=3)(image.cuda(), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(on_gpu.noise.cpu(), on_cpu.noise)
     torch.testing.assert_close(on_gpu.mean.cpu(), on_cpu.mean, atol=1e-4, rtol=1e-4)
+
+
+def test_a_batch_of_meta_tensors_samples_and_reports_bad_rows(tiny_nets):
+    from monai.data import MetaTensor
+    from monai.data.utils import list_data_collate
+
+    f, g, _ = tiny_nets
+    items = [
+        {"image": MetaTensor(torch.randn(1, 32, 32), meta={"filename_or_obj": f"case{i}.nii.gz"})} for i in range(3)
+    ]
+    batch = list_data_collate(items)["image"]
+    out = CARSampler(f, g, num_samples=2)(batch, generator=torch.Generator().manual_seed(0))
+    assert out.samples.shape == (3, 2, 32, 32) and not isinstance(out.samples, MetaTensor)
+    batch[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"batch index 1 \(NaN\)"):
+        CARSampler(f, g, num_samples=2)(batch)
