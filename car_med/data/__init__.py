@@ -23,6 +23,10 @@ _LAZY: dict[str, str] = {
     "lidc_dataset": "lidc",
     "lidc_transforms": "lidc",
     "load_lidc_datalist": "lidc",
+    # car_med.data.lidc_checks
+    "LIDCDatasetError": "lidc_checks",
+    "check_lidc_dataset": "lidc_checks",
+    "how_to_make_lidc_data": "lidc_checks",
     # car_med.data.lidc_releases
     "convert_pickle_release": "lidc_releases",
     "convert_png_release": "lidc_releases",

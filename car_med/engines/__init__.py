@@ -7,6 +7,8 @@ from .checkpoints import CheckedCheckpointLoader, check_state_dict, latest_check
 from .d_schedule import DiscriminatorSchedule
 from .guards import NonFiniteLossError, NonFiniteLossGuard, raise_if_non_finite
 from .keys import CARKeys
+from .rng import RandomState
+from .stages import run_stage, stage_finished
 
 __all__ = [
     "CARKeys",
@@ -15,8 +17,11 @@ __all__ = [
     "DiscriminatorSchedule",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
+    "RandomState",
     "check_state_dict",
     "latest_checkpoint",
     "load_network_checkpoint",
     "raise_if_non_finite",
+    "run_stage",
+    "stage_finished",
 ]

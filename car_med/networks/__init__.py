@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from car_med.networks.calibration import BlackBoxCalibrationNet, SegNetCalibrationNet
 from car_med.networks.discriminator import Discriminator
+from car_med.networks.factory import build_network, spec_to_target_config
 from car_med.networks.refinement import NoiseInjectedUNet, NoiseInjection
 from car_med.networks.toy import ToyCalibrationMLP, ToyDiscriminatorMLP, ToyRefinementMLP
 
@@ -16,4 +17,6 @@ __all__ = [
     "ToyCalibrationMLP",
     "ToyDiscriminatorMLP",
     "ToyRefinementMLP",
+    "build_network",
+    "spec_to_target_config",
 ]

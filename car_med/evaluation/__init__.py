@@ -1,0 +1,26 @@
+"""Scoring CAR's samples the way the literature does: per-case seeded sampling, GED/HM-IoU/diversity/ECE."""
+
+from __future__ import annotations
+
+from .lidc import evaluate_lidc
+from .protocol import METRIC_DEFINITIONS, dataset_card
+from .sample_metrics import (
+    CASE_INDEX_KEY,
+    SampleMetricSuite,
+    case_generator,
+    evaluate_samples,
+    sample_cases,
+    with_case_index,
+)
+
+__all__ = [
+    "CASE_INDEX_KEY",
+    "METRIC_DEFINITIONS",
+    "SampleMetricSuite",
+    "case_generator",
+    "dataset_card",
+    "evaluate_lidc",
+    "evaluate_samples",
+    "sample_cases",
+    "with_case_index",
+]

