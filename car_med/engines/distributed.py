@@ -17,7 +17,14 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from torch import nn
 
-__all__ = ["BroadcastBuffers", "average_gradients_before_step", "broadcast_parameters", "distributed_backend"]
+__all__ = [
+    "BroadcastBuffers",
+    "ReshuffleOnRestart",
+    "average_gradients_before_step",
+    "broadcast_parameters",
+    "distributed_backend",
+    "mean_over_ranks",
+]
 
 
 def distributed_backend() -> str:
@@ -51,6 +58,15 @@ def average_gradients_before_step(*optimizers: torch.optim.Optimizer) -> None:
         optimizer.register_step_pre_hook(hook)
 
 
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar tensor over all ranks (itself in a single process)."""
+    if _world_size() == 1:
+        return value
+    total = value.detach().clone().float()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / _world_size()
+
+
 def broadcast_parameters(*modules: nn.Module) -> None:
     """Copy rank 0's parameters and buffers to every rank (call once after building the networks)."""
     if _world_size() == 1:
@@ -82,3 +98,25 @@ class BroadcastBuffers:
         for module in self.modules:
             for buffer in module.buffers():
                 dist.broadcast(buffer.data, src=0)
+
+
+class ReshuffleOnRestart:
+    """Give a ``DistributedSampler`` a new epoch each time the loader restarts inside one long epoch.
+
+    The bundles run each stage as one epoch of N iterations, and ignite restarts an exhausted loader
+    within it; a ``DistributedSampler`` keyed on the epoch would then repeat the same shard order.
+
+    Args:
+        sampler: the training loader's ``DistributedSampler``.
+    """
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+        self.restarts = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.DATALOADER_STOP_ITERATION, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        self.restarts += 1
+        self.sampler.set_epoch(self.restarts)

@@ -33,6 +33,14 @@ def run_stage(trainer: Engine, checkpoint_handlers: Sequence[Any], finished: boo
     even when the earlier stage finished in a previous process. Not running a finished stage also keeps
     its handlers quiet, e.g. no new, empty MLflow run.
     """
+    loader = getattr(trainer, "data_loader", None)
+    if not finished and loader is not None and hasattr(loader, "__len__") and len(loader) == 0:
+        dataset = getattr(loader, "dataset", None)
+        items = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else "?"
+        raise ValueError(
+            f"{name}: the training loader yields no batch ({items} items, batch_size={loader.batch_size}, "
+            "drop_last=True, split over all ranks); lower batch_size or add training data."
+        )
     loaders = [h for h in checkpoint_handlers if isinstance(h, CheckpointLoader)]
     if finished:
         for loader in loaders:

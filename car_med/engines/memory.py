@@ -1,0 +1,489 @@
+"""Row-chunked evaluation of CAR's G step: the same gradients as the folded batch, with far less memory.
+
+The G step evaluates G on ``B*M`` folded rows (160 at LIDC's B=8, M=20) and D on every one of them. On
+CPU most of that step's time goes to the operating system mapping fresh pages for the full-batch
+activations (about 335 MB per tensor at 128x128 for G's last block), and most of its memory to keeping
+them for the backward pass. Everything in G and D is row-wise except BatchNorm, whose batch statistics
+couple the rows. This module evaluates the row-wise parts in chunks of rows and BatchNorm exactly:
+
+- :func:`chunked_refinement_forward` runs a :class:`~car_med.networks.NoiseInjectedUNet` block by block.
+  A block (convolution, BatchNorm, activation, dropout, then G's cropping and noise injection) is one
+  autograd node. Its forward pass computes the convolution chunk by chunk into one buffer, takes the
+  BatchNorm statistics over the whole folded batch (float64 accumulation, as PyTorch's CPU kernel does),
+  updates the running statistics once, and evaluates the rest chunk by chunk. It keeps only the
+  convolution output and a boolean dropout mask; the backward pass recomputes the row-wise ops chunk by
+  chunk, applies BatchNorm's exact backward (through the batch statistics, with the whole batch's sums),
+  and takes the convolution's gradients with ``convolution_backward``, without recomputing it.
+- :func:`chunked_adversarial_loss` evaluates D on chunks of G's detached samples and back-propagates each
+  chunk at once, collecting dL_adv/dsample. D has no normalisation, so this is exact.
+
+Dropout masks are drawn for the whole block at once, as ``nn.Dropout`` draws them, so on CPU the masks,
+and with them every number, match the folded batch's for the same seed (on CUDA PyTorch fuses dropout
+with another random stream: the masks then differ, with the same distribution).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+
+from car_med.networks.refinement import NoiseInjectedUNet, NoiseInjection, _match_size
+
+__all__ = ["chunk_slices", "chunked_adversarial_loss", "chunked_refinement_forward", "check_chunkable_refinement"]
+
+
+def chunk_slices(total: int, size: int) -> list[slice]:
+    """Consecutive row slices of at most ``size`` rows covering ``range(total)``."""
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+@dataclass
+class _DropoutSite:
+    """Where a block's ``nn.Dropout`` acts: its mask is drawn once for the whole folded batch."""
+
+    p: float  # 0 when the module is in eval mode: dropout is then the identity
+
+
+@dataclass
+class _BlockPlan:
+    """One G block as the chunked evaluation sees it: conv -> BatchNorm? -> row-wise ops -> crop -> injection."""
+
+    conv: _ConvNd
+    norm: _BatchNorm | None
+    row_ops: tuple  # nn.Module or _DropoutSite, in order; each acts on every row on its own
+    crop: tuple[int, ...] | None
+    inject: NoiseInjection | None
+    post_act: nn.Module | None
+    rows: int  # rows per chunk
+
+    def tail_modules(self) -> list[nn.Module]:
+        mods = [op for op in self.row_ops if isinstance(op, nn.Module)]
+        return mods + [m for m in (self.inject, self.post_act) if m is not None]
+
+
+def _block_parts(block: nn.Module, name: str) -> tuple[_ConvNd, _BatchNorm | None, tuple]:
+    """Split a MONAI ``Convolution`` block into its conv, its leading BatchNorm and its row-wise ops."""
+    conv = getattr(block, "conv", None)
+    if not isinstance(conv, _ConvNd):
+        raise ValueError(f"chunked G evaluation needs {name} to be a MONAI Convolution block, got {type(block)}.")
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise ValueError(
+            f"chunked G evaluation supports zero-padded convolutions with explicit padding; {name}.conv has "
+            f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}. Use memory_saving='none'."
+        )
+    ops = list(block.adn.children()) if hasattr(block, "adn") else []
+    norm = None
+    if ops and isinstance(ops[0], _BatchNorm):
+        norm = ops.pop(0)
+    row_ops: list = []
+    for op in ops:
+        if isinstance(op, _BatchNorm) or (
+            isinstance(op, nn.modules.instancenorm._InstanceNorm) and op.track_running_stats
+        ):
+            raise ValueError(
+                f"chunked G evaluation needs {name}'s normalisation right after its convolution (MONAI's 'NAD' "
+                f"ordering) and no running statistics elsewhere; got {type(op).__name__} later in the block. "
+                "Use memory_saving='none'."
+            )
+        if type(op) is nn.Dropout:
+            row_ops.append(_DropoutSite(float(op.p) if op.training else 0.0))
+        elif isinstance(op, nn.modules.dropout._DropoutNd):
+            raise ValueError(
+                f"chunked G evaluation handles nn.Dropout only, {name} has {type(op).__name__}. "
+                "Use memory_saving='none'."
+            )
+        else:
+            row_ops.append(op)
+    return conv, norm, tuple(row_ops)
+
+
+def check_chunkable_refinement(network: nn.Module) -> None:
+    """Raise a ``ValueError`` naming the block that :func:`chunked_refinement_forward` cannot evaluate."""
+    if not isinstance(network, NoiseInjectedUNet):
+        raise ValueError(f"chunked G evaluation needs a NoiseInjectedUNet, got {type(network).__name__}.")
+    for i, block in enumerate(network.down):
+        _block_parts(block, f"down[{i}]")
+    for j, block in enumerate(network.up):
+        _block_parts(block, f"up[{j}]")
+
+
+def _conv_out_spatial(conv: _ConvNd, spatial: Sequence[int]) -> list[int]:
+    out = []
+    for i, s in enumerate(spatial):
+        k, st, p, d = conv.kernel_size[i], conv.stride[i], conv.padding[i], conv.dilation[i]
+        if isinstance(conv, _ConvTransposeNd):
+            out.append((s - 1) * st - 2 * p + d * (k - 1) + conv.output_padding[i] + 1)
+        else:
+            out.append((s + 2 * p - d * (k - 1) - 1) // st + 1)
+    return out
+
+
+def _rows_for(conv: _ConvNd, parts: Sequence[torch.Tensor], budget: int) -> int:
+    """Rows per chunk so that neither the block's input nor its conv output exceeds ``budget`` elements."""
+    spatial = parts[0].shape[2:]
+    row_in = sum(p[0].numel() for p in parts)
+    row_out = conv.out_channels * int(torch.Size(_conv_out_spatial(conv, spatial)).numel())
+    return max(1, min(parts[0].shape[0], budget // max(row_in, row_out, 1)))
+
+
+def _gather(parts: Sequence[torch.Tensor], sl: slice) -> torch.Tensor:
+    return parts[0][sl] if len(parts) == 1 else torch.cat([p[sl] for p in parts], dim=1)
+
+
+def _tail(plan: _BlockPlan, y: torch.Tensor, masks: Sequence[torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
+    """The row-wise rest of a block after BatchNorm, in G's order (see ``NoiseInjectedUNet.decode``)."""
+    h = y
+    k = 0
+    for op in plan.row_ops:
+        if isinstance(op, _DropoutSite):
+            if op.p == 1.0:
+                h = h * torch.zeros((), dtype=h.dtype, device=h.device)
+            elif op.p > 0.0:
+                # nn.Dropout's values: input * (1 / (1 - p)) where kept, zero elsewhere
+                scale = torch.ones((), dtype=h.dtype, device=h.device).div_(1.0 - op.p)
+                h = torch.where(masks[k], h * scale, 0.0)
+                k += 1
+        else:
+            h = op(h)
+    if plan.crop is not None:
+        h = _match_size(h, plan.crop)
+    if plan.inject is not None:
+        h = plan.inject(h, noise.to(h.dtype))
+    if plan.post_act is not None:
+        h = plan.post_act(h)
+    return h
+
+
+def _reduce_dims(t: torch.Tensor) -> list[int]:
+    return [0, *range(2, t.ndim)]
+
+
+def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    return v.view(1, -1, *([1] * (ndim - 2)))
+
+
+class _ChunkedBlock(torch.autograd.Function):
+    """One G block over the folded batch, evaluated in row chunks (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, plan: _BlockPlan, n_params: int, noise: torch.Tensor, *tensors: torch.Tensor):
+        params, parts = tensors[:n_params], tensors[n_params:]
+        total = parts[0].shape[0]
+        slices = chunk_slices(total, plan.rows)
+        # the conv output stays in chunks: no full-batch copy, and freed chunks are reused by later ones
+        z_chunks = [plan.conv(_gather(parts, sl)) for sl in slices]
+        stats = _norm_forward(plan.norm, z_chunks)
+        shape = (total, *z_chunks[0].shape[1:])
+        # masks in forward order, each drawn over the whole batch exactly as nn.Dropout draws it
+        masks = [
+            torch.empty(shape, dtype=torch.bool, device=z_chunks[0].device).bernoulli_(1.0 - op.p)
+            for op in plan.row_ops
+            if isinstance(op, _DropoutSite) and 0.0 < op.p < 1.0
+        ]
+        out = None
+        for sl, z_c in zip(slices, z_chunks):
+            o_c = _tail(plan, _normalise(z_c, stats), [m[sl] for m in masks], noise[sl])
+            if out is None:
+                out = o_c.new_empty((total, *o_c.shape[1:]))
+            out[sl] = o_c
+            del o_c
+        ctx.plan, ctx.n_params, ctx.n_masks, ctx.stats = plan, n_params, len(masks), stats
+        ctx.z_chunks = z_chunks  # intermediate, not an input or output: kept on ctx so backward can free it early
+        ctx.save_for_backward(noise, *masks, *params, *parts)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        plan, n_params, n_masks, stats = ctx.plan, ctx.n_params, ctx.n_masks, ctx.stats
+        z_chunks, ctx.z_chunks = ctx.z_chunks, None
+        saved = ctx.saved_tensors
+        noise = saved[0]
+        masks = saved[1 : 1 + n_masks]
+        params = saved[1 + n_masks : 1 + n_masks + n_params]
+        parts = saved[1 + n_masks + n_params :]
+        needs = ctx.needs_input_grad[3:]
+        param_needs, part_needs = needs[:n_params], needs[n_params:]
+        slices = chunk_slices(parts[0].shape[0], plan.rows)
+        conv, norm = plan.conv, plan.norm
+        n_conv = 1 + (conv.bias is not None)
+        n_norm = 0 if norm is None or norm.weight is None else 2
+        tail_params = list(params[n_conv + n_norm :])
+        tail_needs = param_needs[n_conv + n_norm :]
+        wanted_params = [p for p, need in zip(tail_params, tail_needs) if need]
+        grads_tail: list[torch.Tensor | None] = [None] * len(wanted_params)
+
+        def tail_grad(i: int, with_params: bool) -> tuple:
+            """dL/d(BatchNorm output) of chunk i, recomputing the row-wise tail (and its parameters' grads)."""
+            sl = slices[i]
+            y_c = _normalise(z_chunks[i], stats).requires_grad_(True)
+            with torch.enable_grad():
+                o_c = _tail(plan, y_c, [m[sl] for m in masks], noise[sl])
+                inputs = [y_c] + (wanted_params if with_params else [])
+                return torch.autograd.grad(o_c, inputs, grad_out[sl], allow_unused=True)
+
+        # pass 1: the tail's parameter grads and BatchNorm's whole-batch sums; dL/d(BN output) is not kept, as
+        # storing it would double the block's memory (pass 2 recomputes it)
+        sum_dy = dot_p = None
+        if stats is not None:
+            sum_dy = torch.zeros(stats.mean.shape[0], dtype=torch.float64, device=stats.mean.device)
+            dot_p = torch.zeros_like(sum_dy)
+        if stats is not None or wanted_params:
+            for i in range(len(slices)):
+                got = tail_grad(i, with_params=True)
+                for k, g in enumerate(got[1:]):
+                    if g is not None:
+                        grads_tail[k] = g if grads_tail[k] is None else grads_tail[k].add_(g)
+                if stats is not None:
+                    dy_c, z_c = got[0], z_chunks[i]
+                    dims = _reduce_dims(z_c)
+                    sum_dy += dy_c.sum(dims).double()
+                    dot_p += ((z_c - _channel_view(stats.mean, z_c.ndim)) * dy_c).sum(dims).double()
+                del got
+
+        grads_norm: list[torch.Tensor | None] = []
+        if n_norm:
+            # BatchNorm's affine grads: dL/dweight = sum(dy * xhat), dL/dbias = sum(dy)
+            grads_norm = [(dot_p * stats.invstd.double()).to(stats.mean.dtype), sum_dy.to(stats.mean.dtype)]
+
+        # pass 2: dL/dz through BatchNorm (exact: with the whole batch's sums), then the conv's grads
+        ndim = z_chunks[0].ndim
+        if stats is not None:
+            scale = _channel_view(stats.invstd * stats.weight, ndim)
+            if stats.batch:
+                n = stats.count
+                k_coef = _channel_view((dot_p * stats.invstd.double() ** 2 / n).to(stats.mean.dtype), ndim)
+                grad_mean = _channel_view((sum_dy / n).to(stats.mean.dtype), ndim)
+                mean = _channel_view(stats.mean, ndim)
+        grad_parts = [torch.empty_like(p) if need else None for p, need in zip(parts, part_needs)]
+        grad_w = grad_b = None
+        mask = [any(part_needs), param_needs[0], n_conv == 2 and param_needs[1]]
+        transposed = isinstance(conv, _ConvTransposeNd)
+        output_padding = conv.output_padding if transposed else (0,) * len(conv.stride)
+        for i, sl in enumerate(slices):
+            dz_c = tail_grad(i, with_params=False)[0]
+            if stats is not None:
+                if stats.batch:
+                    # PyTorch's CPU batch_norm backward: (dy - mean(dy) - (z - mean) * k) * invstd * weight
+                    dz_c = dz_c.sub_(grad_mean).sub_((z_chunks[i] - mean).mul_(k_coef)).mul_(scale)
+                else:
+                    dz_c = dz_c.mul_(scale)
+            z_chunks[i] = None  # this chunk's conv output is no longer needed
+            gi, gw, gb = torch.ops.aten.convolution_backward(
+                dz_c,
+                _gather(parts, sl),
+                conv.weight,
+                [conv.out_channels] if conv.bias is not None else None,
+                list(conv.stride),
+                list(conv.padding),
+                list(conv.dilation),
+                transposed,
+                list(output_padding),
+                conv.groups,
+                mask,
+            )
+            del dz_c
+            if gw is not None:
+                grad_w = gw if grad_w is None else grad_w.add_(gw)
+            if gb is not None:
+                grad_b = gb if grad_b is None else grad_b.add_(gb)
+            if gi is not None:
+                start = 0
+                for p, gp in zip(parts, grad_parts):
+                    width = p.shape[1]
+                    if gp is not None:
+                        gp[sl] = gi[:, start : start + width]
+                    start += width
+        grads_tail_all: list[torch.Tensor | None] = []
+        it = iter(grads_tail)
+        for need in tail_needs:
+            grads_tail_all.append(next(it) if need else None)
+        grads_params = [grad_w] + ([grad_b] if n_conv == 2 else []) + grads_norm + grads_tail_all
+        return (None, None, None, *grads_params, *grad_parts)
+
+
+@dataclass
+class _NormStats:
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    weight: torch.Tensor  # ones when the norm has no affine weight
+    bias: torch.Tensor
+    batch: bool  # batch statistics (gradients flow through them) rather than running statistics
+    count: int  # values per channel
+
+
+def _norm_forward(norm: _BatchNorm | None, z_chunks: Sequence[torch.Tensor]) -> _NormStats | None:
+    """BatchNorm's statistics over all chunks and its running-statistics update, as ``_BatchNorm.forward`` does."""
+    if norm is None:
+        return None
+    first = z_chunks[0]
+    channels, dims = first.shape[1], _reduce_dims(first)
+    n = sum(z_c.numel() for z_c in z_chunks) // channels
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    batch = norm.training or (norm.running_mean is None and norm.running_var is None)
+    weight = norm.weight.detach() if norm.weight is not None else first.new_ones(channels)
+    bias = norm.bias.detach() if norm.bias is not None else first.new_zeros(channels)
+    if not batch:
+        invstd = torch.rsqrt(norm.running_var.double() + norm.eps).to(first.dtype)
+        return _NormStats(norm.running_mean.clone(), invstd, weight, bias, batch=False, count=n)
+    if n <= 1:
+        shape = (sum(z_c.shape[0] for z_c in z_chunks), *first.shape[1:])
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
+    # two passes with float64 accumulation, like PyTorch's CPU batch_norm kernel
+    total = torch.zeros(channels, dtype=torch.float64, device=first.device)
+    for z_c in z_chunks:
+        total += z_c.sum(dims).double()
+    mean = (total / n).to(first.dtype)
+    var_sum = torch.zeros_like(total)
+    mean_v = _channel_view(mean, first.ndim)
+    for z_c in z_chunks:
+        var_sum += (z_c - mean_v).pow_(2).sum(dims).double()
+    invstd = torch.rsqrt(var_sum / n + norm.eps).to(first.dtype)
+    if norm.running_mean is not None:
+        with torch.no_grad():
+            norm.running_mean.copy_(momentum * mean.double() + (1 - momentum) * norm.running_mean.double())
+            unbiased = var_sum / (n - 1)
+            norm.running_var.copy_(momentum * unbiased + (1 - momentum) * norm.running_var.double())
+    return _NormStats(mean, invstd, weight, bias, batch=True, count=n)
+
+
+def _normalise(z_c: torch.Tensor, stats: _NormStats | None) -> torch.Tensor:
+    """BatchNorm's output with fixed statistics, in the CPU kernel's form ``z * alpha + beta``."""
+    if stats is None:
+        return z_c.clone()
+    alpha = stats.invstd * stats.weight
+    shift = stats.bias - stats.mean * alpha
+    return torch.addcmul(_channel_view(shift, z_c.ndim), z_c, _channel_view(alpha, z_c.ndim))
+
+
+def _run_block(
+    block: nn.Module,
+    name: str,
+    parts: Sequence[torch.Tensor],
+    noise: torch.Tensor,
+    budget: int,
+    crop: Sequence[int] | None = None,
+    inject: NoiseInjection | None = None,
+    post_act: nn.Module | None = None,
+) -> torch.Tensor:
+    conv, norm, row_ops = _block_parts(block, name)
+    plan = _BlockPlan(
+        conv=conv,
+        norm=norm,
+        row_ops=row_ops,
+        crop=None if crop is None else tuple(int(s) for s in crop),
+        inject=inject,
+        post_act=post_act,
+        rows=_rows_for(conv, parts, budget),
+    )
+    params = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
+    if norm is not None and norm.weight is not None:
+        params += [norm.weight, norm.bias]
+    params += [p for m in plan.tail_modules() for p in m.parameters()]
+    return _ChunkedBlock.apply(plan, len(params), noise, *params, *parts)
+
+
+def chunked_refinement_forward(
+    network: NoiseInjectedUNet,
+    image: torch.Tensor,
+    calibration: torch.Tensor,
+    noise: torch.Tensor,
+    chunk_size: int = 8,
+    return_logits: bool = False,
+) -> torch.Tensor:
+    """``network(image, calibration, noise)`` evaluated block by block in row chunks; same values and gradients.
+
+    Args:
+        network: G, a :class:`~car_med.networks.NoiseInjectedUNet` whose blocks are MONAI ``Convolution``
+            blocks with BatchNorm first (the default ``"NAD"`` ordering) or no BatchNorm at all.
+        image, calibration, noise: as ``NoiseInjectedUNet.forward``, already folded ``(B*M, ...)``.
+        chunk_size: rows per chunk in the largest block (G's full-resolution block); a block whose rows
+            hold k times fewer numbers takes k times as many rows, so every chunk is about the same size.
+        return_logits: return the logits instead of the softmax.
+
+    Returns:
+        G's probabilities (or logits), ``(B*M, num_classes, *spatial)``, with an autograd graph to G's
+        parameters. BatchNorm's running statistics are updated once, as one forward pass of G would.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    network._check_inputs(image, calibration, noise)
+    noise = noise.detach()
+    # elements per chunk: chunk_size rows of the largest block (G's full-resolution block)
+    budget = chunk_size * network.channels[0] * int(torch.Size(image.shape[2:]).numel())
+    h = torch.cat([image, calibration.detach().to(image.dtype)], dim=1)
+    skips = []
+    parts = [h]
+    for i, block in enumerate(network.down):
+        h = _run_block(block, f"down[{i}]", parts, noise, budget)
+        skips.append(h)
+        parts = [h]
+    n = len(network.up)
+    injections = dict(network.inject.items())  # nn.ModuleDict has no .get
+    for j, block in enumerate(network.up):
+        target = skips[n - 2 - j] if j < n - 1 else image
+        inject = injections.get(str(j))
+        post_act = network.act if inject is not None and j < n - 1 else None
+        h = _run_block(block, f"up[{j}]", parts, noise, budget, target.shape[2:], inject, post_act)
+        # the skip concatenation happens chunk by chunk inside the next block
+        parts = [h, target] if j < n - 1 else [h]
+    return h if return_logits else torch.softmax(h, dim=1)
+
+
+def chunked_adversarial_loss(
+    discriminator: nn.Module,
+    image: torch.Tensor,
+    samples: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    weight: float,
+    chunk_size: int,
+    shown: Callable[[torch.Tensor, slice], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """D's logits for every row and ``weight * d loss_fn(logits) / d samples``, one chunk of rows at a time.
+
+    ``loss_fn`` must be a mean over rows (as :func:`~car_med.losses.generator_adversarial_loss` is): each
+    chunk's loss is weighted by its share of the rows, and its backward pass runs at once, so D's
+    activations exist for one chunk only. D's parameters get no gradient.
+
+    Args:
+        discriminator: D, called as ``D(image_rows, label_map_rows)``; it must treat rows independently
+            (no BatchNorm).
+        image: D's image input for every row ``(N, ...)``.
+        samples: G's detached samples ``(N, ...)``.
+        loss_fn: the adversarial loss of a block of logits.
+        weight: factor on the loss (the trainer's ``adversarial_weight``).
+        chunk_size: rows per chunk.
+        shown: maps a chunk of samples (a leaf requiring grad) and its slice to D's label-map input, e.g.
+            to overwrite ignore pixels; identity by default.
+
+    Returns:
+        ``(logits, grad)``: D's logits ``(N, 1)`` (detached) and the gradient with respect to ``samples``.
+    """
+    total = samples.shape[0]
+    grad = torch.empty_like(samples)
+    logits = []
+    requires = [p.requires_grad for p in discriminator.parameters()]
+    discriminator.requires_grad_(False)
+    try:
+        for sl in chunk_slices(total, chunk_size):
+            leaf = samples[sl].detach().requires_grad_(True)
+            with torch.enable_grad():
+                label_map = leaf if shown is None else shown(leaf, sl)
+                l_c = discriminator(image[sl], label_map)
+                loss_c = loss_fn(l_c) * (weight * l_c.shape[0] / total)
+                (g,) = torch.autograd.grad(loss_c, leaf)
+            grad[sl] = g
+            logits.append(l_c.detach())
+    finally:
+        for p, r in zip(discriminator.parameters(), requires):
+            p.requires_grad_(r)
+    return torch.cat(logits), grad
