@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .inference import PREDICTION_KEYS, write_case_predictions
 from .lidc import evaluate_lidc
 from .protocol import METRIC_DEFINITIONS, dataset_card
 from .sample_metrics import (
@@ -16,6 +17,7 @@ from .sample_metrics import (
 __all__ = [
     "CASE_INDEX_KEY",
     "METRIC_DEFINITIONS",
+    "PREDICTION_KEYS",
     "SampleMetricSuite",
     "case_generator",
     "dataset_card",
@@ -23,4 +25,5 @@ __all__ = [
     "evaluate_samples",
     "sample_cases",
     "with_case_index",
+    "write_case_predictions",
 ]
