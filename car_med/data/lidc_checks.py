@@ -96,6 +96,13 @@ def _check_item(
                 f"{name}: image {item['image']!r} is {in_plane[0]}x{in_plane[1]}; expected {size[0]}x{size[1]} "
                 f"like {expected.get('source', 'crop_size')} (all crops of a dataset must have one size)."
             )
+    if check_values and not problems:
+        pixels = np.asarray(image.dataobj)
+        if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+            kind = "NaN" if np.isnan(pixels).any() else "Inf"
+            problems.append(
+                f"{name}: image {item['image']!r} holds {kind} values; every pixel must be a finite HU value."
+            )
     for k, path in enumerate(item["label"]):
         try:
             mask = nib.load(path)
@@ -134,7 +141,8 @@ def check_lidc_dataset(
         crop_size: the in-plane size every image must have (180x180 for the DICOM and PNG crops, 128x128 for
             the pickle release); ``None`` takes the first item's size, so mixed sizes are still caught.
         min_size: the smallest usable size: the training crop (the transforms never pad).
-        check_values: read every mask and check it holds only 0 and 1 (about a millisecond per mask).
+        check_values: read every file: masks must hold only 0 and 1, float images only finite values (about a
+            millisecond per file).
         progress: show a progress bar.
 
     Raises:

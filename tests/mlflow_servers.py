@@ -1,7 +1,7 @@
 """Start a real MLflow tracking server and a model-serving process for tests, and stop them cleanly.
 
-Reusable by any test (``from mlflow_servers import mlflow_tracking_server``; tests/registry is put on sys.path by
-the tests that use it). Everything a server writes (SQLite DB, artifacts, logs, HOME) lives under the folder the
+Reusable by any test (``from mlflow_servers import mlflow_tracking_server``; tests/conftest.py puts tests/ on
+sys.path). Everything a server writes (SQLite DB, artifacts, logs, HOME) lives under the folder the
 caller gives, and both servers bind 127.0.0.1 only. Each server runs in its own process group, which is killed
 on exit, so uvicorn workers do not outlive a failed test.
 
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: the folder holding the car_med package, put on the servers' PYTHONPATH so they import this checkout
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def mlflow_cli() -> list[str] | None:

@@ -1,0 +1,163 @@
+"""The LIDC bundle end to end, as users run it: training, registry, evaluation, inference, metadata."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+
+import mlflow
+import numpy as np
+import pytest
+from lidc_bundle_runs import BUNDLE, REPO_ROOT, run_bundle
+
+from car_med.data.lidc import load_lidc_datalist
+
+
+def _hu_batch(batch: int = 2, size: int = 128) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.uniform(-1024.0, 400.0, size=(batch, 1, size, size)).astype(np.float32)
+
+
+def test_training_writes_checkpoints_validation_and_one_mlflow_run(trained_lidc_run):
+    out = trained_lidc_run["output_dir"]
+    names = sorted(p.name for p in (out / "checkpoints").glob("*.pt"))
+    assert names == [
+        "best_stage2.pt",
+        "stage1_checkpoint_epoch=1.pt",
+        "stage1_checkpoint_iteration=6.pt",
+        "stage2_checkpoint_epoch=1.pt",
+        "stage2_checkpoint_iteration=6.pt",
+    ]
+    history = json.loads((out / "validation.json").read_text())
+    assert [entry["iteration"] for entry in history["history"]] == [3, 6]
+    assert set(history["last"]) == {"iteration", "ged16", "hm_iou16", "diversity16", "ece"}
+    assert 0.0 <= history["last"]["hm_iou16"] <= 1.0 and history["best_iteration"] in (3, 6)
+    assert sorted(p.name for p in (out / "validation").glob("*.png")) == [
+        "validation_0000003.png",
+        "validation_0000006.png",
+    ]
+
+    with sqlite3.connect(out / "mlflow.db") as db:
+        runs = db.execute("select run_uuid, name, status from runs").fetchall()
+        assert len(runs) == 1 and runs[0][2] == "FINISHED"
+        keys = {k for (k,) in db.execute("select distinct key from metrics")}
+        params = {k for (k,) in db.execute("select key from params")}
+    assert {"loss_f", "loss_g", "loss_adv", "loss_cal", "loss_d", "val_ged16", "val_hm_iou16"} <= keys
+    assert {"lambda_cal", "num_samples", "batch_size", "seed", "stage2_iterations"} <= params
+
+
+def test_registered_model_predicts_reproducible_samples(trained_lidc_run):
+    out = trained_lidc_run["output_dir"]
+    record = json.loads((out / "registered_model.json").read_text())
+    assert record["model_name"] == "car-lidc" and record["version"] == 1
+    assert record["weights"].endswith("best_stage2.pt")
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    try:
+        model = mlflow.pyfunc.load_model("models:/car-lidc/latest")
+        x = _hu_batch()
+        first = model.predict(x, params={"num_samples": 8, "seed": 0})
+        again = model.predict(x, params={"num_samples": 8, "seed": 0})
+        other = model.predict(x, params={"num_samples": 8, "seed": 1})
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert first["samples"].shape == (2, 8, 128, 128) and first["samples"].dtype == np.uint8
+    assert first["mean"].shape == first["calibration"].shape == (2, 2, 128, 128)
+    assert first["entropy"].shape == (2, 128, 128) and first["mean"].dtype == np.float32
+    assert np.array_equal(first["samples"], again["samples"])
+    assert not np.array_equal(first["samples"], other["samples"])
+    np.testing.assert_allclose(first["calibration"], other["calibration"], atol=1e-6)  # F has no noise
+
+
+def test_rerun_of_a_finished_training_trains_and_registers_nothing(trained_lidc_run):
+    out = trained_lidc_run["output_dir"]
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.pt")}
+    result = run_bundle(
+        "training",
+        ["train.json", "demo.json"],
+        trained_lidc_run["home"],
+        dataset_dir=trained_lidc_run["dataset_dir"],
+        output_dir=out,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "finished in an earlier run" in result.stdout and "not registered again" in result.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.pt")} == before
+    with sqlite3.connect(out / "mlflow.db") as db:
+        assert db.execute("select count(*) from runs").fetchone()[0] == 1
+        assert db.execute("select count(*) from model_versions").fetchone()[0] == 1
+
+
+def test_evaluate_writes_metrics_with_protocol_card_and_per_case_rows(trained_lidc_run):
+    out, data = trained_lidc_run["output_dir"], trained_lidc_run["dataset_dir"]
+    result = run_bundle(
+        "evaluating",
+        ["train.json", "demo.json", "evaluate.json"],
+        trained_lidc_run["home"],
+        dataset_dir=data,
+        output_dir=out,
+        eval_ged_counts="[4,8]",
+        eval_hm_iou_counts="[4]",
+        eval_diversity_count=4,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    report_dir = out / "evaluation" / "test"
+    report = json.loads((report_dir / "metrics.json").read_text())
+    test_cases = load_lidc_datalist(data / "datalist.json", "test")
+    assert report["num_cases"] == len(test_cases) and report["split"] == "test" and report["model"] == "CAR"
+    assert set(report["metrics"]) == {"ged4", "ged8", "hm_iou4", "diversity4", "ece"}
+    card = report["protocol"]
+    assert card["dataset"]["source"].startswith("DICOM crops") and card["dataset"]["split_seed"] == 0
+    assert card["dataset"]["counts"]["test"]["cases"] == len(test_cases)
+    assert "both masks empty: IoU = 1" in card["metric_definitions"]["distance"]
+    with open(report_dir / "per_case.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["patient_id"] for row in rows] == [item["patient_id"] for item in test_cases]
+    assert np.mean([float(row["ged8"]) for row in rows]) == pytest.approx(report["metrics"]["ged8"], abs=1e-5)
+    assert (report_dir / "reliability.png").stat().st_size > 0 and (report_dir / "montage.png").stat().st_size > 0
+    assert len(report["reliability"]["count"]) == 10 and sum(report["reliability"]["count"]) == len(rows) * 128 * 128
+
+
+def test_inference_writes_one_npz_per_case_in_the_scanner_frame(trained_lidc_run):
+    out, data = trained_lidc_run["output_dir"], trained_lidc_run["dataset_dir"]
+    result = run_bundle(
+        "inference",
+        ["train.json", "demo.json", "inference.json"],
+        trained_lidc_run["home"],
+        dataset_dir=data,
+        output_dir=out,
+        inference_num_samples=5,
+        inference_max_cases=2,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    folder = out / "inference" / "test"
+    with open(folder / "manifest.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["file"] for row in rows] == ["case_000000.npz", "case_000001.npz"]
+    case = np.load(folder / rows[0]["file"])
+    assert case["samples"].shape == (5, 128, 128) and case["samples"].dtype == np.uint8
+    assert case["mean"].shape == case["calibration"].shape == (2, 128, 128)
+    np.testing.assert_allclose(case["calibration"].sum(axis=0), 1.0, atol=1e-5)
+    assert case["entropy"].shape == (128, 128) and case["affine"].shape == (4, 4)
+    assert abs(case["affine"][0, 0]) == pytest.approx(0.5)  # 0.5 mm pixels, as preprocessing resamples
+
+
+def test_metadata_verifies_offline_and_networks_match_it():
+    meta = ["--meta_file", str(BUNDLE / "metadata.json")]
+    result = run_bundle_raw(["verify_metadata", *meta, "--filepath", str(BUNDLE / "schema" / "meta_schema.json")])
+    assert result.returncode == 0 and "verified with no error" in result.stdout, result.stdout[-2000:]
+    configs = f"['{BUNDLE / 'train.json'}','{BUNDLE / 'demo.json'}']"
+    for net in ("calibration_network", "sample_network"):
+        result = run_bundle_raw(
+            ["verify_net_in_out", "--net_id", net, *meta, "--config_file", configs, "--device", "cpu", "--n", "4"]
+        )
+        assert result.returncode == 0 and "verified with no error" in result.stdout, result.stdout[-2000:]
+
+
+def run_bundle_raw(args):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=300,
+    )  # fmt: skip
