@@ -14,6 +14,9 @@ from lidc_bundle_runs import BUNDLE, REPO_ROOT, run_bundle
 from car_med.data.lidc import load_lidc_datalist
 
 
+ROI = tuple(json.loads((BUNDLE / "demo.json").read_text())["roi_size"])  # the demo trains on smaller crops
+
+
 def _hu_batch(batch: int = 2, size: int = 128) -> np.ndarray:
     rng = np.random.default_rng(0)
     return rng.uniform(-1024.0, 400.0, size=(batch, 1, size, size)).astype(np.float32)
@@ -114,7 +117,7 @@ def test_evaluate_writes_metrics_with_protocol_card_and_per_case_rows(trained_li
     assert [row["patient_id"] for row in rows] == [item["patient_id"] for item in test_cases]
     assert np.mean([float(row["ged8"]) for row in rows]) == pytest.approx(report["metrics"]["ged8"], abs=1e-5)
     assert (report_dir / "reliability.png").stat().st_size > 0 and (report_dir / "montage.png").stat().st_size > 0
-    assert len(report["reliability"]["count"]) == 10 and sum(report["reliability"]["count"]) == len(rows) * 128 * 128
+    assert len(report["reliability"]["count"]) == 10 and sum(report["reliability"]["count"]) == len(rows) * int(np.prod(card["roi_size"]))
 
 
 def test_inference_writes_one_npz_per_case_in_the_scanner_frame(trained_lidc_run):
@@ -134,10 +137,10 @@ def test_inference_writes_one_npz_per_case_in_the_scanner_frame(trained_lidc_run
         rows = list(csv.DictReader(handle))
     assert [row["file"] for row in rows] == ["case_000000.npz", "case_000001.npz"]
     case = np.load(folder / rows[0]["file"])
-    assert case["samples"].shape == (5, 128, 128) and case["samples"].dtype == np.uint8
-    assert case["mean"].shape == case["calibration"].shape == (2, 128, 128)
+    assert case["samples"].shape == (5, *ROI) and case["samples"].dtype == np.uint8
+    assert case["mean"].shape == case["calibration"].shape == (2, *ROI)
     np.testing.assert_allclose(case["calibration"].sum(axis=0), 1.0, atol=1e-5)
-    assert case["entropy"].shape == (128, 128) and case["affine"].shape == (4, 4)
+    assert case["entropy"].shape == ROI and case["affine"].shape == (4, 4)
     assert abs(case["affine"][0, 0]) == pytest.approx(0.5)  # 0.5 mm pixels, as preprocessing resamples
 
 
