@@ -13,7 +13,6 @@ from lidc_bundle_runs import BUNDLE, REPO_ROOT, run_bundle
 
 from car_med.data.lidc import load_lidc_datalist
 
-
 ROI = tuple(json.loads((BUNDLE / "demo.json").read_text())["roi_size"])  # the demo trains on smaller crops
 
 
@@ -117,7 +116,9 @@ def test_evaluate_writes_metrics_with_protocol_card_and_per_case_rows(trained_li
     assert [row["patient_id"] for row in rows] == [item["patient_id"] for item in test_cases]
     assert np.mean([float(row["ged8"]) for row in rows]) == pytest.approx(report["metrics"]["ged8"], abs=1e-5)
     assert (report_dir / "reliability.png").stat().st_size > 0 and (report_dir / "montage.png").stat().st_size > 0
-    assert len(report["reliability"]["count"]) == 10 and sum(report["reliability"]["count"]) == len(rows) * int(np.prod(card["roi_size"]))
+    assert len(report["reliability"]["count"]) == 10 and sum(report["reliability"]["count"]) == len(rows) * int(
+        np.prod(card["roi_size"])
+    )
 
 
 def test_inference_writes_one_npz_per_case_in_the_scanner_frame(trained_lidc_run):
