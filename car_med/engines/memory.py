@@ -1,19 +1,22 @@
 """Row-chunked evaluation of CAR's G step: the same gradients as the folded batch, with far less memory.
 
 The G step evaluates G on ``B*M`` folded rows (160 at LIDC's B=8, M=20) and D on every one of them. On
-CPU most of that step's time goes to the operating system mapping fresh pages for the full-batch
-activations (about 335 MB per tensor at 128x128 for G's last block), and most of its memory to keeping
-them for the backward pass. Everything in G and D is row-wise except BatchNorm, whose batch statistics
-couple the rows. This module evaluates the row-wise parts in chunks of rows and BatchNorm exactly:
+CPU much of that step's time goes to the operating system mapping fresh pages for the full-batch
+activations (about 335 MB per tensor at 128x128 for G's last block, a new mapping for every one), and
+most of its memory to keeping them for the backward pass. Everything in G and D is row-wise except
+BatchNorm, whose batch statistics couple the rows. This module evaluates the row-wise parts in chunks
+of rows and BatchNorm exactly:
 
 - :func:`chunked_refinement_forward` runs a :class:`~car_med.networks.NoiseInjectedUNet` block by block.
   A block (convolution, BatchNorm, activation, dropout, then G's cropping and noise injection) is one
   autograd node. Its forward pass computes the convolution chunk by chunk into one buffer, takes the
   BatchNorm statistics over the whole folded batch (float64 accumulation, as PyTorch's CPU kernel does),
   updates the running statistics once, and evaluates the rest chunk by chunk. It keeps only the
-  convolution output and a boolean dropout mask; the backward pass recomputes the row-wise ops chunk by
-  chunk, applies BatchNorm's exact backward (through the batch statistics, with the whole batch's sums),
-  and takes the convolution's gradients with ``convolution_backward``, without recomputing it.
+  convolution output and a boolean dropout mask. The backward pass recomputes the row-wise ops chunk by
+  chunk twice, first for BatchNorm's whole-batch sums, then for the gradient itself (so the gradient at
+  BatchNorm's output never exists for the whole batch), applies BatchNorm's exact backward (through the
+  batch statistics), and takes the convolution's gradients with ``convolution_backward``, without
+  recomputing the convolution.
 - :func:`chunked_adversarial_loss` evaluates D on chunks of G's detached samples and back-propagates each
   chunk at once, collecting dL_adv/dsample. D has no normalisation, so this is exact.
 
@@ -81,6 +84,11 @@ def _block_parts(block: nn.Module, name: str) -> tuple[_ConvNd, _BatchNorm | Non
     norm = None
     if ops and isinstance(ops[0], _BatchNorm):
         norm = ops.pop(0)
+        if isinstance(norm, nn.SyncBatchNorm):
+            raise ValueError(
+                f"chunked G evaluation takes BatchNorm statistics on this process only; {name} is a SyncBatchNorm. "
+                "Use memory_saving='none'."
+            )
     row_ops: list = []
     for op in ops:
         if isinstance(op, _BatchNorm) or (
@@ -168,113 +176,140 @@ def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.view(1, -1, *([1] * (ndim - 2)))
 
 
+def _tail_channels(plan: _BlockPlan) -> int:
+    """Channels of a block's output: the injection's 1x1 convolution sets them, else the block's conv."""
+    if plan.inject is not None:
+        return plan.inject.proj.conv.out_channels
+    return plan.conv.out_channels
+
+
+def _arena(device: torch.device, layout: Sequence[tuple[torch.Size, torch.dtype]]) -> list[torch.Tensor]:
+    """Tensors of the given shapes and dtypes carved out of one allocation.
+
+    What a block keeps between its forward and backward passes (conv output, dropout masks, output) lives
+    as long as the block's graph. As one allocation it is one mapping of its own, handed back to the system
+    when freed; as separate tensors, the smaller ones would sit in the allocator's heap between short-lived
+    chunks and keep it from shrinking, which shows up as peak RSS.
+    """
+    offsets, size = [], 0
+    for shape, dtype in layout:
+        size = -(-size // 64) * 64  # 64-byte alignment for every tensor
+        offsets.append(size)
+        size += shape.numel() * torch.empty((), dtype=dtype).element_size()
+    buffer = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
+    views = []
+    for (shape, dtype), offset in zip(layout, offsets):
+        nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+        views.append(buffer[offset : offset + nbytes].view(dtype).view(shape))
+    return views
+
+
 class _ChunkedBlock(torch.autograd.Function):
     """One G block over the folded batch, evaluated in row chunks (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, plan: _BlockPlan, n_params: int, noise: torch.Tensor, *tensors: torch.Tensor):
         params, parts = tensors[:n_params], tensors[n_params:]
-        total = parts[0].shape[0]
+        total, spatial, dtype = parts[0].shape[0], parts[0].shape[2:], parts[0].dtype
         slices = chunk_slices(total, plan.rows)
-        # the conv output stays in chunks: no full-batch copy, and freed chunks are reused by later ones
-        z_chunks = [plan.conv(_gather(parts, sl)) for sl in slices]
+        z_spatial = _conv_out_spatial(plan.conv, spatial)
+        z_shape = torch.Size((total, plan.conv.out_channels, *z_spatial))
+        out_shape = torch.Size((total, _tail_channels(plan), *(plan.crop or z_spatial)))
+        n_masks = sum(isinstance(op, _DropoutSite) and 0.0 < op.p < 1.0 for op in plan.row_ops)
+        z, *masks, out = _arena(
+            parts[0].device, [(z_shape, dtype)] + [(z_shape, torch.bool)] * n_masks + [(out_shape, dtype)]
+        )
+        for sl in slices:
+            z[sl] = plan.conv(_gather(parts, sl))
+        z_chunks = [z[sl] for sl in slices]
         stats = _norm_forward(plan.norm, z_chunks)
-        shape = (total, *z_chunks[0].shape[1:])
         # masks in forward order, each drawn over the whole batch exactly as nn.Dropout draws it
-        masks = [
-            torch.empty(shape, dtype=torch.bool, device=z_chunks[0].device).bernoulli_(1.0 - op.p)
-            for op in plan.row_ops
-            if isinstance(op, _DropoutSite) and 0.0 < op.p < 1.0
-        ]
-        out = None
+        it = iter(masks)
+        for op in plan.row_ops:
+            if isinstance(op, _DropoutSite) and 0.0 < op.p < 1.0:
+                next(it).bernoulli_(1.0 - op.p)
         for sl, z_c in zip(slices, z_chunks):
-            o_c = _tail(plan, _normalise(z_c, stats), [m[sl] for m in masks], noise[sl])
-            if out is None:
-                out = o_c.new_empty((total, *o_c.shape[1:]))
-            out[sl] = o_c
-            del o_c
-        ctx.plan, ctx.n_params, ctx.n_masks, ctx.stats = plan, n_params, len(masks), stats
-        ctx.z_chunks = z_chunks  # intermediate, not an input or output: kept on ctx so backward can free it early
-        ctx.save_for_backward(noise, *masks, *params, *parts)
+            out[sl] = _tail(plan, _normalise(z_c, stats), [m[sl] for m in masks], noise[sl])
+        ctx.plan, ctx.n_params, ctx.stats = plan, n_params, stats
+        # intermediates, kept on ctx: they share one allocation with the output (see _arena)
+        ctx.z, ctx.masks = z, masks
+        ctx.save_for_backward(noise, *params, *parts)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        plan, n_params, n_masks, stats = ctx.plan, ctx.n_params, ctx.n_masks, ctx.stats
-        z_chunks, ctx.z_chunks = ctx.z_chunks, None
+        plan, n_params, stats = ctx.plan, ctx.n_params, ctx.stats
+        z, masks = ctx.z, ctx.masks
+        ctx.z = ctx.masks = None
         saved = ctx.saved_tensors
-        noise = saved[0]
-        masks = saved[1 : 1 + n_masks]
-        params = saved[1 + n_masks : 1 + n_masks + n_params]
-        parts = saved[1 + n_masks + n_params :]
+        noise, params, parts = saved[0], saved[1 : 1 + n_params], saved[1 + n_params :]
         needs = ctx.needs_input_grad[3:]
         param_needs, part_needs = needs[:n_params], needs[n_params:]
-        slices = chunk_slices(parts[0].shape[0], plan.rows)
+        total = z.shape[0]
+        slices = chunk_slices(total, plan.rows)
         conv, norm = plan.conv, plan.norm
         n_conv = 1 + (conv.bias is not None)
         n_norm = 0 if norm is None or norm.weight is None else 2
         tail_params = list(params[n_conv + n_norm :])
         tail_needs = param_needs[n_conv + n_norm :]
-        wanted_params = [p for p, need in zip(tail_params, tail_needs) if need]
-        grads_tail: list[torch.Tensor | None] = [None] * len(wanted_params)
+        wanted = [p for p, need in zip(tail_params, tail_needs) if need]
+        grads_wanted: list[torch.Tensor | None] = [None] * len(wanted)
+        dims, ndim = _reduce_dims(z), z.ndim
 
-        def tail_grad(i: int, with_params: bool) -> tuple:
-            """dL/d(BatchNorm output) of chunk i, recomputing the row-wise tail (and its parameters' grads)."""
-            sl = slices[i]
-            y_c = _normalise(z_chunks[i], stats).requires_grad_(True)
+        # pass 1: recompute the row-wise tail chunk by chunk for dL/d(BN output), the tail's parameter grads
+        # and BatchNorm's whole-batch sums
+        dy = torch.empty_like(z)
+        sum_dy = torch.zeros(z.shape[1], dtype=torch.float64, device=z.device)
+        dot_p = torch.zeros_like(sum_dy)
+        for sl in slices:
+            z_c = z[sl]
+            y_c = _normalise(z_c, stats).requires_grad_(True)
             with torch.enable_grad():
                 o_c = _tail(plan, y_c, [m[sl] for m in masks], noise[sl])
-                inputs = [y_c] + (wanted_params if with_params else [])
-                return torch.autograd.grad(o_c, inputs, grad_out[sl], allow_unused=True)
-
-        # pass 1: the tail's parameter grads and BatchNorm's whole-batch sums; dL/d(BN output) is not kept, as
-        # storing it would double the block's memory (pass 2 recomputes it)
-        sum_dy = dot_p = None
-        if stats is not None:
-            sum_dy = torch.zeros(stats.mean.shape[0], dtype=torch.float64, device=stats.mean.device)
-            dot_p = torch.zeros_like(sum_dy)
-        if stats is not None or wanted_params:
-            for i in range(len(slices)):
-                got = tail_grad(i, with_params=True)
-                for k, g in enumerate(got[1:]):
-                    if g is not None:
-                        grads_tail[k] = g if grads_tail[k] is None else grads_tail[k].add_(g)
-                if stats is not None:
-                    dy_c, z_c = got[0], z_chunks[i]
-                    dims = _reduce_dims(z_c)
-                    sum_dy += dy_c.sum(dims).double()
-                    dot_p += ((z_c - _channel_view(stats.mean, z_c.ndim)) * dy_c).sum(dims).double()
-                del got
+                got = torch.autograd.grad(o_c, [y_c, *wanted], grad_out[sl], allow_unused=True)
+            dy[sl] = got[0]
+            for k, g in enumerate(got[1:]):
+                if g is not None:
+                    grads_wanted[k] = g if grads_wanted[k] is None else grads_wanted[k].add_(g)
+            if stats is not None:
+                dy_c = dy[sl]
+                sum_dy += dy_c.sum(dims).double()
+                dot_p += ((z_c - _channel_view(stats.mean, ndim)) * dy_c).sum(dims).double()
+            del y_c, o_c, got
 
         grads_norm: list[torch.Tensor | None] = []
         if n_norm:
             # BatchNorm's affine grads: dL/dweight = sum(dy * xhat), dL/dbias = sum(dy)
-            grads_norm = [(dot_p * stats.invstd.double()).to(stats.mean.dtype), sum_dy.to(stats.mean.dtype)]
+            grads_norm = [(dot_p * stats.invstd.double()).to(z.dtype), sum_dy.to(z.dtype)]
 
-        # pass 2: dL/dz through BatchNorm (exact: with the whole batch's sums), then the conv's grads
-        ndim = z_chunks[0].ndim
+        # pass 2: dL/dz through BatchNorm (exact: with the whole batch's sums), in place of dy; conv grads
         if stats is not None:
             scale = _channel_view(stats.invstd * stats.weight, ndim)
             if stats.batch:
                 n = stats.count
-                k_coef = _channel_view((dot_p * stats.invstd.double() ** 2 / n).to(stats.mean.dtype), ndim)
-                grad_mean = _channel_view((sum_dy / n).to(stats.mean.dtype), ndim)
+                k_coef = _channel_view((dot_p * stats.invstd.double() ** 2 / n).to(z.dtype), ndim)
+                grad_mean = _channel_view((sum_dy / n).to(z.dtype), ndim)
                 mean = _channel_view(stats.mean, ndim)
-        grad_parts = [torch.empty_like(p) if need else None for p, need in zip(parts, part_needs)]
+        in_shape = (total, sum(p.shape[1] for p in parts), *parts[0].shape[2:])
+        grad_in = None
+        if any(part_needs):
+            row_in, row_z = torch.Size(in_shape[1:]).numel(), z[0].numel()
+            # the input's grad overwrites the chunks of dy already used when it fits in them (rows of at most
+            # the size of dy's rows land in rows already done); else it gets a buffer of its own
+            grad_in = dy.view(-1)[: total * row_in].view(in_shape) if row_in <= row_z else dy.new_empty(in_shape)
         grad_w = grad_b = None
-        mask = [any(part_needs), param_needs[0], n_conv == 2 and param_needs[1]]
+        mask = [grad_in is not None, param_needs[0], n_conv == 2 and param_needs[1]]
         transposed = isinstance(conv, _ConvTransposeNd)
         output_padding = conv.output_padding if transposed else (0,) * len(conv.stride)
-        for i, sl in enumerate(slices):
-            dz_c = tail_grad(i, with_params=False)[0]
+        for sl in slices:
+            dz_c = dy[sl]
             if stats is not None:
                 if stats.batch:
                     # PyTorch's CPU batch_norm backward: (dy - mean(dy) - (z - mean) * k) * invstd * weight
-                    dz_c = dz_c.sub_(grad_mean).sub_((z_chunks[i] - mean).mul_(k_coef)).mul_(scale)
+                    dz_c.sub_(grad_mean).sub_((z[sl] - mean).mul_(k_coef)).mul_(scale)
                 else:
-                    dz_c = dz_c.mul_(scale)
-            z_chunks[i] = None  # this chunk's conv output is no longer needed
+                    dz_c.mul_(scale)
             gi, gw, gb = torch.ops.aten.convolution_backward(
                 dz_c,
                 _gather(parts, sl),
@@ -294,17 +329,18 @@ class _ChunkedBlock(torch.autograd.Function):
             if gb is not None:
                 grad_b = gb if grad_b is None else grad_b.add_(gb)
             if gi is not None:
-                start = 0
-                for p, gp in zip(parts, grad_parts):
-                    width = p.shape[1]
-                    if gp is not None:
-                        gp[sl] = gi[:, start : start + width]
-                    start += width
-        grads_tail_all: list[torch.Tensor | None] = []
-        it = iter(grads_tail)
-        for need in tail_needs:
-            grads_tail_all.append(next(it) if need else None)
-        grads_params = [grad_w] + ([grad_b] if n_conv == 2 else []) + grads_norm + grads_tail_all
+                grad_in[sl] = gi
+            del gi
+        del z, masks
+        grad_parts: list[torch.Tensor | None] = []
+        start = 0
+        for p, need in zip(parts, part_needs):
+            width = p.shape[1]
+            grad_parts.append(grad_in[:, start : start + width] if need else None)
+            start += width
+        it = iter(grads_wanted)
+        grads_tail = [next(it) if need else None for need in tail_needs]
+        grads_params = [grad_w] + ([grad_b] if n_conv == 2 else []) + grads_norm + grads_tail
         return (None, None, None, *grads_params, *grad_parts)
 
 

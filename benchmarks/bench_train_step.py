@@ -1,0 +1,180 @@
+"""Stage-2 iterations per second and peak memory of CARTrainer: memory_saving "none" vs "chunked", light vs authors' D.
+
+Usage:
+    python benchmarks/bench_train_step.py [--batch-size 8] [--num-samples 20] [--size 128] [--threads 2]
+        [--repeats 3] [--rounds 1] [--variant none chunked] [--discriminator light authors] [--chunk-size 8]
+
+The networks are the default LIDC ones with random weights (speed does not depend on them): F is
+``SegNetCalibrationNet(in_channels=1, out_channels=2)``, G ``NoiseInjectedUNet(image_channels=1,
+num_classes=2, noise_dim=8)``, D ``Discriminator(image_channels=1, num_classes=2)`` ("light", the paper's
+DCGAN stack) or the same with ``full_resolution_convs=3`` ("authors", the three full-resolution
+64-channel convolutions of the authors' code). The trainer uses the LIDC bundle's settings (10 * L_adv +
+5 * L_cal, R1 gamma 10, D stepping every iteration). On a GPU (``torch.cuda.is_available()``) the batch
+size defaults to 32, the paper's, and 8 on CPU.
+
+Every configuration runs in a fresh subprocess, so its peak RSS (``ru_maxrss``) is its own; each
+subprocess runs one warm-up iteration and then ``--repeats`` timed ones. ``--rounds`` repeats the whole
+set of subprocesses, alternating the configurations, which spreads the noise of a shared machine over
+all of them. The table gives the median and the best seconds per iteration over every timed iteration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ("none", "chunked")
+DISCRIMINATORS = {"light": 0, "authors": 3}
+
+
+def run_child(config: dict) -> dict:
+    """One configuration, in this process: warm-up plus timed iterations of a real CARTrainer."""
+    import torch
+    from ignite.engine import Events
+
+    from car_med.engines import CARTrainer
+    from car_med.networks import Discriminator, NoiseInjectedUNet, SegNetCalibrationNet
+
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(0)
+    device = torch.device(config["device"])
+    b, m, size = config["batch_size"], config["num_samples"], config["size"]
+    f = SegNetCalibrationNet(in_channels=1, out_channels=2).to(device)
+    g = NoiseInjectedUNet(image_channels=1, num_classes=2, noise_dim=8).to(device)
+    d = Discriminator(
+        image_channels=1, num_classes=2, full_resolution_convs=DISCRIMINATORS[config["discriminator"]]
+    ).to(device)
+    iterations = 1 + config["repeats"]
+    batches = [
+        {"image": torch.randn(b, 1, size, size), "label": torch.randint(0, 2, (b, 1, size, size))}
+        for _ in range(iterations)
+    ]
+    trainer = CARTrainer(
+        device=device,
+        max_epochs=1,
+        train_data_loader=batches,
+        calibration_network=f,
+        refinement_network=g,
+        discriminator=d,
+        g_optimizer=torch.optim.Adam(g.parameters(), 2e-4, betas=(0.5, 0.99)),
+        d_optimizer=torch.optim.Adam(d.parameters(), 1e-5, betas=(0.5, 0.99)),
+        noise_dim=8,
+        num_samples=m,
+        lambda_cal=5.0,
+        adversarial_weight=10.0,
+        num_classes=2,
+        r1_gamma=10.0,
+        memory_saving=config["variant"],
+        chunk_size=config["chunk_size"],
+    )
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    times: list[float] = []
+    start = [0.0]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def _start(_engine) -> None:
+        sync()
+        start[0] = time.perf_counter()
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _stop(_engine) -> None:
+        sync()
+        times.append(time.perf_counter() - start[0])
+
+    trainer.run()
+    result = {
+        "times": times[1:],  # the first iteration is the warm-up
+        "warmup": times[0],
+        # Linux reports ru_maxrss in KiB
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "base_rss_gb": base_rss,  # networks, optimisers and batches built, before the first iteration
+    }
+    if device.type == "cuda":
+        result["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=None, help="B (default: 32 on a GPU, 8 on CPU)")
+    parser.add_argument("--num-samples", type=int, default=20, help="M, samples per image")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every subprocess")
+    parser.add_argument("--repeats", type=int, default=3, help="timed iterations per subprocess (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=1, help="subprocesses per configuration, alternated")
+    parser.add_argument("--variant", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="memory_saving")
+    parser.add_argument("--discriminator", nargs="+", choices=list(DISCRIMINATORS), default=list(DISCRIMINATORS))
+    parser.add_argument("--chunk-size", type=int, default=8, help="CARTrainer chunk_size for 'chunked'")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu' or 'cuda'")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(run_child(json.loads(args.child))))
+        return
+
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    batch = args.batch_size or (32 if device == "cuda" else 8)
+    configs = [
+        {
+            "discriminator": disc,
+            "variant": variant,
+            "device": device,
+            "batch_size": batch,
+            "num_samples": args.num_samples,
+            "size": args.size,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "chunk_size": args.chunk_size,
+        }
+        for disc in args.discriminator
+        for variant in args.variant
+    ]
+    results: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
+    for r in range(args.rounds):
+        # alternate the order from round to round so that no configuration always runs first
+        order = range(len(configs)) if r % 2 == 0 else reversed(range(len(configs)))
+        for i in order:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps(configs[i])], capture_output=True, text=True
+            )
+            if out.returncode != 0:
+                raise SystemExit(f"configuration {configs[i]} failed:\n{out.stderr}")
+            results[i].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(
+                f"round {r + 1}/{args.rounds} {configs[i]['discriminator']}/{configs[i]['variant']}: done",
+                file=sys.stderr,
+            )
+
+    cuda = device == "cuda"
+    print(
+        f"\nCARTrainer stage 2, B={batch}, M={args.num_samples}, {args.size}x{args.size}, {device}"
+        + ("" if cuda else f", threads={args.threads}")
+        + f", {args.rounds} subprocess(es) x {args.repeats} timed iterations per configuration\n"
+    )
+    header = "| D | memory_saving | s/iteration (median) | s/iteration (best) | iterations/s (median) | peak RSS (GB) |"
+    print(header + (" peak CUDA (GB) |" if cuda else ""))
+    print("|---" * (7 if cuda else 6) + "|")
+    for i, config in enumerate(configs):
+        times = [t for res in results[i] for t in res["times"]]
+        median, best = statistics.median(times), min(times)
+        rss = max(res["peak_rss_gb"] for res in results[i])
+        row = f"| {config['discriminator']} | {config['variant']} | {median:.2f} | {best:.2f} | {1 / median:.3f} "
+        row += f"| {rss:.2f} |"
+        if cuda:
+            row += f" {max(res['peak_cuda_gb'] for res in results[i]):.2f} |"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
