@@ -44,14 +44,19 @@ def run_child(config: dict) -> dict:
     torch.manual_seed(0)
     device = torch.device(config["device"])
     b, m, size = config["batch_size"], config["num_samples"], config["size"]
-    f = SegNetCalibrationNet(in_channels=1, out_channels=2).to(device)
-    g = NoiseInjectedUNet(image_channels=1, num_classes=2, noise_dim=8).to(device)
+    # the LIDC bundle's channels_last switch: networks and images in channels-last memory format
+    fmt = torch.channels_last if config["channels_last"] else torch.contiguous_format
+    f = SegNetCalibrationNet(in_channels=1, out_channels=2).to(device, memory_format=fmt)
+    g = NoiseInjectedUNet(image_channels=1, num_classes=2, noise_dim=8).to(device, memory_format=fmt)
     d = Discriminator(
         image_channels=1, num_classes=2, full_resolution_convs=DISCRIMINATORS[config["discriminator"]]
-    ).to(device)
+    ).to(device, memory_format=fmt)
     iterations = 1 + config["repeats"]
     batches = [
-        {"image": torch.randn(b, 1, size, size), "label": torch.randint(0, 2, (b, 1, size, size))}
+        {
+            "image": torch.randn(b, 1, size, size).contiguous(memory_format=fmt),
+            "label": torch.randint(0, 2, (b, 1, size, size)),
+        }
         for _ in range(iterations)
     ]
     trainer = CARTrainer(
@@ -103,6 +108,15 @@ def run_child(config: dict) -> dict:
     return result
 
 
+def _cpu_pressure() -> str:
+    """Linux's share of the last minute in which some runnable task waited for a CPU (other load on the machine)."""
+    try:
+        with open("/proc/pressure/cpu") as fh:
+            return fh.readline().split()[2].replace("avg60=", "") + "%"
+    except (OSError, IndexError):
+        return "n/a"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=None, help="B (default: 32 on a GPU, 8 on CPU)")
@@ -115,6 +129,7 @@ def main() -> None:
     parser.add_argument("--discriminator", nargs="+", choices=list(DISCRIMINATORS), default=list(DISCRIMINATORS))
     parser.add_argument("--chunk-size", type=int, default=8, help="CARTrainer chunk_size for 'chunked'")
     parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu' or 'cuda'")
+    parser.add_argument("--channels-last", action="store_true", help="networks and images in channels_last")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -136,6 +151,7 @@ def main() -> None:
             "threads": args.threads,
             "repeats": args.repeats,
             "chunk_size": args.chunk_size,
+            "channels_last": args.channels_last,
         }
         for disc in args.discriminator
         for variant in args.variant
@@ -150,9 +166,13 @@ def main() -> None:
             )
             if out.returncode != 0:
                 raise SystemExit(f"configuration {configs[i]} failed:\n{out.stderr}")
-            results[i].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            results[i].append(res)
+            name = f"{configs[i]['discriminator']}/{configs[i]['variant']}"
+            shown = ", ".join(f"{t:.2f}" for t in res["times"])
             print(
-                f"round {r + 1}/{args.rounds} {configs[i]['discriminator']}/{configs[i]['variant']}: done",
+                f"round {r + 1}/{args.rounds} {name}: s/iteration {shown}; peak RSS {res['peak_rss_gb']:.2f} GB; "
+                f"CPU pressure {_cpu_pressure()}",
                 file=sys.stderr,
             )
 
@@ -160,6 +180,7 @@ def main() -> None:
     print(
         f"\nCARTrainer stage 2, B={batch}, M={args.num_samples}, {args.size}x{args.size}, {device}"
         + ("" if cuda else f", threads={args.threads}")
+        + (", channels_last" if args.channels_last else "")
         + f", {args.rounds} subprocess(es) x {args.repeats} timed iterations per configuration\n"
     )
     header = "| D | memory_saving | s/iteration (median) | s/iteration (best) | iterations/s (median) | peak RSS (GB) |"

@@ -66,8 +66,25 @@ class _BlockPlan:
     rows: int  # rows per chunk
 
     def tail_modules(self) -> list[nn.Module]:
+        """Modules called chunk by chunk; the injection's linear maps of the noise run once for all rows."""
         mods = [op for op in self.row_ops if isinstance(op, nn.Module)]
-        return mods + [m for m in (self.inject, self.post_act) if m is not None]
+        return mods + [m for m in (None if self.inject is None else self.inject.proj, self.post_act) if m is not None]
+
+    def noise_modules(self) -> list[nn.Module]:
+        return [] if self.inject is None else [self.inject.residual, self.inject.scale]
+
+
+def _modulation(plan: _BlockPlan, noise: torch.Tensor, dtype: torch.dtype, ndim: int):
+    """The injection's residual r and scale s for every row at once, ``(N, C, 1, ...)``, or ``None``.
+
+    One matrix product for the whole batch: per chunk these tiny products would cost more in thread
+    synchronisation than in arithmetic.
+    """
+    if plan.inject is None:
+        return None
+    shape = (noise.shape[0], -1) + (1,) * (ndim - 2)
+    noise = noise.to(dtype)
+    return plan.inject.residual(noise).view(shape), plan.inject.scale(noise).view(shape)
 
 
 def _block_parts(block: nn.Module, name: str) -> tuple[_ConvNd, _BatchNorm | None, tuple]:
@@ -144,8 +161,11 @@ def _gather(parts: Sequence[torch.Tensor], sl: slice) -> torch.Tensor:
     return parts[0][sl] if len(parts) == 1 else torch.cat([p[sl] for p in parts], dim=1)
 
 
-def _tail(plan: _BlockPlan, y: torch.Tensor, masks: Sequence[torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
-    """The row-wise rest of a block after BatchNorm, in G's order (see ``NoiseInjectedUNet.decode``)."""
+def _tail(plan: _BlockPlan, y: torch.Tensor, masks: Sequence[torch.Tensor], mod: tuple | None) -> torch.Tensor:
+    """The row-wise rest of a block after BatchNorm, in G's order (see ``NoiseInjectedUNet.decode``).
+
+    ``mod`` holds this chunk's rows of the injection's r and s (see :func:`_modulation`).
+    """
     h = y
     k = 0
     for op in plan.row_ops:
@@ -162,7 +182,9 @@ def _tail(plan: _BlockPlan, y: torch.Tensor, masks: Sequence[torch.Tensor], nois
     if plan.crop is not None:
         h = _match_size(h, plan.crop)
     if plan.inject is not None:
-        h = plan.inject(h, noise.to(h.dtype))
+        # NoiseInjection.forward, with r and s taken for the whole batch at once
+        r, s = mod
+        h = plan.inject.proj((h + r) * (s + plan.inject.scale_offset))
     if plan.post_act is not None:
         h = plan.post_act(h)
     return h
@@ -176,6 +198,10 @@ def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.view(1, -1, *([1] * (ndim - 2)))
 
 
+def _cl(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if t.ndim == 4 else torch.channels_last_3d
+
+
 def _tail_channels(plan: _BlockPlan) -> int:
     """Channels of a block's output: the injection's 1x1 convolution sets them, else the block's conv."""
     if plan.inject is not None:
@@ -183,8 +209,10 @@ def _tail_channels(plan: _BlockPlan) -> int:
     return plan.conv.out_channels
 
 
-def _arena(device: torch.device, layout: Sequence[tuple[torch.Size, torch.dtype]]) -> list[torch.Tensor]:
-    """Tensors of the given shapes and dtypes carved out of one allocation.
+def _arena(
+    device: torch.device, layout: Sequence[tuple[torch.Size, torch.dtype]], channels_last: bool = False
+) -> list[torch.Tensor]:
+    """Tensors of the given shapes and dtypes carved out of one allocation, optionally channels-last.
 
     What a block keeps between its forward and backward passes (conv output, dropout masks, output) lives
     as long as the block's graph. As one allocation it is one mapping of its own, handed back to the system
@@ -200,8 +228,21 @@ def _arena(device: torch.device, layout: Sequence[tuple[torch.Size, torch.dtype]
     views = []
     for (shape, dtype), offset in zip(layout, offsets):
         nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
-        views.append(buffer[offset : offset + nbytes].view(dtype).view(shape))
+        views.append(_shaped(buffer[offset : offset + nbytes].view(dtype), shape, channels_last))
     return views
+
+
+def _shaped(flat: torch.Tensor, shape: Sequence[int], channels_last: bool) -> torch.Tensor:
+    """A flat buffer seen as ``shape`` (N, C, *spatial), laid out contiguous or channels-last; rows outermost."""
+    if not channels_last:
+        return flat.view(shape)
+    # (N, *spatial, C) in memory, seen as (N, C, *spatial): the strides channels_last gives
+    ndim = len(shape)
+    return flat.view(shape[0], *shape[2:], shape[1]).permute(0, ndim - 1, *range(1, ndim - 1))
+
+
+def _is_cl(t: torch.Tensor) -> bool:
+    return t.ndim in (4, 5) and not t.is_contiguous() and t.is_contiguous(memory_format=_cl(t))
 
 
 class _ChunkedBlock(torch.autograd.Function):
@@ -216,10 +257,17 @@ class _ChunkedBlock(torch.autograd.Function):
         z_shape = torch.Size((total, plan.conv.out_channels, *z_spatial))
         out_shape = torch.Size((total, _tail_channels(plan), *(plan.crop or z_spatial)))
         n_masks = sum(isinstance(op, _DropoutSite) and 0.0 < op.p < 1.0 for op in plan.row_ops)
+        first = plan.conv(_gather(parts, slices[0]))
+        # the conv's own memory format (channels-last nets give channels-last outputs): no transposing copies,
+        # and dropout masks laid out as nn.Dropout's, so drawn in the same order
         z, *masks, out = _arena(
-            parts[0].device, [(z_shape, dtype)] + [(z_shape, torch.bool)] * n_masks + [(out_shape, dtype)]
+            parts[0].device,
+            [(z_shape, dtype)] + [(z_shape, torch.bool)] * n_masks + [(out_shape, dtype)],
+            _is_cl(first),
         )
-        for sl in slices:
+        z[slices[0]] = first
+        del first
+        for sl in slices[1:]:
             z[sl] = plan.conv(_gather(parts, sl))
         z_chunks = [z[sl] for sl in slices]
         stats = _norm_forward(plan.norm, z_chunks)
@@ -228,8 +276,10 @@ class _ChunkedBlock(torch.autograd.Function):
         for op in plan.row_ops:
             if isinstance(op, _DropoutSite) and 0.0 < op.p < 1.0:
                 next(it).bernoulli_(1.0 - op.p)
+        mod = _modulation(plan, noise, dtype, z.ndim)
         for sl, z_c in zip(slices, z_chunks):
-            out[sl] = _tail(plan, _normalise(z_c, stats), [m[sl] for m in masks], noise[sl])
+            mod_c = None if mod is None else (mod[0][sl], mod[1][sl])
+            out[sl] = _tail(plan, _normalise(z_c, stats), [m[sl] for m in masks], mod_c)
         ctx.plan, ctx.n_params, ctx.stats = plan, n_params, stats
         # intermediates, kept on ctx: they share one allocation with the output (see _arena)
         ctx.z, ctx.masks = z, masks
@@ -251,24 +301,39 @@ class _ChunkedBlock(torch.autograd.Function):
         conv, norm = plan.conv, plan.norm
         n_conv = 1 + (conv.bias is not None)
         n_norm = 0 if norm is None or norm.weight is None else 2
-        tail_params = list(params[n_conv + n_norm :])
-        tail_needs = param_needs[n_conv + n_norm :]
+        n_noise = sum(1 for m in plan.noise_modules() for _ in m.parameters())
+        n_tail = n_params - n_conv - n_norm - n_noise
+        tail_params = list(params[n_conv + n_norm : n_conv + n_norm + n_tail])
+        tail_needs = param_needs[n_conv + n_norm : n_conv + n_norm + n_tail]
+        noise_params = list(params[n_params - n_noise :])
+        noise_needs = param_needs[n_params - n_noise :]
         wanted = [p for p, need in zip(tail_params, tail_needs) if need]
         grads_wanted: list[torch.Tensor | None] = [None] * len(wanted)
         dims, ndim = _reduce_dims(z), z.ndim
 
         # pass 1: recompute the row-wise tail chunk by chunk for dL/d(BN output), the tail's parameter grads
         # and BatchNorm's whole-batch sums
-        dy = torch.empty_like(z)
+        dy_flat = z.new_empty(z.numel())
+        dy = _shaped(dy_flat, z.shape, _is_cl(z))
         sum_dy = torch.zeros(z.shape[1], dtype=torch.float64, device=z.device)
         dot_p = torch.zeros_like(sum_dy)
+        mod = _modulation(plan, noise, z.dtype, ndim)
+        grad_mod = None if mod is None else (torch.zeros_like(mod[0]), torch.zeros_like(mod[1]))
         for sl in slices:
             z_c = z[sl]
             y_c = _normalise(z_c, stats).requires_grad_(True)
+            leaves = [y_c] if mod is None else [y_c, mod[0][sl].detach().requires_grad_(True)]
+            if mod is not None:
+                leaves.append(mod[1][sl].detach().requires_grad_(True))
             with torch.enable_grad():
-                o_c = _tail(plan, y_c, [m[sl] for m in masks], noise[sl])
-                got = torch.autograd.grad(o_c, [y_c, *wanted], grad_out[sl], allow_unused=True)
+                o_c = _tail(plan, y_c, [m[sl] for m in masks], None if mod is None else tuple(leaves[1:]))
+                got = torch.autograd.grad(o_c, [*leaves, *wanted], grad_out[sl], allow_unused=True)
             dy[sl] = got[0]
+            if mod is not None:
+                for acc, g in zip(grad_mod, got[1:3]):
+                    if g is not None:
+                        acc[sl] = g
+                got = got[:1] + got[3:]
             for k, g in enumerate(got[1:]):
                 if g is not None:
                     grads_wanted[k] = g if grads_wanted[k] is None else grads_wanted[k].add_(g)
@@ -277,6 +342,16 @@ class _ChunkedBlock(torch.autograd.Function):
                 sum_dy += dy_c.sum(dims).double()
                 dot_p += ((z_c - _channel_view(stats.mean, ndim)) * dy_c).sum(dims).double()
             del y_c, o_c, got
+
+        grads_noise: list[torch.Tensor | None] = [None] * n_noise
+        if mod is not None and any(noise_needs):
+            # the injection's linear maps, back-propagated once for the whole batch
+            with torch.enable_grad():
+                r, s = _modulation(plan, noise, z.dtype, ndim)
+                wanted_noise = [p for p, need in zip(noise_params, noise_needs) if need]
+                got = torch.autograd.grad([r, s], wanted_noise, list(grad_mod), allow_unused=True)
+            it = iter(got)
+            grads_noise = [next(it) if need else None for need in noise_needs]
 
         grads_norm: list[torch.Tensor | None] = []
         if n_norm:
@@ -297,7 +372,8 @@ class _ChunkedBlock(torch.autograd.Function):
             row_in, row_z = torch.Size(in_shape[1:]).numel(), z[0].numel()
             # the input's grad overwrites the chunks of dy already used when it fits in them (rows of at most
             # the size of dy's rows land in rows already done); else it gets a buffer of its own
-            grad_in = dy.view(-1)[: total * row_in].view(in_shape) if row_in <= row_z else dy.new_empty(in_shape)
+            flat = dy_flat[: total * row_in] if row_in <= row_z else dy_flat.new_empty(total * row_in)
+            grad_in = _shaped(flat, in_shape, _is_cl(parts[0]))
         grad_w = grad_b = None
         mask = [grad_in is not None, param_needs[0], n_conv == 2 and param_needs[1]]
         transposed = isinstance(conv, _ConvTransposeNd)
@@ -340,7 +416,7 @@ class _ChunkedBlock(torch.autograd.Function):
             start += width
         it = iter(grads_wanted)
         grads_tail = [next(it) if need else None for need in tail_needs]
-        grads_params = [grad_w] + ([grad_b] if n_conv == 2 else []) + grads_norm + grads_tail
+        grads_params = [grad_w] + ([grad_b] if n_conv == 2 else []) + grads_norm + grads_tail + grads_noise
         return (None, None, None, *grads_params, *grad_parts)
 
 
@@ -425,6 +501,7 @@ def _run_block(
     if norm is not None and norm.weight is not None:
         params += [norm.weight, norm.bias]
     params += [p for m in plan.tail_modules() for p in m.parameters()]
+    params += [p for m in plan.noise_modules() for p in m.parameters()]
     return _ChunkedBlock.apply(plan, len(params), noise, *params, *parts)
 
 
