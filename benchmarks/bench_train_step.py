@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/bench_train_step.py [--batch-size 8] [--num-samples 20] [--size 128] [--threads 2]
-        [--repeats 3] [--rounds 1] [--variant none chunked] [--discriminator light authors] [--chunk-size 8]
+        [--repeats 3] [--rounds 1] [--variant none chunked] [--discriminator light authors] [--chunk-size 4]
 
 The networks are the default LIDC ones with random weights (speed does not depend on them): F is
 ``SegNetCalibrationNet(in_channels=1, out_channels=2)``, G ``NoiseInjectedUNet(image_channels=1,
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="subprocesses per configuration, alternated")
     parser.add_argument("--variant", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="memory_saving")
     parser.add_argument("--discriminator", nargs="+", choices=list(DISCRIMINATORS), default=list(DISCRIMINATORS))
-    parser.add_argument("--chunk-size", type=int, default=8, help="CARTrainer chunk_size for 'chunked'")
+    parser.add_argument("--chunk-size", type=int, default=4, help="CARTrainer chunk_size for 'chunked'")
     parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu' or 'cuda'")
     parser.add_argument("--channels-last", action="store_true", help="networks and images in channels_last")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -109,9 +109,11 @@ class CARTrainer(Trainer):
             as the losses are per batch).
         image_key, label_key: batch dict keys.
         memory_saving: ``"none"`` (default: the folded batch in one pass) or ``"chunked"`` (see above).
-        chunk_size: rows per chunk with ``memory_saving="chunked"``, in G's full-resolution block and in
-            D; G's smaller blocks take proportionally more rows. 8 keeps every chunk of the default LIDC
-            nets at 128x128 below 32 MB, which the allocator reuses instead of mapping fresh pages.
+        chunk_size: rows per chunk with ``memory_saving="chunked"`` in G's full-resolution block; G's
+            smaller blocks take proportionally more rows, D twice as many (its widest map holds half of
+            G's per row). With the default LIDC nets at 128x128 the default 4 makes 8 MB chunks, which the
+            allocator recycles instead of mapping fresh pages; larger chunks mean fewer, larger operations
+            (better on a machine shared with other jobs) at a higher peak memory (docs/performance.md).
     """
 
     def __init__(
@@ -153,7 +155,7 @@ class CARTrainer(Trainer):
         image_key: str = "image",
         label_key: str = "label",
         memory_saving: str = "none",
-        chunk_size: int = 8,
+        chunk_size: int = 4,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples (M) must be >= 1, got {num_samples}.")
@@ -364,7 +366,7 @@ class CARTrainer(Trainer):
                 fake.detach(),
                 generator_adversarial_loss,
                 self.adversarial_weight,
-                self.chunk_size,
+                2 * self.chunk_size,
                 shown,
             )
             fake_shown = self._hide_ignored(fake.detach(), real_folded, valid_folded)

@@ -291,6 +291,11 @@ class _ChunkedBlock(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         plan, n_params, stats = ctx.plan, ctx.n_params, ctx.stats
         z, masks = ctx.z, ctx.masks
+        if z is None:
+            raise RuntimeError(
+                "a chunked G block frees its buffers in its backward pass, so the graph of a "
+                "memory_saving='chunked' step cannot be back-propagated twice (retain_graph=True)."
+            )
         ctx.z = ctx.masks = None
         saved = ctx.saved_tensors
         noise, params, parts = saved[0], saved[1 : 1 + n_params], saved[1 + n_params :]
@@ -510,7 +515,7 @@ def chunked_refinement_forward(
     image: torch.Tensor,
     calibration: torch.Tensor,
     noise: torch.Tensor,
-    chunk_size: int = 8,
+    chunk_size: int = 4,
     return_logits: bool = False,
 ) -> torch.Tensor:
     """``network(image, calibration, noise)`` evaluated block by block in row chunks; same values and gradients.
