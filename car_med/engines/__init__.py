@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from .car_trainer import CARTrainer
-from .checkpoints import CheckedCheckpointLoader, check_state_dict, latest_checkpoint, load_network_checkpoint
+from .checkpoints import (
+    CheckedCheckpointLoader,
+    check_state_dict,
+    latest_checkpoint,
+    load_car_networks,
+    load_network_checkpoint,
+)
 from .d_schedule import DiscriminatorSchedule
 from .guards import NonFiniteLossError, NonFiniteLossGuard, raise_if_non_finite
 from .keys import CARKeys
@@ -20,6 +26,7 @@ __all__ = [
     "RandomState",
     "check_state_dict",
     "latest_checkpoint",
+    "load_car_networks",
     "load_network_checkpoint",
     "raise_if_non_finite",
     "run_stage",

@@ -10,7 +10,13 @@ import torch
 from monai.handlers import CheckpointLoader
 from torch import nn
 
-__all__ = ["CheckedCheckpointLoader", "check_state_dict", "latest_checkpoint", "load_network_checkpoint"]
+__all__ = [
+    "CheckedCheckpointLoader",
+    "check_state_dict",
+    "latest_checkpoint",
+    "load_car_networks",
+    "load_network_checkpoint",
+]
 
 
 def _checkpoint_order(path: Path) -> tuple[int, int]:
@@ -125,3 +131,14 @@ def load_network_checkpoint(
     check_state_dict(network, state, f"{file}{'#' + key if key else ''}")
     network.load_state_dict(state)
     return network
+
+
+def load_car_networks(
+    calibration_network: nn.Module,
+    refinement_network: nn.Module,
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+) -> None:
+    """Fill F and G from a stage-2 checkpoint (its ``calibration_network`` and ``refinement_network`` entries)."""
+    load_network_checkpoint(calibration_network, path, key="calibration_network", map_location=map_location)
+    load_network_checkpoint(refinement_network, path, key="refinement_network", map_location=map_location)

@@ -13,7 +13,7 @@ import torch
 from monai.data import DataLoader, Dataset, MetaTensor
 
 from car_med.data.lidc import DEFAULT_HU_WINDOW, lidc_transforms, load_lidc_datalist
-from car_med.engines.checkpoints import load_network_checkpoint
+from car_med.engines.checkpoints import load_car_networks
 from car_med.evaluation.lidc import CASE_FIELDS
 from car_med.evaluation.sample_metrics import sample_cases, with_case_index
 from car_med.sampling import CARSampler
@@ -58,8 +58,7 @@ def write_case_predictions(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if checkpoint is not None:
-        load_network_checkpoint(calibration_network, checkpoint, key="calibration_network", map_location=device)
-        load_network_checkpoint(refinement_network, checkpoint, key="refinement_network", map_location=device)
+        load_car_networks(calibration_network, refinement_network, checkpoint, map_location=device)
     items = with_case_index(load_lidc_datalist(datalist, split))[:max_cases]
     if not items:
         raise ValueError(f"{datalist}: split {split!r} has no cases.")

@@ -16,7 +16,7 @@ import torch
 from monai.data import DataLoader, Dataset
 
 from car_med.data.lidc import DEFAULT_HU_WINDOW, lidc_transforms, load_lidc_datalist
-from car_med.engines.checkpoints import load_network_checkpoint
+from car_med.engines.checkpoints import load_car_networks
 from car_med.evaluation.protocol import METRIC_DEFINITIONS, dataset_card
 from car_med.evaluation.sample_metrics import SampleMetricSuite, evaluate_samples, with_case_index
 from car_med.metrics import plot_reliability_diagram
@@ -127,8 +127,7 @@ def evaluate_lidc(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if checkpoint is not None:
-        load_network_checkpoint(calibration_network, checkpoint, key="calibration_network", map_location=device)
-        load_network_checkpoint(refinement_network, checkpoint, key="refinement_network", map_location=device)
+        load_car_networks(calibration_network, refinement_network, checkpoint, map_location=device)
     items = with_case_index(load_lidc_datalist(datalist, split))
     if max_cases is not None:
         items = items[:max_cases]

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from car_med.engines.checkpoints import load_network_checkpoint
+from car_med.engines.checkpoints import load_car_networks
 from car_med.networks.factory import spec_to_target_config
 
 __all__ = ["REGISTRATION_FILE", "register_trained_model"]
@@ -84,8 +84,7 @@ def register_trained_model(
         if record.get("weights") == str(source) and record.get("weights_mtime_ns") == source.stat().st_mtime_ns:
             logger.info("%s version %s already holds %s: not registered again.", model_name, record["version"], source)
             return record
-    load_network_checkpoint(calibration_network, source, key="calibration_network")
-    load_network_checkpoint(refinement_network, source, key="refinement_network")
+    load_car_networks(calibration_network, refinement_network, source)
     validation = torch.load(source, map_location="cpu", weights_only=True).get("validation")
     run_id = _training_run_id(mlflow_handler)
     staging = Path(output_dir) / "registry_staging"
