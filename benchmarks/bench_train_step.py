@@ -42,6 +42,10 @@ def run_child(config: dict) -> dict:
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
+    if config["retain_freed_memory"]:
+        from car_med.engines.allocator import retain_freed_memory
+
+        retain_freed_memory()
     device = torch.device(config["device"])
     b, m, size = config["batch_size"], config["num_samples"], config["size"]
     # the LIDC bundle's channels_last switch: networks and images in channels-last memory format
@@ -130,6 +134,11 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=4, help="CARTrainer chunk_size for 'chunked'")
     parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu' or 'cuda'")
     parser.add_argument("--channels-last", action="store_true", help="networks and images in channels_last")
+    parser.add_argument(
+        "--retain-freed-memory",
+        action="store_true",
+        help="car_med.engines.allocator.retain_freed_memory() in every subprocess (the LIDC bundle's switch)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -152,6 +161,7 @@ def main() -> None:
             "repeats": args.repeats,
             "chunk_size": args.chunk_size,
             "channels_last": args.channels_last,
+            "retain_freed_memory": args.retain_freed_memory,
         }
         for disc in args.discriminator
         for variant in args.variant
@@ -181,6 +191,7 @@ def main() -> None:
         f"\nCARTrainer stage 2, B={batch}, M={args.num_samples}, {args.size}x{args.size}, {device}"
         + ("" if cuda else f", threads={args.threads}")
         + (", channels_last" if args.channels_last else "")
+        + (", retain_freed_memory" if args.retain_freed_memory else "")
         + f", {args.rounds} subprocess(es) x {args.repeats} timed iterations per configuration\n"
     )
     header = "| D | memory_saving | s/iteration (median) | s/iteration (best) | iterations/s (median) | peak RSS (GB) |"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .allocator import retain_freed_memory
 from .car_trainer import CARTrainer
 from .checkpoints import (
     CheckedCheckpointLoader,
@@ -29,6 +30,7 @@ __all__ = [
     "load_car_networks",
     "load_network_checkpoint",
     "raise_if_non_finite",
+    "retain_freed_memory",
     "run_stage",
     "stage_finished",
 ]

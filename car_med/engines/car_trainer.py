@@ -114,6 +114,12 @@ class CARTrainer(Trainer):
             G's per row). With the default LIDC nets at 128x128 the default 4 makes 8 MB chunks, which the
             allocator recycles instead of mapping fresh pages; larger chunks mean fewer, larger operations
             (better on a machine shared with other jobs) at a higher peak memory (docs/performance.md).
+        amp: run F, G and D under ``torch.autocast`` in ``amp_dtype`` (mixed precision, for GPUs). The
+            losses, the optimisers and the parameters stay in float32: every network output is cast to
+            float32 before a loss sees it. Not with ``memory_saving="chunked"``, whose hand-written
+            backward pass is float32 only.
+        amp_dtype: ``torch.bfloat16`` (or ``"bfloat16"``), the only one offered: float16 would need loss
+            scaling, and a ``GradScaler`` cannot scale R1's gradient penalty, which is itself a gradient.
     """
 
     def __init__(
@@ -156,6 +162,8 @@ class CARTrainer(Trainer):
         label_key: str = "label",
         memory_saving: str = "none",
         chunk_size: int = 4,
+        amp: bool = False,
+        amp_dtype: torch.dtype | str = torch.bfloat16,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples (M) must be >= 1, got {num_samples}.")
@@ -177,6 +185,15 @@ class CARTrainer(Trainer):
             raise ValueError(f"memory_saving must be one of {_MEMORY_SAVING}, got {memory_saving!r}.")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+        if isinstance(amp_dtype, str):
+            amp_dtype = getattr(torch, amp_dtype, None)
+        if amp_dtype is not torch.bfloat16:
+            raise ValueError(
+                f"amp_dtype must be torch.bfloat16, got {amp_dtype!r}: float16 needs loss scaling, which R1's "
+                "gradient penalty does not survive."
+            )
+        if amp and memory_saving == "chunked":
+            raise ValueError("amp=True runs with memory_saving='none' only; the chunked step is float32 only.")
         if memory_saving == "chunked":
             coupled = [n for n, mod in discriminator.named_modules() if isinstance(mod, _BatchNorm)]
             if coupled:
@@ -231,9 +248,20 @@ class CARTrainer(Trainer):
         self.label_key = label_key
         self.memory_saving = memory_saving
         self.chunk_size = chunk_size
+        # not `self.amp`: MONAI's Trainer would then build a float16 GradScaler that this step never uses
+        self.autocast = bool(amp)
+        self.amp_dtype = amp_dtype
         self._last_d_accuracy: float | None = None
 
     # ----------------------------------------------------------------------------------------- helpers
+    def _run(self, network: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        """``network(*inputs)``, under autocast when ``amp`` is on; the output in float32 either way."""
+        if not self.autocast:
+            return network(*inputs)
+        with torch.autocast(device_type=inputs[0].device.type, dtype=self.amp_dtype):
+            out = network(*inputs)
+        return out.float()
+
     def _checked_label(self, label: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Segmentation: validated ``(B, *spatial)`` class indices. Regression: the float targets."""
         if self.output_type == "continuous":
@@ -315,9 +343,9 @@ class CARTrainer(Trainer):
         if self.calibration_optimizer is None:
             self.calibration_network.eval()
             with torch.no_grad():
-                return calibration_output(self.calibration_network(image), self.output_type)
+                return calibration_output(self._run(self.calibration_network, image), self.output_type)
         self.calibration_network.train()
-        f_raw = self.calibration_network(image)
+        f_raw = self._run(self.calibration_network, image)
         loss_f = self.calibration_loss_function(f_raw, raw_label)
         raise_if_non_finite({CARKeys.LOSS_F: loss_f}, engine.state.iteration, "CAR stage 2 (joint F)")
         self.calibration_optimizer.zero_grad(set_to_none=True)
@@ -350,7 +378,7 @@ class CARTrainer(Trainer):
                 self.refinement_network, image_folded, calibration_folded, noise, self.chunk_size
             )
         else:
-            fake = self.refinement_network(image_folded, calibration_folded, noise)
+            fake = self._run(self.refinement_network, image_folded, calibration_folded, noise)
         real = self._real_label_map(label)
         valid = self._valid_mask(label)
         valid_folded = None if valid is None else valid.repeat_interleave(m, dim=0)
@@ -375,7 +403,7 @@ class CARTrainer(Trainer):
             fake_shown = self._hide_ignored(fake, real_folded, valid_folded)
             self.discriminator.requires_grad_(False)
             try:
-                fake_logits_g = self.discriminator(image_folded, fake_shown)
+                fake_logits_g = self._run(self.discriminator, image_folded, fake_shown)
             finally:
                 self.discriminator.requires_grad_(True)
             reg_input = fake
@@ -434,8 +462,8 @@ class CARTrainer(Trainer):
             if self.r1_gamma > 0:
                 real.requires_grad_(True)
                 real_image.requires_grad_(True)
-            real_logits = self.discriminator(real_image, real)
-            fake_logits = self.discriminator(fake_image, fake_d)
+            real_logits = self._run(self.discriminator, real_image, real)
+            fake_logits = self._run(self.discriminator, fake_image, fake_d)
             loss_d = discriminator_loss(real_logits, fake_logits)
             loss_r1 = (
                 r1_penalty(real_logits, [real_image, real], gamma=self.r1_gamma, half=self.r1_half)
@@ -450,8 +478,8 @@ class CARTrainer(Trainer):
         else:
             # held back by the accuracy gate: still measure D, or the gate could never reopen
             with torch.no_grad():
-                real_logits = self.discriminator(image, real)
-                fake_logits = self.discriminator(fake_image, fake_d)
+                real_logits = self._run(self.discriminator, image, real)
+                fake_logits = self._run(self.discriminator, fake_image, fake_d)
         with torch.no_grad():
             accuracy = 0.5 * ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
             # every rank must take the same gate decision, or only some would join D's gradient all-reduce

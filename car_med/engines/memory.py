@@ -20,9 +20,9 @@ of rows and BatchNorm exactly:
 - :func:`chunked_adversarial_loss` evaluates D on chunks of G's detached samples and back-propagates each
   chunk at once, collecting dL_adv/dsample. D has no normalisation, so this is exact.
 
-Dropout masks are drawn for the whole block at once, as ``nn.Dropout`` draws them, so on CPU the masks,
-and with them every number, match the folded batch's for the same seed (on CUDA PyTorch fuses dropout
-with another random stream: the masks then differ, with the same distribution).
+Dropout masks are drawn for the whole block at once, as ``nn.Dropout`` or G's ``FastDropout`` draws them,
+so on CPU the masks, and with them every number, match the folded batch's for the same seed (on CUDA
+PyTorch fuses dropout with another random stream: the masks then differ, with the same distribution).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
+from car_med.networks.dropout import FastDropout, apply_keep_mask, fill_keep_mask_
 from car_med.networks.refinement import NoiseInjectedUNet, NoiseInjection, _match_size
 
 __all__ = ["chunk_slices", "chunked_adversarial_loss", "chunked_refinement_forward", "check_chunkable_refinement"]
@@ -51,6 +52,7 @@ class _DropoutSite:
     """Where a block's ``nn.Dropout`` acts: its mask is drawn once for the whole folded batch."""
 
     p: float  # 0 when the module is in eval mode: dropout is then the identity
+    fast: bool = False  # FastDropout's masks (fill_keep_mask_) rather than nn.Dropout's (bernoulli_)
 
 
 @dataclass
@@ -116,11 +118,11 @@ def _block_parts(block: nn.Module, name: str) -> tuple[_ConvNd, _BatchNorm | Non
                 f"ordering) and no running statistics elsewhere; got {type(op).__name__} later in the block. "
                 "Use memory_saving='none'."
             )
-        if type(op) is nn.Dropout:
-            row_ops.append(_DropoutSite(float(op.p) if op.training else 0.0))
+        if type(op) in (nn.Dropout, FastDropout):
+            row_ops.append(_DropoutSite(float(op.p) if op.training else 0.0, type(op) is FastDropout))
         elif isinstance(op, nn.modules.dropout._DropoutNd):
             raise ValueError(
-                f"chunked G evaluation handles nn.Dropout only, {name} has {type(op).__name__}. "
+                f"chunked G evaluation handles nn.Dropout and FastDropout only, {name} has {type(op).__name__}. "
                 "Use memory_saving='none'."
             )
         else:
@@ -173,9 +175,7 @@ def _tail(plan: _BlockPlan, y: torch.Tensor, masks: Sequence[torch.Tensor], mod:
             if op.p == 1.0:
                 h = h * torch.zeros((), dtype=h.dtype, device=h.device)
             elif op.p > 0.0:
-                # nn.Dropout's values: input * (1 / (1 - p)) where kept, zero elsewhere
-                scale = torch.ones((), dtype=h.dtype, device=h.device).div_(1.0 - op.p)
-                h = torch.where(masks[k], h * scale, 0.0)
+                h = apply_keep_mask(h, masks[k], op.p)
                 k += 1
         else:
             h = op(h)
@@ -275,7 +275,8 @@ class _ChunkedBlock(torch.autograd.Function):
         it = iter(masks)
         for op in plan.row_ops:
             if isinstance(op, _DropoutSite) and 0.0 < op.p < 1.0:
-                next(it).bernoulli_(1.0 - op.p)
+                mask = next(it)
+                fill_keep_mask_(mask, op.p) if op.fast else mask.bernoulli_(1.0 - op.p)
         mod = _modulation(plan, noise, dtype, z.ndim)
         for sl, z_c in zip(slices, z_chunks):
             mod_c = None if mod is None else (mod[0][sl], mod[1][sl])

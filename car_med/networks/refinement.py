@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
+from car_med.networks.dropout import FastDropout
 from car_med.networks.utils import SPATIAL_NAMES, check_floating, check_input_shape, check_spatial_dims
 
 __all__ = ["NoiseInjection", "NoiseInjectedUNet"]
@@ -139,7 +140,7 @@ class NoiseInjectedUNet(nn.Module):
         n = len(channels)
 
         def block(c_in: int, c_out: int, up: bool) -> Convolution:
-            return Convolution(
+            conv = Convolution(
                 spatial_dims,
                 c_in,
                 c_out,
@@ -153,6 +154,10 @@ class NoiseInjectedUNet(nn.Module):
                 dropout=dropout,
                 adn_ordering="NAD",
             )
+            if "D" in conv.adn._modules:
+                # G's masks over the B*M folded rows are a large share of a CPU step (see FastDropout)
+                conv.adn.D = FastDropout(dropout)
+            return conv
 
         self.down = nn.ModuleList()
         c_in = image_channels + num_classes
