@@ -41,7 +41,9 @@ def fill_keep_mask_(mask: torch.Tensor, p: float, generator: torch.Generator | N
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"fill_keep_mask_: drop probability must be in [0, 1], got {p}")
     if not _is_dense(mask):
-        raise ValueError(f"fill_keep_mask_: mask of shape {tuple(mask.shape)} must be dense, got strides {mask.stride()}")
+        raise ValueError(
+            f"fill_keep_mask_: mask of shape {tuple(mask.shape)} must be dense, got strides {mask.stride()}"
+        )
     n = mask.numel()
     flat = torch.as_strided(mask, (n,), (1,), mask.storage_offset())
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=mask.device)

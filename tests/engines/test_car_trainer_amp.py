@@ -51,6 +51,7 @@ def test_amp_runs_the_networks_in_bfloat16_and_keeps_float32_losses_and_paramete
         assert out[key].dtype == torch.float32 and torch.isfinite(out[key]), key
     assert out[CARKeys.SAMPLES].dtype == torch.float32
 
+
 def test_amp_keeps_float32_parameters_and_trains_them():
     nets = make_tiny_nets(seed=2)
     _, _, before = _run(nets, amp=True)
