@@ -13,6 +13,21 @@ _LAZY: dict[str, str] = {
     # car_med.data.ambiguous_tail
     "AmbiguousTailDataset": "ambiguous_tail",
     "tail_mode_statistics": "ambiguous_tail",
+    # car_med.data.cityscapes
+    "RandStochasticClassFlipd": "cityscapes",
+    "StochasticLabelModesd": "cityscapes",
+    "cityscapes_dataset": "cityscapes",
+    "cityscapes_label_modes": "cityscapes",
+    "cityscapes_transforms": "cityscapes",
+    "load_cityscapes_datalist": "cityscapes",
+    # car_med.data.cityscapes_layout
+    "CITYSCAPES_CLASS_NAMES": "cityscapes_layout",
+    "CITYSCAPES_HOLDOUT_CITIES": "cityscapes_layout",
+    "CITYSCAPES_IGNORE_CLASS": "cityscapes_layout",
+    "CITYSCAPES_NUM_CLASSES": "cityscapes_layout",
+    "CITYSCAPES_NUM_TRAIN_IDS": "cityscapes_layout",
+    "LABEL_ID_TO_TRAIN_ID": "cityscapes_layout",
+    "label_ids_to_train_ids": "cityscapes_layout",
     # car_med.data.lidc
     "ANNOTATOR_CHOICES": "lidc",
     "DEFAULT_HU_WINDOW": "lidc",
