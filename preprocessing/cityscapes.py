@@ -366,6 +366,8 @@ def run(
     config = _record_config(root, blackbox_dir, size)
     records_dir = output_dir / "records"
     records_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.rglob(".*.tmp"):  # left by a killed run's atomic writes
+        stale.unlink(missing_ok=True)
     todo = [s for s in sources if _load_record(records_dir / f"{s.stem}.json", config, s) is None]
     logger.info("%d images, %d already done, %d to process", len(sources), len(sources) - len(todo), len(todo))
 
