@@ -25,6 +25,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def load_network(
     """
     path = Path(network)
     if path.is_file():
-        model = torch.jit.load(str(path), map_location=device)
+        with warnings.catch_warnings():  # torch 2.9+ marks TorchScript deprecated; it is what users have
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = torch.jit.load(str(path), map_location=device)
     elif path.is_dir():
         from monai.bundle import ConfigParser
 
@@ -127,7 +130,7 @@ def predict_label(
         ValueError: the network's output is not ``(1, C, h, w)`` with ``C >= 19``.
     """
     h, w = image.shape[:2]
-    x = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1)[None].float().div(255.0).to(device)
+    x = torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1)[None].float().div(255.0).to(device)
     if mean is not None:
         x = x - torch.tensor(mean, dtype=x.dtype, device=device).view(1, -1, 1, 1)
     if std is not None:
