@@ -87,9 +87,6 @@ FORMAT_VERSION = 2
 """Bump when the crop content or the record changes, so that old per-patient records are recomputed, not reused.
 2: source fields per crop (SOPInstanceUID, source file, PixelSpacing, orientation, thickness), file accounting."""
 
-USED = "used"
-"""The outcome of a file placed as a slice of a scan that the run cropped from."""
-
 CUT_SHORT = "missing geometry: DICOM header cut short"
 NOT_IN_DB = "other series: not in the annotation DB"
 OUTSIDE_PATIENT = "outside any LIDC-IDRI-dddd patient folder"

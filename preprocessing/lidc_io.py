@@ -243,9 +243,10 @@ def read_series_headers(
 ) -> tuple[dict[tuple[str, str], SeriesFiles], list[Skip], list[str]]:
     """Read the header of every file under a patient folder and group image files by study and series.
 
-    Files that are not DICOM, whose header cannot be parsed, or that lack the tags needed to place the slice,
-    are returned as file-level skips instead of raising. Every file found ends up in exactly one place: a
-    series' ``slices``, a series' ``incomplete``, or the returned skips.
+    Files that are not DICOM, whose header cannot be parsed or that carry no Study/Series UID are returned as
+    file-level skips; files of a series that lack the tags needed to place the slice (or whose geometry tags
+    are malformed) go to that series' ``incomplete``. Nothing raises. Every file found ends up in exactly one
+    place: a series' ``slices``, a series' ``incomplete``, or the returned skips.
 
     Args:
         patient_dir: the patient folder; any nesting below it is accepted.
