@@ -30,6 +30,7 @@ from car_med.data.cityscapes import load_cityscapes_datalist
 from car_med.data.cityscapes_packing import cityscapes_packed_transforms
 from car_med.engines.checkpoints import load_car_networks
 from car_med.evaluation.sample_metrics import sample_cases, with_case_index
+from car_med.evaluation.tracking import log_evaluation_run
 from car_med.metrics import (
     CITYSCAPES_IGNORE_INDEX,
     CITYSCAPES_STOCHASTIC_CLASSES,
@@ -377,26 +378,6 @@ def cityscapes_dataset_card(datalist: str | os.PathLike) -> dict[str, Any]:
     return card
 
 
-def _log_to_mlflow(tracking_uri: str, experiment_name: str, run_name: str, params: dict, metrics: dict, files) -> str:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
-    run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
-    try:
-        for key, value in params.items():
-            client.log_param(run_id, key, value)
-        for key, value in metrics.items():
-            if not math.isnan(value):
-                client.log_metric(run_id, key, value)
-        for file in files:
-            client.log_artifact(run_id, str(file))
-    finally:
-        client.set_terminated(run_id)
-    return run_id
-
-
 def evaluate_cityscapes(
     calibration_network: torch.nn.Module,
     refinement_network: torch.nn.Module,
@@ -524,7 +505,7 @@ def evaluate_cityscapes(
         params = {"split": split, "num_cases": len(rows), "seed": seed, "model": model_label}
         params.update({"absent_class": absent_class, "f_calibration_pixels": f_calibration_pixels})
         files = [out / name for name in ("metrics.json", "per_case.csv", "reliability.png", "class_calibration.png")]
-        report["mlflow_run_id"] = _log_to_mlflow(
+        report["mlflow_run_id"] = log_evaluation_run(
             tracking_uri, experiment_name, run_name or f"evaluate-{split}", params, metrics, files
         )
     return report

@@ -19,6 +19,7 @@ from car_med.data.lidc import DEFAULT_HU_WINDOW, lidc_transforms, load_lidc_data
 from car_med.engines.checkpoints import load_car_networks
 from car_med.evaluation.protocol import METRIC_DEFINITIONS, dataset_card
 from car_med.evaluation.sample_metrics import SampleMetricSuite, evaluate_samples, with_case_index
+from car_med.evaluation.tracking import log_evaluation_run
 from car_med.metrics import plot_reliability_diagram
 from car_med.sampling import CARSampler
 
@@ -35,26 +36,6 @@ def _scalar(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return ""
     return value
-
-
-def _log_to_mlflow(tracking_uri: str, experiment_name: str, run_name: str, params: dict, metrics: dict, files) -> str:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
-    run = client.create_run(experiment_id, run_name=run_name)
-    run_id = run.info.run_id
-    try:
-        for key, value in params.items():
-            client.log_param(run_id, key, value)
-        for key, value in metrics.items():
-            client.log_metric(run_id, key, value)
-        for file in files:
-            client.log_artifact(run_id, str(file))
-    finally:
-        client.set_terminated(run_id)
-    return run_id
 
 
 def evaluate_lidc(
@@ -193,7 +174,7 @@ def evaluate_lidc(
     if tracking_uri:
         params = {"split": split, "num_cases": len(rows), "seed": seed, "model": model_label}
         files = [out / name for name in ("metrics.json", "per_case.csv", "reliability.png", "montage.png")]
-        report["mlflow_run_id"] = _log_to_mlflow(
+        report["mlflow_run_id"] = log_evaluation_run(
             tracking_uri, experiment_name, run_name or f"evaluate-{split}", params, metrics, files
         )
     return report
