@@ -21,6 +21,7 @@ __all__ = [
     "CASE_INDEX_KEY",
     "SampleMetricSuite",
     "case_generator",
+    "case_seed",
     "evaluate_samples",
     "sample_cases",
     "with_case_index",
@@ -35,9 +36,14 @@ def with_case_index(items: Sequence[Mapping], key: str = CASE_INDEX_KEY) -> list
     return [{**dict(item), key: index} for index, item in enumerate(items)]
 
 
+def case_seed(seed: int, case_index: int) -> int:
+    """The noise seed of one case: ``seed * 1_000_003 + case_index``, the same in any batch or process."""
+    return int(seed) * _SEED_STRIDE + int(case_index)
+
+
 def case_generator(seed: int, case_index: int) -> torch.Generator:
-    """The CPU generator of one case's noise: seeded with ``seed * 1_000_003 + case_index``."""
-    return torch.Generator().manual_seed(int(seed) * _SEED_STRIDE + int(case_index))
+    """The CPU generator of one case's noise, seeded with :func:`case_seed`."""
+    return torch.Generator().manual_seed(case_seed(seed, case_index))
 
 
 def _plain(x: Any) -> Any:

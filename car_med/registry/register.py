@@ -226,7 +226,7 @@ def _no_input_example_warning() -> Iterator[None]:
 
 
 @contextmanager
-def _tracking_uri(uri: str | None) -> Iterator[None]:
+def using_tracking_uri(uri: str | None) -> Iterator[None]:
     """Use ``uri`` for the duration, then put back the tracking URI (and its env var) as they were."""
     if uri is None:
         yield
@@ -409,7 +409,7 @@ def register_car_model(
             pip_requirements,
         )
         with (
-            _tracking_uri(tracking_uri),
+            using_tracking_uri(tracking_uri),
             _run_to_log_into(run_id, experiment_name, artifact_location, model_name),
             _no_input_example_warning(),
         ):

@@ -1,0 +1,232 @@
+"""The source CT series as one NIfTI volume, and crop-grid maps pasted back onto its voxels.
+
+The volume is indexed ``(i, j, k) = (column, row, slice)``, slices sorted along the slice normal, with the
+affine from the first slice's ImagePositionPatient, the direction cosines and the measured slice step, in RAS
+(NIfTI's frame). That is the voxel grid ``dcm2niix`` writes for the same series, up to axis flips.
+
+Crop-grid maps (the 180x180 crop, the 128x128 model window) lie in one CT slice plane; each CT voxel of that
+slice takes the bilinear value of the map at its own centre, so the way back uses the same rule as the way
+in (``preprocessing.lidc_geometry.resample_mask``: bilinear, then >= 0.5 for masks).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from scipy.ndimage import map_coordinates
+
+__all__ = ["CTSeries", "PastedPlane", "paste_plane", "read_ct_series"]
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: how far (mm) a crop's plane may lie from a CT slice, and how uneven slice steps may be
+PLANE_TOLERANCE_MM = 1e-2
+
+
+@dataclass
+class CTSeries:
+    """One CT series read from its DICOM files.
+
+    Attributes:
+        folder: the series folder.
+        series_uid: SeriesInstanceUID.
+        hu: Hounsfield units ``(columns, rows, slices)``; int16 when every slice's rescale gives whole numbers.
+        affine: 4x4 RAS affine of ``hu``'s index.
+        sop_instance_uids: SOPInstanceUID of slice ``k``.
+        files: the file of slice ``k``.
+    """
+
+    folder: Path
+    series_uid: str
+    hu: np.ndarray
+    affine: np.ndarray
+    sop_instance_uids: list[str]
+    files: list[Path] = field(repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.hu.shape)
+
+    def slice_of(self, sop_instance_uid: str) -> int | None:
+        try:
+            return self.sop_instance_uids.index(str(sop_instance_uid))
+        except ValueError:
+            return None
+
+    def datasets(self, indices: Sequence[int]) -> list[pydicom.Dataset]:
+        """The full DICOM datasets of slices ``indices`` (for DICOM SEG, which copies their attributes)."""
+        return [pydicom.dcmread(self.files[k]) for k in indices]
+
+
+def _floats(ds: pydicom.Dataset, keyword: str, count: int, path: Path) -> np.ndarray:
+    value = ds.get(keyword)
+    if value is None or len(value) != count:
+        raise ValueError(f"{path}: {keyword} must hold {count} numbers, got {value!r}.")
+    return np.asarray([float(v) for v in value], dtype=np.float64)
+
+
+def read_ct_series(folder: str | Path, series_uid: str) -> CTSeries:
+    """Read every slice of series ``series_uid`` in ``folder`` into one volume.
+
+    Files of other series and non-DICOM files in the folder are ignored.
+
+    Raises:
+        ValueError: no slice of the series is there, the slices disagree on size, spacing or orientation,
+            two slices share a position, or the slice steps are uneven (a regular NIfTI grid cannot hold
+            the series: a slice is missing); the message names the folder and what differs.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"series folder {folder} does not exist.")
+    headers = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, OSError, EOFError):
+            continue
+        if str(ds.get("SeriesInstanceUID", "")) == str(series_uid) and "ImagePositionPatient" in ds:
+            headers.append((path, ds))
+    if not headers:
+        raise ValueError(f"{folder} holds no DICOM slice of series {series_uid}.")
+    first_path, first = headers[0]
+    orientation = _floats(first, "ImageOrientationPatient", 6, first_path)
+    spacing = _floats(first, "PixelSpacing", 2, first_path)
+    shape = (int(first.Rows), int(first.Columns))
+    row_cosine, column_cosine = orientation[:3], orientation[3:]
+    normal = np.cross(row_cosine, column_cosine)
+    positions = []
+    for path, ds in headers:
+        if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, path), orientation, atol=1e-4):
+            raise ValueError(
+                f"{path}: ImageOrientationPatient differs from {first_path.name}'s in series {series_uid}."
+            )
+        if not np.allclose(_floats(ds, "PixelSpacing", 2, path), spacing, atol=1e-4):
+            raise ValueError(f"{path}: PixelSpacing differs from {first_path.name}'s in series {series_uid}.")
+        if (int(ds.Rows), int(ds.Columns)) != shape:
+            raise ValueError(f"{path}: {ds.Rows}x{ds.Columns} pixels, {first_path.name} has {shape[0]}x{shape[1]}.")
+        positions.append(_floats(ds, "ImagePositionPatient", 3, path))
+    along = np.asarray([p @ normal for p in positions])
+    order = np.argsort(along, kind="stable")
+    headers = [headers[i] for i in order]
+    positions = [positions[i] for i in order]
+    along = along[order]
+    steps = np.diff(along)
+    if len(steps) and steps.min() < PLANE_TOLERANCE_MM:
+        k = int(steps.argmin())
+        raise ValueError(
+            f"{folder}: {headers[k][0].name} and {headers[k + 1][0].name} lie at the same position "
+            f"({along[k]:.3f} mm along the slice normal): duplicated slice."
+        )
+    if len(steps) > 1 and steps.max() - steps.min() > PLANE_TOLERANCE_MM * max(1.0, steps.min()):
+        raise ValueError(
+            f"{folder}: slice steps of series {series_uid} range from {steps.min():.3f} to {steps.max():.3f} mm "
+            "(a slice is missing or the spacing is irregular); one regular NIfTI grid cannot hold it."
+        )
+    step_vector = (positions[-1] - positions[0]) / (len(positions) - 1) if len(positions) > 1 else normal
+
+    slices, whole = [], True
+    for path, _ in headers:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path)
+            if "PixelData" not in ds:
+                raise ValueError(f"{path}: no PixelData.")
+            try:
+                pixels = ds.pixel_array
+            except Exception as err:  # pydicom raises many types for broken pixel data
+                raise ValueError(f"{path}: pixel data cannot be decoded: {err}") from err
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        hu = pixels.astype(np.float64) * slope + intercept
+        whole = whole and bool(np.all(hu == np.rint(hu)))
+        slices.append(hu)
+    volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # [row, column, k] -> (column, row, k)
+    fits_int16 = whole and volume.min() >= np.iinfo(np.int16).min and volume.max() <= np.iinfo(np.int16).max
+    hu_volume = volume.astype(np.int16) if fits_int16 else volume.astype(np.float32)
+
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_cosine * spacing[1]
+    affine_lps[:3, 1] = column_cosine * spacing[0]
+    affine_lps[:3, 2] = step_vector
+    affine_lps[:3, 3] = positions[0]
+    return CTSeries(
+        folder=folder,
+        series_uid=str(series_uid),
+        hu=hu_volume,
+        affine=_LPS_TO_RAS @ affine_lps,
+        sop_instance_uids=[str(ds.SOPInstanceUID) for _, ds in headers],
+        files=[path for path, _ in headers],
+    )
+
+
+@dataclass(frozen=True)
+class PastedPlane:
+    """A map resampled onto one CT slice: ``values`` fill ``window`` of slice ``k``.
+
+    Attributes:
+        k: the CT slice index.
+        window: ``(column slice, row slice)`` of the CT voxels the map covers.
+        values: ``(columns, rows, N)`` resampled values, N maps (e.g. the samples).
+    """
+
+    k: int
+    window: tuple[slice, slice]
+    values: np.ndarray
+
+
+def paste_plane(
+    maps: np.ndarray,
+    map_affine: np.ndarray,
+    ct_affine: np.ndarray,
+    ct_shape: Sequence[int],
+    binary: bool,
+) -> PastedPlane:
+    """Resample 2D maps on a crop grid onto the CT slice they lie in.
+
+    Args:
+        maps: ``(I, J, N)`` maps indexed like the crop NIfTIs (``(I, J, 1)`` files, N stacked on the last axis).
+        map_affine: the maps' 4x4 RAS affine (index ``(i, j, 0)``).
+        ct_affine: the CT volume's affine.
+        ct_shape: ``(columns, rows, slices)`` of the CT volume.
+        binary: masks (bilinear, then >= 0.5, uint8) rather than probabilities (bilinear, float32).
+
+    Returns:
+        The slice, window and values; CT voxels whose centre lies outside the crop get 0.
+
+    Raises:
+        ValueError: the crop's plane is not one of the CT's slice planes.
+    """
+    to_map = np.linalg.inv(map_affine) @ ct_affine  # CT index -> map index
+    to_ct = np.linalg.inv(ct_affine) @ map_affine
+    plane = to_ct @ np.array([0.0, 0.0, 0.0, 1.0])
+    k = int(np.rint(plane[2]))
+    in_plane_drift = np.abs(to_ct[2, :2]).max() * max(maps.shape[:2])
+    voxel_step = np.linalg.norm(ct_affine[:3, 2])
+    if abs(plane[2] - k) * voxel_step > PLANE_TOLERANCE_MM or in_plane_drift * voxel_step > PLANE_TOLERANCE_MM:
+        raise ValueError(
+            f"the crop plane lies {abs(plane[2] - k) * voxel_step:.3f} mm off CT slice {k} or is tilted against "
+            "it: the crop was not cut from this series' slices."
+        )
+    if not 0 <= k < ct_shape[2]:
+        raise ValueError(f"the crop lies on CT slice {k}, outside the series' {ct_shape[2]} slices.")
+    corners = np.array([[a, b, 0.0, 1.0] for a in (-0.5, maps.shape[0] - 0.5) for b in (-0.5, maps.shape[1] - 0.5)])
+    ct_corners = (to_ct @ corners.T)[:2]
+    low = np.clip(np.floor(ct_corners.min(axis=1)).astype(int), 0, None)
+    high = np.minimum(np.ceil(ct_corners.max(axis=1)).astype(int) + 1, np.asarray(ct_shape[:2]))
+    ii, jj = np.meshgrid(np.arange(low[0], high[0]), np.arange(low[1], high[1]), indexing="ij")
+    coords = to_map @ np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, k), np.ones(ii.size)])
+    # one voxel of zero margin makes "constant" mode exact at the crop's edge, as in the crop's own resampling
+    padded = np.pad(maps.astype(np.float32), ((1, 1), (1, 1), (0, 0)))
+    values = np.stack(
+        [
+            map_coordinates(padded[..., n], [coords[0] + 1, coords[1] + 1], order=1, mode="constant", cval=0.0)
+            for n in range(maps.shape[-1])
+        ],
+        axis=-1,
+    ).reshape(*ii.shape, maps.shape[-1])
+    values = (values >= 0.5).astype(np.uint8) if binary else values.astype(np.float32)
+    return PastedPlane(k=k, window=(slice(low[0], high[0]), slice(low[1], high[1])), values=values)

@@ -1,0 +1,154 @@
+"""The review queue: ``manifest.csv`` and a static ``index.html``, most ambiguous case first."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["MANIFEST_COLUMNS", "manifest_csv", "queue_order", "review_index_html"]
+
+MANIFEST_COLUMNS = (
+    "rank",
+    "status",
+    "ambiguity",
+    "mean_entropy_in_union",
+    "area_mean_mm2",
+    "area_min_mm2",
+    "area_max_mm2",
+    "patient_id",
+    "case_id",
+    "folder",
+    "series_uid",
+    "sop_instance_uid",
+    "nodule_id",
+    "slice_index",
+    "slice_z",
+    "num_annotators",
+    "case_index",
+    "case_seed",
+    "samples_ct",
+    "dicom_seg",
+    "error",
+)
+
+
+def queue_order(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Exported cases by decreasing ambiguity (ties: patient, case id), then the failed ones."""
+    done = [r for r in records if r.get("status") == "ok"]
+    failed = [r for r in records if r.get("status") != "ok"]
+    done.sort(key=lambda r: (-float(r["ambiguity"]), str(r["patient_id"]), str(r["case_id"])))
+    failed.sort(key=lambda r: (str(r.get("patient_id")), str(r.get("case_id"))))
+    return [*done, *failed]
+
+
+def manifest_csv(records: Sequence[Mapping[str, Any]]) -> bytes:
+    """``manifest.csv``: one row per case in queue order; failed cases carry their error and no rank."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for rank, record in enumerate(queue_order(records), start=1):
+        row = {key: record.get(key, "") for key in MANIFEST_COLUMNS}
+        row["rank"] = rank if record.get("status") == "ok" else ""
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return buffer.getvalue().encode()
+
+
+_STYLE = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; }
+th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: middle; font-size: 13px; }
+th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img.thumb { height: 96px; display: block; }
+tr.failed td { color: #a00; }
+.missing { color: #a00; font-style: italic; }
+"""
+
+# Marks each thumbnail as loaded or broken once the browser has tried it, so a broken picture is shown as text
+# (and a headless browser's DOM says which ones loaded).
+_SCRIPT = """
+for (const img of document.querySelectorAll('img.thumb')) {
+  const mark = () => {
+    const ok = img.complete && img.naturalWidth > 0;
+    img.dataset.loaded = ok ? 'yes' : 'no';
+    if (!ok) { const note = document.createElement('span'); note.className = 'missing';
+      note.textContent = 'montage missing'; img.replaceWith(note); note.dataset.broken = img.getAttribute('src'); }
+  };
+  if (img.complete) mark(); else { img.addEventListener('load', mark); img.addEventListener('error', mark); }
+}
+"""
+
+
+def _link(folder: str, name: str | None, label: str) -> str:
+    if not name:
+        return ""
+    return f'<a href="{html.escape(folder)}/{html.escape(name)}">{html.escape(label)}</a>'
+
+
+def review_index_html(records: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> bytes:
+    """The static review page (no server, relative links), cases in queue order.
+
+    Args:
+        records: the case records.
+        settings: model URI and version, M and seed, shown in the header.
+    """
+    ordered = queue_order(records)
+    done = sum(1 for r in ordered if r.get("status") == "ok")
+    rows = []
+    for rank, record in enumerate(ordered, start=1):
+        folder = str(record.get("folder", ""))
+        if record.get("status") != "ok":
+            rows.append(
+                f'<tr class="failed" data-case="{html.escape(str(record.get("case_id")))}"><td></td><td></td>'
+                f"<td>{html.escape(str(record.get('patient_id')))}<br>{html.escape(str(record.get('case_id')))}</td>"
+                f'<td colspan="4">failed: {html.escape(str(record.get("error", "")))}</td></tr>'
+            )
+            continue
+        files = record.get("files", {})
+        links = " ".join(
+            _link(folder, files.get(name), name.split(".")[0])
+            for name in ("image.nii.gz", "samples.nii.gz", "mean.nii.gz", "calibration.nii.gz", "entropy.nii.gz")
+        )
+        links += " " + _link(folder, files.get("annotations.nii.gz"), "annotations")
+        for key, label in (("samples_ct", "samples on CT"), ("mean_ct", "mean on CT"), ("ct", "CT")):
+            if record.get(key):
+                links += " " + f'<a href="{html.escape(str(record[key]))}">{label}</a>'
+        if record.get("dicom_seg"):
+            links += " " + f'<a href="{html.escape(str(record["dicom_seg"]))}">DICOM SEG</a>'
+        areas = ", ".join(f"{a:.0f}" for a in record.get("sample_areas_mm2", []))
+        rows.append(
+            f'<tr data-case="{html.escape(str(record["case_id"]))}" data-score="{record["ambiguity"]:.6f}">'
+            f'<td class="num">{rank}</td>'
+            f'<td><a href="{html.escape(folder)}/montage.png"><img class="thumb" '
+            f'src="{html.escape(folder)}/montage.png" alt="montage of {html.escape(str(record["case_id"]))}"></a></td>'
+            f"<td>{html.escape(str(record['patient_id']))}<br>{html.escape(str(record['case_id']))}</td>"
+            f'<td class="num">{record["ambiguity"]:.3f}</td>'
+            f'<td class="num">{record["area_mean_mm2"]:.1f} ({record["area_min_mm2"]:.1f} to '
+            f"{record['area_max_mm2']:.1f})<br><small>{areas}</small></td>"
+            f'<td class="num">{record.get("mean_entropy_in_union", 0.0):.3f}</td>'
+            f"<td>{links}</td></tr>"
+        )
+    model = settings.get("model", {})
+    version = f" version {model.get('version')}" if model.get("version") is not None else ""
+    header = (
+        f"<p>Model <code>{html.escape(str(model.get('uri', '')))}</code>{html.escape(version)}; "
+        f"{int(settings.get('num_samples', 0))} samples per case, seed {int(settings.get('seed', 0))}. "
+        f"{done} cases exported, {len(ordered) - done} failed. Most ambiguous first: the score is the "
+        "mean pairwise 1 - IoU between the samples (0: all samples agree).</p>"
+    )
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>CAR review queue</title><style>{_STYLE}</style></head>
+<body><h1>CAR review queue</h1>
+{header}
+<table id="queue"><thead><tr><th>#</th><th>montage</th><th>patient / case</th><th>ambiguity</th>
+<th>sample area mm&sup2; mean (min to max)</th><th>mean entropy in samples (nats)</th><th>files</th></tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody></table>
+<script>{_SCRIPT}</script>
+</body></html>
+"""
+    return page.encode()

@@ -1,0 +1,424 @@
+"""``export_cases``: a datalist split through a registered CAR model into review files (see docs/review.md)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+import car_med
+from car_med.data.lidc import DEFAULT_HU_WINDOW, load_lidc_datalist
+from car_med.evaluation.sample_metrics import case_seed
+from car_med.export.crop import AMBIGUITY_SCORE, CASE_RECORD, case_id_of, export_case
+from car_med.export.ct_volume import CTSeries, paste_plane, read_ct_series
+from car_med.export.files import ExportFiles, json_bytes, safe_path_part
+from car_med.export.model_source import ModelSource, load_export_model, resolve_model_source
+from car_med.export.review import manifest_csv, review_index_html
+
+__all__ = ["ExportSummary", "export_cases"]
+
+logger = logging.getLogger(__name__)
+
+EXPORT_RECORD = "export.json"
+_ID_FIELDS = (
+    "patient_id",
+    "scan_id",
+    "series_uid",
+    "sop_instance_uid",
+    "source_file",
+    "nodule_id",
+    "slice_index",
+    "slice_z",
+    "num_annotators",
+)
+
+
+@dataclass
+class ExportSummary:
+    """What an export did, case by case.
+
+    Attributes:
+        output_dir: the export folder.
+        exported: case ids written by this run.
+        existing: case ids already complete in the folder and left as they were (no ``overwrite``).
+        failed: ``{case id: error}``.
+        records: every case record, in datalist order.
+    """
+
+    output_dir: Path
+    exported: list[str] = field(default_factory=list)
+    existing: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every case exported (now or before), 1 when any failed."""
+        return 1 if self.failed else 0
+
+    def message(self) -> str:
+        parts = [f"{len(self.exported)} cases exported"]
+        if self.existing:
+            parts.append(f"{len(self.existing)} already in {self.output_dir} and not overwritten (pass --overwrite)")
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed (errors in manifest.csv)")
+        return "; ".join(parts) + f"; review queue: {self.output_dir / 'index.html'}"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _settings_of(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); move it away or export into another folder.") from err
+
+
+def _check_same_settings(previous: Mapping[str, Any] | None, source: ModelSource, num_samples: int, seed: int) -> None:
+    if previous is None:
+        return
+    before = (previous.get("model", {}).get("uri"), previous.get("num_samples"), previous.get("seed"))
+    now = (source.uri, num_samples, seed)
+    if before != now:
+        raise ValueError(
+            f"the export folder already holds an export of model {before[0]} with M={before[1]}, seed {before[2]}; "
+            f"this run asks for {now[0]}, M={now[1]}, seed {now[2]}. Export into another folder, or pass "
+            "--overwrite to replace every case."
+        )
+
+
+def _select(items: list[dict[str, Any]], cases: Sequence[str] | None) -> list[dict[str, Any]]:
+    if not cases:
+        return items
+    wanted = {str(c) for c in cases}
+    chosen = [it for it in items if it["case_id"] in wanted or str(it.get("patient_id")) in wanted]
+    known = {it["case_id"] for it in items} | {str(it.get("patient_id")) for it in items}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise ValueError(
+            f"--cases {unknown} match no case id or patient id of the split (case ids look like "
+            f"{items[0]['case_id'] if items else 'scan12_n00_k0042'})."
+        )
+    return chosen
+
+
+def _case_maps(case_dir: Path, record: Mapping[str, Any], name: str) -> tuple[np.ndarray, np.ndarray]:
+    image = nib.load(str(case_dir / record["files"][name]))
+    data = np.asarray(image.dataobj)
+    data = data.reshape(data.shape[0], data.shape[1], -1)  # (I, J, 1[, N]) -> (I, J, N)
+    return data, np.asarray(image.affine, dtype=np.float64)
+
+
+def _export_series(
+    series: CTSeries,
+    cases: list[tuple[dict[str, Any], Path]],
+    series_dir: Path,
+    files: ExportFiles,
+    source: ModelSource,
+    seed: int,
+    write_ct: bool,
+    dicom_seg: bool,
+    rewrite_nodules: set,
+) -> None:
+    """Write ``ct.nii.gz`` and, per nodule, the samples, mean and annotations on the CT grid (and the SEG)."""
+    if write_ct:
+        files.write_nifti(series_dir / "ct.nii.gz", series.hu, series.affine)
+    by_nodule: dict[Any, list[tuple[dict[str, Any], Path]]] = defaultdict(list)
+    for record, case_dir in cases:
+        by_nodule[record.get("nodule_id")].append((record, case_dir))
+    for nodule_id, members in sorted(by_nodule.items(), key=lambda kv: str(kv[0])):
+        nodule_dir = series_dir / f"nodule_{safe_path_part(nodule_id, 'nodule id')}"
+        names = {"samples": "samples_ct.nii.gz", "mean": "mean_ct.nii.gz", "annotations": "annotations_ct.nii.gz"}
+        targets = {key: nodule_dir / name for key, name in names.items()}
+        if dicom_seg:
+            targets["seg"] = nodule_dir / "seg.dcm"
+        stale = nodule_id in rewrite_nodules or any(
+            not path.is_file() for key, path in targets.items() if key != "annotations"
+        )
+        if stale:
+            planes: dict[str, dict[int, Any]] = {"samples": {}, "mean": {}, "annotations": {}}
+            depth = {"samples": 1, "mean": 1, "annotations": 1}
+            for record, case_dir in members:
+                k_expected = series.slice_of(record.get("sop_instance_uid", ""))
+                for key, file_name, binary in (
+                    ("samples", "samples.nii.gz", True),
+                    ("mean", "mean.nii.gz", False),
+                    ("annotations", "annotations.nii.gz", True),
+                ):
+                    if file_name not in record["files"]:
+                        continue
+                    maps, affine = _case_maps(case_dir, record, file_name)
+                    pasted = paste_plane(maps, affine, series.affine, series.shape, binary=binary)
+                    if k_expected is not None and pasted.k != k_expected:
+                        raise ValueError(
+                            f"case {record['case_id']}: its crop lies on CT slice {pasted.k}, but its source "
+                            f"SOP instance {record.get('sop_instance_uid')} is slice {k_expected}."
+                        )
+                    planes[key][pasted.k] = pasted
+                    depth[key] = max(depth[key], maps.shape[-1])
+            for key in ("samples", "mean", "annotations"):
+                if not planes[key]:
+                    continue
+                dtype = np.float32 if key == "mean" else np.uint8
+                shape = series.shape if key == "mean" else (*series.shape, depth[key])
+                sparse = {
+                    (k, n): (p.window, p.values[..., n])
+                    for k, p in planes[key].items()
+                    for n in range(p.values.shape[-1])
+                }
+                files.write_sparse_nifti(targets[key], shape, dtype, series.affine, sparse)
+            if dicom_seg:
+                _write_seg(series, planes, depth["samples"], targets["seg"], files, source, seed)
+        relative = {key: path.relative_to(files.root).as_posix() for key, path in targets.items() if path.is_file()}
+        for record, _ in members:
+            record["ct"] = (series_dir / "ct.nii.gz").relative_to(files.root).as_posix()
+            record["samples_ct"] = relative.get("samples", "")
+            record["mean_ct"] = relative.get("mean", "")
+            record["annotations_ct"] = relative.get("annotations", "")
+            record["dicom_seg"] = relative.get("seg", "")
+
+
+def _write_seg(
+    series: CTSeries,
+    planes: Mapping[str, Mapping[int, Any]],
+    num_samples: int,
+    path: Path,
+    files: ExportFiles,
+    source: ModelSource,
+    seed: int,
+) -> None:
+    from car_med.export.dicom_seg import nodule_segmentation
+
+    ks = sorted(planes["samples"])
+    columns, rows = series.shape[:2]
+    samples = np.zeros((len(ks), rows, columns, num_samples), dtype=bool)
+    mean = np.zeros((len(ks), rows, columns), dtype=bool)
+    for f, k in enumerate(ks):
+        window = planes["samples"][k].window
+        # (column, row) on the CT grid -> DICOM [row, column]
+        samples[f][window[1], window[0]] = planes["samples"][k].values.transpose(1, 0, 2) > 0
+        if k in planes["mean"]:
+            mean_plane = planes["mean"][k]
+            mean[f][mean_plane.window[1], mean_plane.window[0]] = mean_plane.values[..., 0].T >= 0.5
+    seg = nodule_segmentation(
+        series.datasets(ks),
+        samples,
+        mean,
+        model_name=source.name or "car-med CAR",
+        model_version=str(source.version if source.version is not None else source.run_id or source.uri),
+        series_description="CAR samples and mean",
+        seed=seed,
+    )
+    import io
+
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    files.write_bytes(path, buffer.getvalue())
+
+
+def export_cases(
+    model: str | os.PathLike,
+    datalist: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    split: str = "test",
+    cases: Sequence[str] | None = None,
+    num_samples: int = 16,
+    seed: int = 0,
+    dicom_root: str | os.PathLike | None = None,
+    full_volume: bool = False,
+    dicom_seg: bool = False,
+    overwrite: bool = False,
+    tracking_uri: str | None = None,
+    device: str = "cpu",
+    roi_size: Sequence[int] = (128, 128),
+    hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
+    progress: bool = True,
+    command: str | None = None,
+) -> ExportSummary:
+    """Export every case of a split (or the ``cases`` given) for review.
+
+    Args:
+        model: MLflow model URI or bundle output folder (see :func:`resolve_model_source`).
+        datalist: the preprocessing output's ``datalist.json``.
+        output_dir: the export folder ``EXP``.
+        split: ``training``, ``validation`` or ``test``.
+        cases: case ids (``scan<id>_n<nodule>_k<slice>``) or patient ids; default all of the split.
+        num_samples: M, at least 2.
+        seed: export seed; case ``i`` of the split draws with seed ``seed * 1000003 + i`` (as evaluation does).
+        dicom_root: the LIDC-IDRI DICOM root the crops were made from (``--full-volume``, ``--dicom-seg``).
+        full_volume: also write ``ct.nii.gz`` per series and the samples, mean and annotations on its grid.
+        dicom_seg: also write one DICOM SEG per nodule.
+        overwrite: replace cases already exported; without it they are left untouched and reported.
+        tracking_uri: MLflow tracking/registry URI for a ``models:/`` MODEL.
+        device: torch device of the model.
+        roi_size: the model input window (the training ``roi_size``).
+        hu_window: grey window of the montages.
+        progress: show a progress bar over cases.
+        command: the command line, recorded in ``export.json``.
+
+    Returns:
+        The summary; its ``exit_code`` is 1 when any case failed (the others are still exported).
+
+    Raises:
+        ValueError: bad arguments, an unreadable datalist, an unknown model or case id, or an export folder
+            holding another model's or seed's export (without ``overwrite``).
+    """
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be at least 2 (the ambiguity score compares samples), got {num_samples}.")
+    if (full_volume or dicom_seg) and dicom_root is None:
+        raise ValueError("--full-volume and --dicom-seg need --dicom-root, the DICOM folder the crops were made from.")
+    if dicom_root is not None and not Path(dicom_root).is_dir():
+        raise ValueError(f"--dicom-root {dicom_root} is not a folder.")
+    out = Path(output_dir)
+    files = ExportFiles(out)
+    if files.clear_staging():
+        logger.warning("removed the partial files an interrupted export left in %s", files.staging)
+    source = resolve_model_source(model, tracking_uri)
+    previous = _settings_of(out / EXPORT_RECORD)
+    if not overwrite:
+        _check_same_settings(previous, source, num_samples, seed)
+
+    items = load_lidc_datalist(datalist, split, check_files=False)
+    for index, item in enumerate(items):
+        item["case_index"] = index
+        item["case_id"] = case_id_of(item)
+    seen: dict[tuple[str, str], int] = {}
+    for item in items:
+        key = (safe_path_part(item.get("patient_id", "unknown"), "patient id"), item["case_id"])
+        if key in seen:
+            raise ValueError(
+                f"{datalist} split {split!r}: items {seen[key]} and {item['case_index']} both give the case folder "
+                f"{key[0]}/{key[1]}; case ids must be unique."
+            )
+        seen[key] = item["case_index"]
+    items = _select(items, cases)
+
+    summary = ExportSummary(output_dir=out)
+    loaded = None
+    from tqdm.auto import tqdm
+
+    written_nodules: set = set()
+    located: list[tuple[dict[str, Any], Path, dict[str, Any]]] = []
+    for item in tqdm(items, desc="export", unit="case", disable=not progress):
+        patient = safe_path_part(item.get("patient_id", "unknown"), "patient id")
+        case_dir = out / patient / item["case_id"]
+        base = {
+            "case_id": item["case_id"],
+            "case_index": item["case_index"],
+            "folder": f"{patient}/{item['case_id']}",
+            **{key: _plain(item.get(key)) for key in _ID_FIELDS},
+        }
+        base["patient_id"] = str(item.get("patient_id", "unknown"))
+        done_record = case_dir / CASE_RECORD
+        if done_record.is_file() and not overwrite:
+            record = json.loads(done_record.read_text())
+            summary.existing.append(item["case_id"])
+        else:
+            try:
+                if loaded is None:
+                    loaded = load_export_model(source, device=device)
+                record = export_case(
+                    loaded,
+                    item,
+                    case_dir,
+                    files,
+                    num_samples,
+                    case_seed(seed, item["case_index"]),
+                    base,
+                    hu_window=hu_window,
+                    roi_size=roi_size,
+                )
+            except (ValueError, OSError) as err:
+                record = {**base, "status": "error", "error": str(err)}
+                summary.failed[item["case_id"]] = str(err)
+                logger.error("case %s (%s): %s", item["case_id"], base["patient_id"], err)
+            else:
+                summary.exported.append(item["case_id"])
+                written_nodules.add((base["patient_id"], base.get("series_uid"), base.get("nodule_id")))
+        summary.records.append(record)
+        if record.get("status") == "ok":
+            located.append((record, case_dir, item))
+
+    if full_volume or dicom_seg:
+        by_series: dict[tuple[str, str], list] = defaultdict(list)
+        for record, case_dir, item in located:
+            by_series[(record["patient_id"], str(item.get("series_uid")))].append((record, case_dir, item))
+        for (patient_id, series_uid), members in tqdm(
+            sorted(by_series.items()), desc="full volume", unit="series", disable=not progress
+        ):
+            series_dir = out / safe_path_part(patient_id, "patient id") / f"series_{safe_path_part(series_uid, 'uid')}"
+            try:
+                source_file = members[0][2].get("source_file")
+                if not source_file:
+                    raise ValueError("the datalist item has no source_file (made by an older preprocessing?)")
+                series = read_ct_series((Path(dicom_root) / source_file).parent, series_uid)
+                rewrite = {n for (p, s, n) in written_nodules if p == patient_id and s == series_uid}
+                _export_series(
+                    series,
+                    [(record, case_dir) for record, case_dir, _ in members],
+                    series_dir,
+                    files,
+                    source,
+                    seed,
+                    write_ct=overwrite or not (series_dir / "ct.nii.gz").is_file(),
+                    dicom_seg=dicom_seg,
+                    rewrite_nodules=rewrite if not overwrite else {r.get("nodule_id") for r, _, _ in members},
+                )
+            except (ValueError, OSError) as err:
+                message = f"full volume of series {series_uid}: {err}"
+                logger.error("%s (%s)", message, patient_id)
+                for record, _, _ in members:
+                    record["status"] = "error"
+                    record["error"] = message
+                    summary.failed[record["case_id"]] = message
+
+    for record, case_dir, _ in located:
+        if record.get("status") == "ok":
+            files.write_if_changed(case_dir / CASE_RECORD, json_bytes(record))
+    # the queue lists every complete case in the folder, also those an earlier run exported
+    listed = {record["folder"] for record in summary.records}
+    for path in sorted(out.glob(f"*/*/{CASE_RECORD}")):
+        if path.parent.relative_to(out).as_posix() not in listed:
+            summary.records.append(json.loads(path.read_text()))
+    series_uids = sorted({str(r.get("series_uid")) for r in summary.records if r.get("series_uid")})
+    commands = list((previous or {}).get("commands", [])) if not overwrite else []
+    if command and command not in commands:
+        commands.append(command)
+    settings = {
+        "car_med_version": car_med.__version__,
+        "model": source.to_json(),
+        "num_samples": int(num_samples),
+        "seed": int(seed),
+        "case_seed": "seed * 1000003 + case_index (the case's position in its split)",
+        "split": split,
+        "datalist": str(Path(datalist).resolve()),
+        "dicom_root": None if dicom_root is None else str(Path(dicom_root).resolve()),
+        "commands": commands,
+        "series_uids": sorted(set((previous or {}).get("series_uids", [])) | set(series_uids)),
+        "ambiguity_score": AMBIGUITY_SCORE,
+        "grids": {
+            "crop": "180x180 crop at 0.5 mm as preprocessing.lidc wrote it: image.nii.gz, annotations.nii.gz",
+            "model": "128x128 model input, the crop's centre (crop voxels 26..153): samples, mean, calibration, entropy",
+            "ct": "the source series' own voxel grid (as dcm2niix writes it): ct.nii.gz, *_ct.nii.gz",
+        },
+    }
+    files.write_if_changed(out / "manifest.csv", manifest_csv(summary.records))
+    files.write_if_changed(out / "index.html", review_index_html(summary.records, settings))
+    files.write_if_changed(out / EXPORT_RECORD, json_bytes(settings))
+    files.finish()
+    logger.info(summary.message())
+    return summary

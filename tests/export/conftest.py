@@ -1,0 +1,74 @@
+"""A tiny registered CAR model and one export of two synthetic patients, shared by the export tests."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
+
+#: 0611: one 1-annotator nodule; 0983: a 2-annotator nodule at the image border (padded crops)
+EXPORT_PATIENTS = ("LIDC-IDRI-0611", "LIDC-IDRI-0983")
+NUM_SAMPLES = 4
+
+
+def split_of(datalist: Path, patient_id: str) -> str:
+    content = json.loads(datalist.read_text())
+    for split in ("training", "validation", "test"):
+        if any(item["patient_id"] == patient_id for item in content.get(split, [])):
+            return split
+    raise AssertionError(f"{patient_id} is in no split of {datalist}")
+
+
+@pytest.fixture(scope="session")
+def export_model(tmp_path_factory, lidc_home):
+    """``models:/car-lidc/1`` in a SQLite store: the tiny F and G of tests/tiny_car.py, untrained."""
+    from tiny_registry import NOISE_DIM, tiny_car_model
+
+    from car_med.registry import register_car_model
+
+    root = tmp_path_factory.mktemp("export_registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    f, g, f_config, g_config = tiny_car_model()
+    register_car_model(
+        f,
+        g,
+        f_config,
+        g_config,
+        noise_dim=NOISE_DIM,
+        tracking_uri=uri,
+        artifact_location=str(root / "artifacts"),
+        work_dir=str(root),
+    )
+    return {"uri": "models:/car-lidc/1", "tracking_uri": uri}
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, clean_run, clean_cohort, export_model, lidc_home):
+    """One export of both patients with the CT overlays and DICOM SEG (each patient from its own split)."""
+    from car_med.export import export_cases
+
+    datalist = clean_run / "datalist.json"
+    out = tmp_path_factory.mktemp("export")
+    summaries = []
+    for patient in EXPORT_PATIENTS:
+        summaries.append(
+            export_cases(
+                export_model["uri"],
+                datalist,
+                out,
+                split=split_of(datalist, patient),
+                cases=[patient],
+                num_samples=NUM_SAMPLES,
+                seed=0,
+                dicom_root=clean_cohort,
+                full_volume=True,
+                dicom_seg=True,
+                tracking_uri=export_model["tracking_uri"],
+                progress=False,
+            )
+        )
+    return {"dir": out, "summaries": summaries, "datalist": datalist, "dicom_root": clean_cohort, **export_model}
