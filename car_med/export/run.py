@@ -412,7 +412,8 @@ def export_cases(
         "ambiguity_score": AMBIGUITY_SCORE,
         "grids": {
             "crop": "180x180 crop at 0.5 mm as preprocessing.lidc wrote it: image.nii.gz, annotations.nii.gz",
-            "model": "128x128 model input, the crop's centre (crop voxels 26..153): samples, mean, calibration, entropy",
+            "model": "128x128 model input, the crop's centre (crop voxels 26..153): samples, mean, calibration, "
+            "entropy",
             "ct": "the source series' own voxel grid (as dcm2niix writes it): ct.nii.gz, *_ct.nii.gz",
         },
     }
