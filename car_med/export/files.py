@@ -40,12 +40,13 @@ _MAX_PART = 120
 
 def safe_path_part(value: Any, what: str) -> str:
     """``value`` as one path component: runs of characters other than letters, digits, ``.``, ``_`` and
-    ``-`` become ``_``, leading dots are dropped (no hidden files, no ``..``), at most 120 characters.
+    ``-`` become ``_``; leading and trailing dots and underscores are dropped (no hidden files, no ``..``); at
+    most 120 characters.
 
     Raises:
         ValueError: nothing usable is left (names ``what``).
     """
-    text = _UNSAFE.sub("_", str(value)).lstrip(".")[:_MAX_PART].strip("_")
+    text = _UNSAFE.sub("_", str(value)).strip("._")[:_MAX_PART].rstrip("._")
     if not text:
         raise ValueError(f"{what} {value!r} gives an empty folder name after sanitising.")
     return text
