@@ -1,0 +1,80 @@
+"""index.html in a real headless Chromium: cases in score order, every thumbnail loaded."""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+import subprocess
+
+import pytest
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--allow-file-access-from-files",
+    "--virtual-time-budget=5000",
+]
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("no Chromium on PATH (Debian package chromium; .ci/run installs it)")
+
+
+def test_index_html_lists_cases_by_score_with_every_thumbnail_loaded(exported, tmp_path):
+    browser = _chromium()
+    page = (exported["dir"] / "index.html").as_uri()
+    profile = ["--user-data-dir=" + str(tmp_path / "profile")]
+    dom = subprocess.run(
+        [browser, *CHROMIUM_FLAGS, *profile, "--dump-dom", page], capture_output=True, text=True, timeout=120
+    ).stdout
+    rows = re.findall(r'<tr data-case="([^"]+)" data-score="([0-9.]+)">', dom)
+    with open(exported["dir"] / "manifest.csv") as handle:
+        manifest = [r for r in csv.DictReader(handle) if r["status"] == "ok"]
+    assert [case for case, _ in rows] == [r["case_id"] for r in manifest]
+    scores = [float(score) for _, score in rows]
+    assert scores == sorted(scores, reverse=True) and len(rows) > 1
+    images = re.findall(r"<img [^>]*>", dom)
+    assert len(images) == len(rows)
+    # the page's script marks each thumbnail once the browser has decoded it (or replaces it when broken)
+    assert all('data-loaded="yes"' in tag for tag in images), images[:3]
+    assert '<span class="missing"' not in dom
+    screenshot = tmp_path / "index.png"
+    subprocess.run(
+        [browser, *CHROMIUM_FLAGS, *profile, "--window-size=1400,900", f"--screenshot={screenshot}", page],
+        capture_output=True,
+        timeout=120,
+    )
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_missing_montage_shows_as_missing_not_as_a_broken_image(exported, tmp_path):
+    browser = _chromium()
+    copy = tmp_path / "exp"
+    shutil.copytree(exported["dir"], copy)
+    victim = sorted(copy.glob("*/*/montage.png"))[0]
+    victim.unlink()
+    dom = subprocess.run(
+        [
+            browser,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            (copy / "index.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert dom.count('<span class="missing"') == 1
+    assert victim.relative_to(copy).as_posix() in dom
