@@ -9,7 +9,7 @@ from __future__ import annotations
 from car_med.export.ct_volume import CTSeries, paste_plane, read_ct_series
 from car_med.export.files import safe_path_part
 from car_med.export.model_source import ModelSource, load_export_model, resolve_model_source
-from car_med.export.run import ExportSummary, export_cases
+from car_med.export.run import ExportSummary, export_cases, raise_if_failed
 
 __all__ = [
     "CTSeries",
@@ -18,6 +18,7 @@ __all__ = [
     "export_cases",
     "load_export_model",
     "paste_plane",
+    "raise_if_failed",
     "read_ct_series",
     "resolve_model_source",
     "safe_path_part",

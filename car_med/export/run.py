@@ -23,7 +23,7 @@ from car_med.export.files import ExportFiles, json_bytes, safe_path_part
 from car_med.export.model_source import ModelSource, load_export_model, resolve_model_source
 from car_med.export.review import manifest_csv, review_index_html
 
-__all__ = ["ExportSummary", "export_cases"]
+__all__ = ["ExportSummary", "export_cases", "raise_if_failed"]
 
 logger = logging.getLogger(__name__)
 
@@ -412,8 +412,8 @@ def export_cases(
         "ambiguity_score": AMBIGUITY_SCORE,
         "grids": {
             "crop": "180x180 crop at 0.5 mm as preprocessing.lidc wrote it: image.nii.gz, annotations.nii.gz",
-            "model": "128x128 model input, the crop's centre (crop voxels 26..153): samples, mean, calibration, "
-            "entropy",
+            "model": f"{roi_size[0]}x{roi_size[1]} model input centred in the crop (MONAI CenterSpatialCrop; each "
+            "case.json gives the offset): samples, mean, calibration, entropy",
             "ct": "the source series' own voxel grid (as dcm2niix writes it): ct.nii.gz, *_ct.nii.gz",
         },
     }
@@ -423,3 +423,10 @@ def export_cases(
     files.finish()
     logger.info(summary.message())
     return summary
+
+
+def raise_if_failed(summary: ExportSummary) -> None:
+    """Fail (non-zero exit of ``monai.bundle run export``) when any case failed; the others are exported."""
+    if summary.failed:
+        listed = "; ".join(f"{case}: {error}" for case, error in list(summary.failed.items())[:5])
+        raise RuntimeError(f"{len(summary.failed)} cases failed to export (see manifest.csv): {listed}")
