@@ -9,7 +9,7 @@ import numpy as np
 
 from car_med.visualize import isolate_matplotlib_config
 
-__all__ = ["review_montage_png"]
+__all__ = ["plot_ct_overlay", "review_montage_png"]
 
 
 def review_montage_png(
@@ -72,3 +72,68 @@ def review_montage_png(
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
+
+
+def plot_ct_overlay(
+    ct_file: str,
+    samples_file: str,
+    mean_file: str,
+    path: str,
+    hu_window: Sequence[float] = (-1024.0, 400.0),
+    margin_mm: float = 25.0,
+) -> str:
+    """Render exported full-volume files as a viewer would show them: the CT slice with the most sample
+    pixels, every sample's outline on it, and the mean (Gbar) as a heat overlay, zoomed on the nodule.
+
+    Args:
+        ct_file: ``ct.nii.gz`` of the series.
+        samples_file: the nodule's ``samples_ct.nii.gz``.
+        mean_file: the nodule's ``mean_ct.nii.gz``.
+        path: PNG to write.
+        hu_window: grey window.
+        margin_mm: how far around the samples' union to show.
+
+    Returns:
+        ``path``.
+    """
+    import nibabel as nib
+
+    isolate_matplotlib_config()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ct = nib.load(ct_file)
+    samples = np.asarray(nib.load(samples_file).dataobj)
+    mean = np.asarray(nib.load(mean_file).dataobj, dtype=np.float32)
+    k = int(samples.sum(axis=(0, 1, 3)).argmax())
+    union = samples[:, :, k].any(axis=-1)
+    if not union.any():
+        union = mean[:, :, k] > 0.05
+    ii, jj = np.nonzero(union) if union.any() else (np.array([ct.shape[0] // 2]), np.array([ct.shape[1] // 2]))
+    spacing = np.linalg.norm(ct.affine[:3, :2], axis=0)
+    pad = (margin_mm / spacing).astype(int)
+    i0, i1 = max(ii.min() - pad[0], 0), min(ii.max() + pad[0] + 1, ct.shape[0])
+    j0, j1 = max(jj.min() - pad[1], 0), min(jj.max() + pad[1] + 1, ct.shape[1])
+    image = np.asarray(ct.dataobj[i0:i1, j0:j1, k], dtype=np.float32).T
+    fig = Figure(figsize=(7.5, 2.8), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    extent = None
+    for ax in axes:
+        ax.imshow(image, cmap="gray", vmin=hu_window[0], vmax=hu_window[1], extent=extent, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].set_title(f"CT slice {k}", fontsize=8)
+    colours = [f"C{m % 10}" for m in range(samples.shape[-1])]
+    for m in range(samples.shape[-1]):
+        plane = samples[i0:i1, j0:j1, k, m].T.astype(np.float32)
+        if plane.any():
+            axes[1].contour(plane, levels=[0.5], colors=[colours[m]], linewidths=0.8)
+    axes[1].set_title(f"{samples.shape[-1]} sample outlines", fontsize=8)
+    heat = np.ma.masked_less(mean[i0:i1, j0:j1, k].T, 0.02)
+    shown = axes[2].imshow(heat, cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.75, interpolation="nearest")
+    axes[2].set_title("mean of the samples (Gbar)", fontsize=8)
+    fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.02)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, metadata={"Software": None})
+    return path
