@@ -9,7 +9,9 @@ Steps, each the command a user would type (printed before it runs):
 4. the same with ``train_baseline_ce.json`` for cGAN+L_ce, from the same stage-1 F (its checkpoint is copied,
    so both models refine one calibration net and differ only in the stage-2 regulariser);
 5. ``run evaluating`` with ``evaluate.json`` on the test split for both; then a table of GED16, HM-IoU16 and
-   sample diversity is printed and written to ``demo_summary.json``.
+   sample diversity is printed and written to ``demo_summary.json``;
+6. ``python -m car_med.export`` on the test split with the registered CAR model: the review files (NIfTI in the
+   scanner frame, CT overlays, DICOM SEG, ``review/index.html``; docs/review.md).
 
 Every step resumes: rerunning after a kill continues where it stopped.
 
@@ -114,6 +116,30 @@ def main(argv: list[str] | None = None) -> int:
         _bundle("evaluating", [*configs, "evaluate.json"], ["--output_dir", str(run_dir), *common], env)
         reports[label] = json.loads((run_dir / "evaluation" / "test" / "metrics.json").read_text())
 
+    # the radiologist's review files of the test split, from the registered CAR model (docs/review.md)
+    review = out / "review"
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "car_med.export",
+            "--model",
+            str(out / "car"),
+            "--datalist",
+            str(crops / "datalist.json"),
+            "--split",
+            "test",
+            "--output-dir",
+            str(review),
+            "--dicom-root",
+            str(dicom),
+            "--full-volume",
+            "--dicom-seg",
+            "--no-progress",
+        ],
+        env,
+    )
+
     table = format_table(reports)
     summary = {
         "table": {label: {k: r["metrics"][k] for k in METRICS_SHOWN} for label, r in reports.items()},
@@ -127,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmontages: {out / 'car' / 'evaluation' / 'test' / 'montage.png'}")
     record = summary["registered"]
     print(f"registered: models:/{record['model_name']}/{record['version']} in {record['tracking_uri']}")
+    print(f"review queue: {review / 'index.html'} (docs/review.md)")
     print(f"done in {summary['minutes']} min; summary in {out / 'demo_summary.json'}")
     return 0
 
