@@ -135,6 +135,10 @@ def test_slices_the_model_did_not_see_are_empty_and_the_seen_ones_hold_samples(e
         assert samples.shape == (*ct.shape, NUM_SAMPLES) and samples.dtype == np.uint8
         mean = nib.load(samples_file.parent / "mean_ct.nii.gz")
         assert mean.shape == ct.shape and np.allclose(mean.affine, ct.affine)
+        for path in (samples_file, samples_file.parent / "mean_ct.nii.gz", samples_file.parents[1] / "ct.nii.gz"):
+            itk = sitk.ReadImage(str(path))
+            assert itk.GetSize()[:3] == ct.shape
+            assert np.allclose(itk.GetOrigin()[:3], _world(ct.affine, (0, 0, 0)) * [-1, -1, 1], atol=1e-3)
         cases = _records_with(exported["dir"], "samples_ct", samples_file)
         seen = {c["slice_index"] for c in cases}
         touched = {int(k) for k in np.nonzero(samples.any(axis=(0, 1, 3)))[0]}
