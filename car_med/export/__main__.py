@@ -30,6 +30,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dicom-seg", action="store_true", help="also write one DICOM SEG per nodule")
     parser.add_argument("--overwrite", action="store_true", help="replace cases already in the export folder")
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default MLFLOW_TRACKING_URI)")
+    parser.add_argument(
+        "--roi-size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"),
+        help="model input window, centred in each crop (the training roi_size; default 128 128)",
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
@@ -57,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             tracking_uri=args.tracking_uri,
             device=args.device,
+            roi_size=tuple(args.roi_size),
             progress=not args.no_progress,
             command=shlex.join(words),
         )

@@ -62,7 +62,7 @@ table { border-collapse: collapse; }
 th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: middle; font-size: 13px; }
 th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-img.thumb { height: 96px; display: block; }
+img.thumb { width: 560px; height: auto; display: block; }
 tr.failed td { color: #a00; }
 .missing { color: #a00; font-style: italic; }
 """
