@@ -46,7 +46,7 @@ from car_med.metrics import (
     stochastic_label_modes,
     stochastic_mode_weights,
 )
-from car_med.metrics.calibration import _result_from_sums
+from car_med.metrics.calibration import calibration_result_from_sums
 from car_med.metrics.pairwise import PairwiseIoU
 from car_med.metrics.stochastic_classes import check_stochastic_classes
 from car_med.networks.conditioned import analytic_label_distribution
@@ -262,11 +262,11 @@ class CityscapesMetricSuite:
 
     def f_calibration(self) -> ClassCalibrationResult:
         """F's pooled per-class predictions (NaN for a class never seen)."""
-        return _result_from_sums(self._f_sums, self.stochastic_classes)
+        return calibration_result_from_sums(self._f_sums, self.stochastic_classes)
 
     def g_calibration(self) -> ClassCalibrationResult:
         """The pooled frequency of each flipped class in G's samples."""
-        return _result_from_sums(self._g_sums, self.stochastic_classes)
+        return calibration_result_from_sums(self._g_sums, self.stochastic_classes)
 
     def reliability(self) -> ReliabilityData:
         """F's reliability-diagram data."""

@@ -28,6 +28,7 @@ __all__ = [
     "ClassCalibrationResult",
     "class_calibration_statistics",
     "class_calibration_offsets",
+    "calibration_result_from_sums",
     "StochasticClassCalibration",
 ]
 
@@ -454,7 +455,23 @@ def class_calibration_statistics(
     return torch.stack(rows, dim=1)
 
 
-def _result_from_sums(sums: torch.Tensor, triples: tuple[tuple[int, int, float], ...]) -> ClassCalibrationResult:
+def calibration_result_from_sums(
+    sums: torch.Tensor, triples: Sequence[tuple[int, int, float]]
+) -> ClassCalibrationResult:
+    """A :class:`ClassCalibrationResult` from pooled per-class ``(pixel count, flipped total)`` sums.
+
+    Lets a caller accumulate :func:`class_calibration_statistics` over a pass (summed over images) and turn the
+    totals into predicted flip probabilities at the end.
+
+    Args:
+        sums: ``(K, 2)``: per stochastic class, the number of base-class pixels and the sum of the flipped
+            class's probability (or sample hits) over them.
+        triples: the ``(base, flipped, probability)`` triples, in the order of the rows of ``sums``.
+
+    Returns:
+        The result; a class with no pixel has a NaN prediction.
+    """
+    triples = tuple(tuple(t) for t in triples)
     sums = sums.detach().to("cpu", torch.float64)
     count, total = sums[:, 0], sums[:, 1]
     predicted = torch.where(count > 0, total / count.clamp_min(1.0), torch.full_like(count, float("nan")))
@@ -496,7 +513,7 @@ def class_calibration_offsets(
     for source, pred in (("probs", probs), ("samples", samples)):
         if pred is not None:
             sums = class_calibration_statistics(label, pred, source=source, stochastic_classes=triples)
-            out[source] = _result_from_sums(sums.sum(dim=0), triples)
+            out[source] = calibration_result_from_sums(sums.sum(dim=0), triples)
     return out
 
 
@@ -545,7 +562,7 @@ class StochasticClassCalibration(CumulativeIterationMetric):
         data = self.get_buffer()
         if not isinstance(data, torch.Tensor):
             raise ValueError("StochasticClassCalibration.result() called before any batch was added.")
-        return _result_from_sums(data.sum(dim=0), self.stochastic_classes)
+        return calibration_result_from_sums(data.sum(dim=0), self.stochastic_classes)
 
     def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:
         """Mean absolute offset over the pairs (``"mean"``), or the ``(K,)`` offsets (``"none"``)."""
