@@ -183,6 +183,9 @@ def _export_series(
                 files.write_sparse_nifti(targets[key], shape, dtype, series.affine, sparse)
             if dicom_seg:
                 _write_seg(series, planes, depth["samples"], targets["seg"], files, source, seed)
+            else:
+                # a SEG of earlier samples would contradict the new ones
+                (nodule_dir / "seg.dcm").unlink(missing_ok=True)
         relative = {key: path.relative_to(files.root).as_posix() for key, path in targets.items() if path.is_file()}
         for record, _ in members:
             record["ct"] = (series_dir / "ct.nii.gz").relative_to(files.root).as_posix()
