@@ -160,16 +160,27 @@ class PackedInputRefinementUNet(NoiseInjectedUNet):
     plain image is accepted too. ``memory_saving="chunked"`` in :class:`~car_med.engines.CARTrainer` runs G's
     blocks directly on the packed input and is refused with a clear error: use ``memory_saving="none"``.
 
+    ``noise_scale_bias`` initialises the bias of every :class:`~car_med.networks.refinement.NoiseInjection`'s
+    scale layer. The authors' (and the parent's) 0 makes the scale ``s(eps)`` zero-mean, so at the start the
+    mean over eps of G's output does not depend on the image or on F at all; G first has to grow these biases,
+    which takes thousands of iterations at the paper's learning rate. With 1 (AdaIN's and StyleGAN's
+    convention, ``features * (1 + s'(eps))``) G starts as a noise-modulated copy of its features, which the
+    short CPU demo needs to learn the flips of every class (docs/cityscapes.md, "Demo numbers").
+
     Args:
         extra_channels: channels packed after the image (19 for the black box, 1 for the label).
+        noise_scale_bias: initial bias of the noise injections' scale layers (0, the authors' init).
         kwargs: :class:`NoiseInjectedUNet` arguments.
     """
 
-    def __init__(self, extra_channels: int = 19, **kwargs) -> None:
+    def __init__(self, extra_channels: int = 19, noise_scale_bias: float = 0.0, **kwargs) -> None:
         if extra_channels < 0:
             raise ValueError(f"extra_channels must be >= 0, got {extra_channels}.")
         super().__init__(**kwargs)
         self.extra_channels = extra_channels
+        self.noise_scale_bias = float(noise_scale_bias)
+        for site in self.inject.values():
+            nn.init.constant_(site.scale.bias, self.noise_scale_bias)
 
     def _image(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[1] == self.image_channels + self.extra_channels:

@@ -155,3 +155,18 @@ def test_packed_networks_see_what_the_authors_give_them():
         g._check_inputs(packed, cal, noise)
     d = PackedInputDiscriminator(extra_channels=19, image_channels=3, num_classes=25, channels=[8, 8])
     assert torch.equal(d(packed, cal), d(image, cal))
+
+
+def test_noise_scale_bias_sets_every_injection_scale_and_keeps_the_state_dict_keys():
+    kwargs = {"extra_channels": 19, "image_channels": 3, "num_classes": 25, "noise_dim": 4, "channels": [8, 8]}
+    default = PackedInputRefinementUNet(**kwargs)
+    assert all(torch.equal(site.scale.bias, torch.zeros_like(site.scale.bias)) for site in default.inject.values())
+    g = PackedInputRefinementUNet(noise_scale_bias=1.0, **kwargs)
+    assert len(g.inject) == 2
+    assert all(torch.equal(site.scale.bias, torch.ones_like(site.scale.bias)) for site in g.inject.values())
+    assert g.state_dict().keys() == default.state_dict().keys()
+    # with s = 1 + s'(eps), the mean output over eps follows the features; with s zero-mean it barely does
+    g.eval()
+    image, cal = torch.randn(1, 3, 16, 32), torch.softmax(torch.randn(1, 25, 16, 32), 1)
+    noise = torch.zeros(1, 4)
+    assert not torch.allclose(g(image, cal, noise), torch.full((1, 25, 16, 32), 1 / 25), atol=1e-3)
