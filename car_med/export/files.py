@@ -114,18 +114,7 @@ class ExportFiles:
 
     def write_bytes(self, path: Path, payload: bytes) -> Path:
         """Write ``payload`` to ``path`` (under the root) atomically."""
-        fd, tmp = self._temporary(path.name)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return self.write_chunks(path, (payload,))
 
     def write_chunks(self, path: Path, chunks: Iterable[bytes]) -> Path:
         """Write a stream of byte chunks to ``path`` atomically (for files too large to hold in memory)."""
