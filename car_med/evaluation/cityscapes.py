@@ -349,7 +349,8 @@ def plot_class_calibration(
         values = [float("nan") if row[key] is None else row[key] for row in table]
         ax.bar([x + (j - 1) * width for x in xs], values, width=width, label=label, color=colour, edgecolor="black")
     ax.set_xticks(list(xs))
-    ax.set_xticklabels([f"{row['class']}\u2192{row['class']}2" for row in table])
+    # two lines per class: "vegetation -> vegetation2" on one line overlaps its neighbours
+    ax.set_xticklabels([f"{row['class']}\n\u2192 {row['class']}2" for row in table])
     ax.set_ylabel("probability of the flipped class")
     ax.set_ylim(0, 1)
     ax.set_title(title)

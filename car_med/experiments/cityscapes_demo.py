@@ -11,6 +11,7 @@ Steps, each the command a user would type (printed before it runs):
 4. one table of issue 10's acceptance numbers (G's sampled flip frequency per class, F's and G's calibration
    offsets, G's distance to F, GED16, diversity16, training wall time), also in ``demo_summary.json``;
 5. figures: each model's ``class_calibration.png`` (the paper's Fig. 6) copied as ``cityscapes_calibration_<model>.png``
+   (cGAN+L_ce also at its last checkpoint, ``cityscapes_calibration_cgan-ce-last.png``)
    and a sample grid ``cityscapes_samples.png`` (image, black box, label, F's argmax, G's samples) from CAR.
 
 Every training resumes from its checkpoints: rerunning after a kill continues where it stopped.
@@ -44,6 +45,9 @@ MODELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("cGAN+L_cal(gt)", "cgan_cal_gt", ("train_gt_conditioned.json",)),
     ("cGAN+L_ce", "cgan_ce", ("train_baseline_ce.json",)),
 )
+
+#: The cGAN+L_ce baseline at its best validation checkpoint, and at its last one (trained to the end).
+CE_LABEL, CE_FINAL_LABEL = "cGAN+L_ce", "cGAN+L_ce (last)"
 
 #: The stochastic classes in the table's order (the flip probabilities 8/17 ... 4/17).
 CLASSES = ("sidewalk", "person", "car", "vegetation", "road")
@@ -191,9 +195,10 @@ def acceptance(rows: Mapping[str, Mapping[str, Any]], tolerance: float = TOLERAN
         row = rows["CAR"]
         out["CAR: F offsets within 0.05"] = all(v is not None and v <= tolerance for v in row["f_offset"].values())
         out["CAR: G within 0.05 of F"] = all(v is not None and v <= tolerance for v in row["g_minus_f"].values())
-    if "cGAN+L_ce" in rows:
-        # "near-zero": below a tenth of the ground truth's own diversity is the bar used here
-        out["cGAN+L_ce: diversity16 < 0.05"] = (rows["cGAN+L_ce"]["diversity16"] or 0.0) < 0.05
+    for label in (CE_LABEL, CE_FINAL_LABEL):
+        if label in rows:
+            # "near-zero": below a tenth of the ground truth's own diversity is the bar used here
+            out[f"{label}: diversity16 < 0.05"] = (rows[label]["diversity16"] or 0.0) < 0.05
     return out
 
 
@@ -315,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("cityscapes_demo"))
     parser.add_argument("--figures-dir", type=Path, default=None, help="where the figures go (default: OUTPUT/figures)")
-    parser.add_argument("--images-per-city", type=int, default=8)
+    parser.add_argument(
+        "--images-per-city",
+        type=int,
+        default=32,
+        help="synthetic images per city (32: 96 per split, so that a flip frequency is measured over ~1500 draws)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every step (OMP_NUM_THREADS)")
     parser.add_argument("--models", nargs="*", default=[m[0] for m in MODELS], help="which models to run")
     args, overrides = parser.parse_known_args(argv)
@@ -371,6 +381,31 @@ def main(argv: list[str] | None = None) -> int:
         _run(bundle_command("evaluating", [*configs, "evaluate.json"], ["--output_dir", str(run_dir), *common]), env)
         reports[label] = json.loads((run_dir / "evaluation" / "test" / "metrics.json").read_text())
         rows[label] = acceptance_row(reports[label])
+        if label == CE_LABEL:
+            # the validation picks the baseline's early, still diverse state (around iteration 400, see
+            # docs/cityscapes.md); its collapse shows in the trained model, so evaluate the last checkpoint as well
+            final = [
+                "--eval_checkpoint",
+                "$car_med.engines.latest_checkpoint(@checkpoint_dir, 'stage2')",
+                "--eval_output_dir",
+                "$os.path.join(@output_dir, 'evaluation', 'test_final')",
+                "--eval_model_label",
+                CE_FINAL_LABEL,
+            ]
+            _run(
+                bundle_command(
+                    "evaluating", [*configs, "evaluate.json"], ["--output_dir", str(run_dir), *common, *final]
+                ),
+                env,
+            )
+            final_report = json.loads((run_dir / "evaluation" / "test_final" / "metrics.json").read_text())
+            figures.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(
+                run_dir / "evaluation" / "test_final" / "class_calibration.png",
+                figures / "cityscapes_calibration_cgan-ce-last.png",
+            )
+            rows[CE_FINAL_LABEL] = acceptance_row(final_report)
+            times[CE_FINAL_LABEL] = wall
         figures.mkdir(parents=True, exist_ok=True)
         name = folder.replace("_", "-")
         shutil.copy2(

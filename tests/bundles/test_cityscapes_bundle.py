@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from cityscapes_runs import TINY_EVAL, make_synthetic_dataset, run_cityscapes_bundle
+from cityscapes_runs import BUNDLE, TINY_EVAL, make_synthetic_dataset, run_cityscapes_bundle
 
 TRAIN = ["train.json", "demo.json"]
 
@@ -19,17 +19,20 @@ def cityscapes_data(tmp_path_factory):
     return make_synthetic_dataset(tmp_path_factory.mktemp("cityscapes_data"))
 
 
-def _train(tmp_path_factory, data, name, extra=()):
+def _train(tmp_path_factory, data, name, extra=(), overrides=None):
     out = tmp_path_factory.mktemp(f"cityscapes_{name}")
     home = tmp_path_factory.mktemp(f"cityscapes_{name}_home")
-    result = run_cityscapes_bundle("training", [*TRAIN, *extra], home, dataset_dir=data, output_dir=out)
+    result = run_cityscapes_bundle(
+        "training", [*TRAIN, *extra], home, dataset_dir=data, output_dir=out, **(overrides or {})
+    )
     assert result.returncode == 0, result.stdout[-4000:]
     return {"output_dir": out, "home": home, "log": result.stdout, "configs": [*TRAIN, *extra]}
 
 
 @pytest.fixture(scope="module")
 def car_run(tmp_path_factory, cityscapes_data):
-    return _train(tmp_path_factory, cityscapes_data, "car")
+    # four stage-2 iterations validated after each, so that the best checkpoint is a choice among four
+    return _train(tmp_path_factory, cityscapes_data, "car", overrides={"stage2_iterations": 4, "val_interval": 1})
 
 
 def _evaluate(run, data):
@@ -53,13 +56,32 @@ def test_car_training_runs_both_stages_and_leaves_checkpoints(car_run):
     assert any(n.startswith("stage2") for n in names), names
     assert "best_stage2.pt" in names
     stage2 = torch.load(next(checkpoints.glob("stage2_checkpoint_*.pt")), weights_only=True, map_location="cpu")
-    assert stage2["trainer"]["iteration"] == 2
+    assert stage2["trainer"]["iteration"] == 4
     # F is the black-box-conditioned net: its first convolution reads 3 image + 25 black-box channels
     first = next(v for k, v in stage2["calibration_network"].items() if k.endswith("conv.weight"))
     assert first.shape[1] == 3 + 25
-    history = json.loads((car_run["output_dir"] / "validation.json").read_text())
-    assert history["key_metric"] == "ged4" and math.isfinite(history["best"])
     assert (car_run["output_dir"] / "mlflow.db").is_file()
+
+
+def test_the_best_checkpoint_is_the_validation_with_the_lowest_val_key_metric(car_run):
+    # demo.json picks best_stage2.pt by G's mean calibration offset (train.json's default is GED)
+    history = json.loads((car_run["output_dir"] / "validation.json").read_text())
+    assert history["key_metric"] == "g_mean_offset"
+    entries = history["history"]
+    assert [e["iteration"] for e in entries] == [1, 2, 3, 4]
+    best = min(entries, key=lambda e: e["g_mean_offset"])
+    assert history["best"] == pytest.approx(best["g_mean_offset"])
+    assert history["best_iteration"] == best["iteration"]
+
+
+def test_train_json_picks_the_best_checkpoint_by_ged_unless_told_otherwise():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "train.json"))
+    assert parser.get_parsed_content("val_key_metric") == "ged16"
+    parser.read_config([str(BUNDLE / "train.json"), str(BUNDLE / "demo.json")])
+    assert parser.get_parsed_content("val_key_metric") == "g_mean_offset"
 
 
 def test_car_evaluation_writes_finite_in_range_metrics_and_figures(car_run, cityscapes_data):
