@@ -182,6 +182,8 @@ def main() -> None:
     ]
     if not configs:
         parser.error("--amp runs with --variant none only (CARTrainer refuses amp with memory_saving 'chunked')")
+    if args.amp and "chunked" in args.variant:
+        print("--amp: skipping memory_saving 'chunked' (CARTrainer refuses amp with it)", file=sys.stderr)
     results: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
     for r in range(args.rounds):
         # alternate the order from round to round so that no configuration always runs first

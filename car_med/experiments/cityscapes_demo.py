@@ -2,7 +2,7 @@
 
 Steps, each the command a user would type (printed before it runs):
 
-1. ``python -m preprocessing.synthetic_cityscapes``: street scenes in the official layout (8 images per city, made at
+1. ``python -m preprocessing.synthetic_cityscapes``: street scenes in the official layout (32 images per city, made at
    256x512) and a noisy black-box prediction folder;
 2. ``python -m preprocessing.cityscapes --size 64 128``: the 25-class labels, the black box and ``datalist.json``;
 3. per model, ``python -m monai.bundle run training`` with ``train.json`` + ``demo.json`` (+ the baseline's file),
