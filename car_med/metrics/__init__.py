@@ -1,4 +1,4 @@
-"""car_med.metrics: GED, Hungarian-matched IoU, ECE and stochastic-class calibration, as functions and MONAI metrics.
+"""car_med.metrics: GED, Hungarian-matched IoU, ECE, stochastic-class calibration and G's noise response.
 
 Conventions (SPEC section 2, docs/metrics.md): hard samples are integer argmax maps ``(B, N, *spatial)``, labels are
 integer maps ``(B, R, *spatial)``, d(a, b) = 1 - IoU(a, b), a class absent from both maps is skipped and a pair with
@@ -28,6 +28,11 @@ from car_med.metrics.energy_distance import (
     sample_diversity,
 )
 from car_med.metrics.hungarian_iou import HungarianMatchedIoU, hungarian_matched_iou, matched_iou_from_matrix
+from car_med.metrics.noise_response import (
+    class_sample_spread_statistics,
+    noise_response_from_sums,
+    reference_spread,
+)
 from car_med.metrics.pairwise import PairwiseIoU, pairwise_iou
 from car_med.metrics.stochastic_classes import (
     CITYSCAPES_IGNORE_INDEX,
@@ -56,12 +61,15 @@ __all__ = [
     "energy_distance_from_iou",
     "class_calibration_offsets",
     "class_calibration_statistics",
+    "class_sample_spread_statistics",
     "expected_calibration_error",
     "generalized_energy_distance",
+    "noise_response_from_sums",
     "hungarian_matched_iou",
     "matched_iou_from_matrix",
     "pairwise_iou",
     "plot_reliability_diagram",
+    "reference_spread",
     "sample_diversity",
     "stochastic_label_modes",
     "stochastic_mode_flips",
