@@ -47,6 +47,7 @@ from car_med.metrics import (
     stochastic_mode_weights,
 )
 from car_med.metrics.calibration import calibration_result_from_sums
+from car_med.metrics.noise_response import class_sample_spread_statistics, noise_response_from_sums, reference_spread
 from car_med.metrics.pairwise import PairwiseIoU
 from car_med.metrics.stochastic_classes import check_stochastic_classes
 from car_med.networks.conditioned import analytic_label_distribution
@@ -85,6 +86,11 @@ CITYSCAPES_METRIC_DEFINITIONS: dict[str, str] = {
     "g_offset_<class>": "|p - frequency of the flipped class in G's first calibration_count samples| over all "
     "pixels whose true class is the base class (the authors' count_pixel_modes)",
     "f_mean_offset, g_mean_offset": "mean of the 5 per-class offsets",
+    "g_spread (per class)": "std over G's first calibration_count samples of its probability of the flipped class, "
+    "averaged over the pixels whose true class is the base class; sqrt(p (1 - p)) for one-hot samples flipping "
+    "with frequency p, 0 when G ignores its noise",
+    "g_noise_response": "mean over the 5 classes of g_spread / sqrt(p (1 - p)): 1 for coherent calibrated flips, "
+    "0 for a G collapsed to a deterministic output (cGAN+L_ce); NaN without G's per-sample probabilities",
     "ece": "F's expected calibration error, 10 equal-width confidence bins (Guo et al. 2017), pooled over all "
     "non-ignore pixels; the target is the analytic per-pixel label distribution (the expected accuracy of F's "
     "argmax)",
@@ -152,6 +158,9 @@ class CityscapesMetricSuite:
         stochastic_classes: ``(base, flipped, probability)`` triples.
     """
 
+    #: :func:`~car_med.evaluation.evaluate_samples` passes G's per-sample probabilities to :meth:`update`
+    wants_sample_probs = True
+
     def __init__(
         self,
         ged_counts: Sequence[int] = (16,),
@@ -184,7 +193,7 @@ class CityscapesMetricSuite:
     def names(self) -> list[str]:
         """Scalar metric names in report order."""
         names = [f"ged{n}" for n in self.ged_counts] + [f"diversity{self.ged_counts[0]}"]
-        names += ["f_mean_offset", "g_mean_offset"]
+        names += ["f_mean_offset", "g_mean_offset", "g_noise_response"]
         for base, _, _ in self.stochastic_classes:
             names += [f"f_offset_{_class_name(base)}", f"g_offset_{_class_name(base)}"]
         return names + (["ece"] if self.ece_bins else [])
@@ -194,6 +203,7 @@ class CityscapesMetricSuite:
         k = len(self.stochastic_classes)
         self._f_sums = torch.zeros(k, 2, dtype=torch.float64)
         self._g_sums = torch.zeros(k, 2, dtype=torch.float64)
+        self._spread_sums = torch.zeros(k, 2, dtype=torch.float64)
         self._ece_sums = None if not self.ece_bins else torch.zeros(3, self.ece_bins, dtype=torch.float64)
 
     def update(
@@ -202,6 +212,7 @@ class CityscapesMetricSuite:
         labels: torch.Tensor,
         calibration: torch.Tensor | None = None,
         blackbox: torch.Tensor | None = None,
+        sample_probs: torch.Tensor | None = None,
     ) -> None:
         """Add a batch.
 
@@ -210,6 +221,7 @@ class CityscapesMetricSuite:
             labels: the un-flipped (or flipped) integer labels ``(B, 1, H, W)`` or ``(B, H, W)``.
             calibration: F's probabilities ``(B, C, H, W)``.
             blackbox: the black box's prediction, integer ``(B, H, W)``/``(B, 1, H, W)`` or one-hot ``(B, 19, H, W)``.
+            sample_probs: G's softmax of every sample ``(B, M, C, H, W)``, for the spread and the noise response.
         """
         samples, labels = _plain(samples).cpu(), _plain(labels).cpu()
         if labels.ndim == samples.ndim:
@@ -228,6 +240,9 @@ class CityscapesMetricSuite:
             labels, samples[:, : self.calibration_count], source="samples", stochastic_classes=self.stochastic_classes
         )
         self._g_sums += g.sum(dim=0)
+        if sample_probs is not None and self.calibration_count >= 2:  # one sample has no spread
+            probs = _plain(sample_probs)[:, : self.calibration_count]
+            self._spread_sums += class_sample_spread_statistics(labels, probs, self.stochastic_classes).sum(dim=0)
         if calibration is None:
             return
         calibration = _plain(calibration).cpu().float()
@@ -268,6 +283,10 @@ class CityscapesMetricSuite:
         """The pooled frequency of each flipped class in G's samples."""
         return calibration_result_from_sums(self._g_sums, self.stochastic_classes)
 
+    def noise_response(self) -> tuple[torch.Tensor, float]:
+        """G's per-class spread over its samples and its noise response (NaN without ``sample_probs``)."""
+        return noise_response_from_sums(self._spread_sums, self.stochastic_classes)
+
     def reliability(self) -> ReliabilityData:
         """F's reliability-diagram data."""
         if self._ece_sums is None:
@@ -280,6 +299,7 @@ class CityscapesMetricSuite:
         values[f"diversity{self.ged_counts[0]}"] = float(self._cat(self.ged_counts[0]).d_ss.mean())
         f_res, g_res = self.f_calibration(), self.g_calibration()
         values["f_mean_offset"], values["g_mean_offset"] = f_res.mean_offset, g_res.mean_offset
+        values["g_noise_response"] = self.noise_response()[1]
         for k, (base, _, _) in enumerate(self.stochastic_classes):
             values[f"f_offset_{_class_name(base)}"] = float(f_res.offsets[k])
             values[f"g_offset_{_class_name(base)}"] = float(g_res.offsets[k])
@@ -299,8 +319,10 @@ class CityscapesMetricSuite:
         return out
 
     def calibration_table(self) -> list[dict[str, Any]]:
-        """Per class: base and flipped ids, the true p, F's and G's predictions and offsets, pixel counts."""
+        """Per class: base and flipped ids, the true p, F's and G's predictions and offsets, G's spread over its
+        samples with its one-hot reference ``sqrt(p (1 - p))``, pixel counts."""
         f_res, g_res = self.f_calibration(), self.g_calibration()
+        spreads = self.noise_response()[0]
         rows = []
         for k, (base, flipped, p) in enumerate(self.stochastic_classes):
             rows.append(
@@ -313,6 +335,8 @@ class CityscapesMetricSuite:
                     "g": _num(g_res.predicted[k]),
                     "f_offset": _num(f_res.offsets[k]),
                     "g_offset": _num(g_res.offsets[k]),
+                    "g_spread": _num(spreads[k]),
+                    "reference_spread": reference_spread(p),
                     "f_pixels": int(f_res.pixel_count[k]),
                     "g_pixel_samples": int(g_res.pixel_count[k]),
                 }
@@ -459,7 +483,13 @@ def evaluate_cityscapes(
     suite = CityscapesMetricSuite(ged_counts, calibration_count, ece_bins, absent_class, f_calibration_pixels)
     rows: list[dict[str, Any]] = []
     for batch, drawn in sample_cases(sampler, loader, suite.max_samples, seed, device, progress=progress):
-        suite.update(drawn.samples.cpu(), _plain(batch["label"]), drawn.calibration.cpu(), batch.get("blackbox"))
+        suite.update(
+            drawn.samples.cpu(),
+            _plain(batch["label"]),
+            drawn.calibration.cpu(),
+            batch.get("blackbox"),
+            sample_probs=drawn.probs,
+        )
         for i in range(drawn.samples.shape[0]):
             rows.append({field: _scalar(batch[field][i]) for field in CITYSCAPES_CASE_FIELDS if field in batch})
     metrics = suite.aggregate()

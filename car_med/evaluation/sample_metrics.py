@@ -189,11 +189,13 @@ def evaluate_samples(
 ) -> dict[str, float]:
     """Sample every case (``suite.max_samples`` each), feed the suite, and return its means.
 
-    ``on_batch(batch, samples)`` sees each batch (e.g. to keep cases for a montage or write outputs).
+    ``on_batch(batch, samples)`` sees each batch (e.g. to keep cases for a montage or write outputs). A suite
+    whose ``wants_sample_probs`` is true also gets G's per-sample probabilities (``update(..., sample_probs=)``).
     """
     suite.reset()
     for batch, drawn in sample_cases(sampler, loader, suite.max_samples, seed, device, progress=progress):
-        suite.update(drawn.samples.cpu(), _plain(batch["label"]).cpu(), drawn.calibration.cpu())
+        extra = {"sample_probs": drawn.probs} if getattr(suite, "wants_sample_probs", False) else {}
+        suite.update(drawn.samples.cpu(), _plain(batch["label"]).cpu(), drawn.calibration.cpu(), **extra)
         if on_batch is not None:
             on_batch(batch, drawn)
     return suite.aggregate()

@@ -72,6 +72,8 @@ def test_the_best_checkpoint_is_the_validation_with_the_lowest_val_key_metric(ca
     best = min(entries, key=lambda e: e["g_mean_offset"])
     assert history["best"] == pytest.approx(best["g_mean_offset"])
     assert history["best_iteration"] == best["iteration"]
+    # the validation also measures whether G uses its noise (G's probabilities reach the suite)
+    assert all(0.0 < e["g_noise_response"] <= 1.2 for e in entries), [e["g_noise_response"] for e in entries]
 
 
 def test_train_json_picks_the_best_checkpoint_by_ged_unless_told_otherwise():
@@ -94,6 +96,10 @@ def test_car_evaluation_writes_finite_in_range_metrics_and_figures(car_run, city
     assert len(report["class_calibration"]) == 5
     for row in report["class_calibration"]:
         assert 0.0 <= row["f"] <= 1.0 and 0.0 <= row["g"] <= 1.0
+        # a standard deviation of probabilities is at most 0.5; the reference is the one-hot sampler's
+        assert 0.0 <= row["g_spread"] <= 0.5
+        assert row["reference_spread"] == pytest.approx(math.sqrt(row["true"] * (1 - row["true"])))
+    assert 0.0 < m["g_noise_response"] <= 1.2
     protocol = report["protocol"]
     assert protocol["absent_class"] == "skip" and protocol["f_calibration_pixels"] == "blackbox_correct"
     assert abs(protocol["mode_weights_sum"] - 1.0) < 1e-12
@@ -110,6 +116,7 @@ def test_car_evaluation_writes_finite_in_range_metrics_and_figures(car_run, city
     experiment = client.get_experiment_by_name("car_cityscapes")
     runs = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'CAR evaluate-test'")
     assert len(runs) == 1 and abs(runs[0].data.metrics["ged4"] - m["ged4"]) < 1e-9
+    assert abs(runs[0].data.metrics["g_noise_response"] - m["g_noise_response"]) < 1e-9
 
 
 def test_baseline_ce_trains_and_evaluates(tmp_path_factory, cityscapes_data):

@@ -3,6 +3,8 @@ F and G, F's ECE, and the packed-input networks the bundle builds on."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -109,6 +111,41 @@ def test_suite_offsets_and_ece_are_zero_for_exactly_calibrated_f_and_g():
     assert values["ece"] < 1e-6
     assert 0.0 <= values["ged17"] < 0.1 and modes.shape[0] == 32
     assert set(suite.names) <= set(values)
+
+
+def test_noise_response_is_one_for_coherent_calibrated_flips():
+    label = street_label()
+    samples = label.repeat(17, 1, 1)
+    for base, flipped, p in CITYSCAPES_STOCHASTIC_CLASSES:
+        n = round(17 * p)
+        samples[:n][samples[:n] == base] = flipped
+    suite = CityscapesMetricSuite(ged_counts=(17,), calibration_count=17, ece_bins=None)
+    one_hot = F.one_hot(samples, 25).permute(0, 3, 1, 2).float()
+    suite.update(samples[None], label[:, None], sample_probs=one_hot[None])
+    assert suite.aggregate()["g_noise_response"] == pytest.approx(1.0, abs=1e-9)
+    table = {row["class"]: row for row in suite.calibration_table()}
+    assert table["sidewalk"]["g_spread"] == pytest.approx(table["sidewalk"]["reference_spread"], abs=1e-9)
+
+
+def test_a_collapsed_g_at_a_near_tie_keeps_argmax_diversity_but_has_no_noise_response():
+    # cGAN+L_ce's failure (docs/cityscapes.md): G outputs nearly the same soft map for every noise vector, with
+    # sidewalk near its tie with the flipped class; a little noise then flips the argmax pixel by pixel
+    torch.manual_seed(0)
+    label = street_label()
+    soft = analytic_label_distribution(label, 25)
+    sidewalk = label[0] == 1
+    soft[0, 19][sidewalk], soft[0, 1][sidewalk] = 0.5, 0.5
+    probs = soft.repeat(16, 1, 1, 1)
+    probs[:, 19] += 0.01 * torch.randn(16, *label.shape[1:]) * sidewalk
+    samples = probs.argmax(dim=1)
+    suite = CityscapesMetricSuite(ece_bins=None)
+    suite.update(samples[None], label[:, None], sample_probs=probs[None])
+    values = suite.aggregate()
+    assert values["diversity16"] > 0.05  # the argmax samples differ...
+    assert values["g_noise_response"] < 0.02  # ...but G's output hardly moves with its noise
+    without = CityscapesMetricSuite(ece_bins=None)
+    without.update(samples[None], label[:, None])
+    assert math.isnan(without.aggregate()["g_noise_response"])  # not measured is NaN, never 0
 
 
 def test_f_offsets_use_only_pixels_where_the_black_box_is_right():
