@@ -9,10 +9,12 @@ Steps, each the command a user would type (printed before it runs):
    then ``run evaluating`` with ``evaluate.json`` on the test split. cGAN+L_ce refines CAR's stage-1 F (its
    checkpoint is copied), so the two differ only in the stage-2 regulariser; cGAN+L_cal(gt) has no stage 1;
 4. one table of issue 10's acceptance numbers (G's sampled flip frequency per class, F's and G's calibration
-   offsets, G's distance to F, GED16, diversity16, training wall time), also in ``demo_summary.json``;
+   offsets, G's distance to F, GED16, diversity16, G's noise response, training wall time), also in
+   ``demo_summary.json``;
 5. figures: each model's ``class_calibration.png`` (the paper's Fig. 6) copied as ``cityscapes_calibration_<model>.png``
    (cGAN+L_ce also at its last checkpoint, ``cityscapes_calibration_cgan-ce-last.png``)
-   and a sample grid ``cityscapes_samples.png`` (image, black box, label, F's argmax, G's samples) from CAR.
+   and sample grids (image, black box, label, F's argmax, G's samples): ``cityscapes_samples.png`` from CAR and
+   ``cityscapes_samples_cgan-ce-last.png`` from cGAN+L_ce's last checkpoint.
 
 Every training resumes from its checkpoints: rerunning after a kill continues where it stopped.
 
@@ -130,7 +132,7 @@ def engine_seconds(log_text: str) -> list[float]:
 
 def acceptance_row(report: Mapping[str, Any]) -> dict[str, Any]:
     """Issue 10's numbers of one evaluation report (``metrics.json``): per class G's flip frequency, F's and
-    G's offsets from the true probability and G's distance to F, then GED16 and diversity16."""
+    G's offsets from the true probability and G's distance to F, then GED16, diversity16 and G's noise response."""
     table = {row["class"]: row for row in report["class_calibration"]}
     metrics = report["metrics"]
     row: dict[str, Any] = {"true": {}, "g_freq": {}, "f_prob": {}, "g_offset": {}, "f_offset": {}, "g_minus_f": {}}
@@ -144,6 +146,7 @@ def acceptance_row(report: Mapping[str, Any]) -> dict[str, Any]:
         row["g_minus_f"][name] = None if entry["g"] is None or entry["f"] is None else abs(entry["g"] - entry["f"])
     row["ged16"] = metrics.get("ged16")
     row["diversity16"] = metrics.get("diversity16")
+    row["g_noise_response"] = metrics.get("g_noise_response")
     row["f_mean_offset"] = metrics.get("f_mean_offset")
     row["g_mean_offset"] = metrics.get("g_mean_offset")
     return row
@@ -161,10 +164,11 @@ def _max(values: Mapping[str, Any]) -> float | None:
 
 
 def format_table(rows: Mapping[str, Mapping[str, Any]], times: Mapping[str, float] | None = None) -> str:
-    """One table: per model, G's flip frequency per class, the worst offsets, GED16, diversity16, training time."""
+    """One table: per model, G's flip frequency per class, the worst offsets, GED16, diversity16, G's noise
+    response (1: coherent calibrated flips, 0: G ignores its noise) and the training time."""
     times = times or {}
     header = f"{'':<22}" + "".join(f"{name:>11}" for name in CLASSES)
-    header += f"{'max|G-p|':>10}{'max|F-p|':>10}{'max|G-F|':>10}{'GED16':>8}{'div16':>8}{'train s':>9}"
+    header += f"{'max|G-p|':>10}{'max|F-p|':>10}{'max|G-F|':>10}{'GED16':>8}{'div16':>8}{'noise':>7}{'train s':>9}"
     lines = [header, "-" * len(header)]
     first = next(iter(rows.values()), None)
     if first is not None:
@@ -177,7 +181,7 @@ def format_table(rows: Mapping[str, Mapping[str, Any]], times: Mapping[str, floa
         line += f"{_fmt(_max(row['g_offset'])):>10}"
         line += f"{_fmt(_max(row['f_offset']) if has_f else None):>10}"
         line += f"{_fmt(_max(row['g_minus_f']) if has_f else None):>10}"
-        line += f"{_fmt(row['ged16']):>8}{_fmt(row['diversity16']):>8}"
+        line += f"{_fmt(row['ged16']):>8}{_fmt(row['diversity16']):>8}{_fmt(row.get('g_noise_response'), 2):>7}"
         line += f"{_fmt(times.get(label), 0):>9}"
         lines.append(line)
     return "\n".join(lines)
@@ -199,6 +203,10 @@ def acceptance(rows: Mapping[str, Mapping[str, Any]], tolerance: float = TOLERAN
         if label in rows:
             # "near-zero": below a tenth of the ground truth's own diversity is the bar used here
             out[f"{label}: diversity16 < 0.05"] = (rows[label]["diversity16"] or 0.0) < 0.05
+            # the collapse itself, in G's output: its probabilities hardly move with the noise (a tenth of a
+            # calibrated sampler's spread at most); NaN (not measured) fails
+            response = rows[label].get("g_noise_response")
+            out[f"{label}: G's noise response < 0.1"] = response is not None and response < 0.1
     return out
 
 
@@ -253,20 +261,23 @@ def render_sample_grid(
     return out
 
 
-def car_sample_grid(
+def sample_grid(
     run_dir: Path,
     dataset_dir: Path,
     path: Path,
     *,
+    checkpoint: Path | None = None,
+    title: str = "CAR on synthetic Cityscapes (test split)",
     num_images: int = 3,
     num_samples: int = 5,
     overrides: Mapping[str, Any] | None = None,
     seed: int = 0,
 ) -> Path:
-    """The sample grid of a trained CAR run: image, black box, label (one flip draw), F's argmax, G's samples.
+    """The sample grid of a trained run with F (CAR, cGAN+L_ce): image, black box, label, F's argmax, G's samples.
 
-    F and G come from the run's best stage-2 checkpoint (``best_stage2.pt``, else the latest), built from
-    ``train.json`` + ``demo.json`` (+ ``overrides``) as in training; the first ``num_images`` test images.
+    F and G come from ``checkpoint``, by default the run's best stage-2 checkpoint (``best_stage2.pt``, else the
+    latest), built from ``train.json`` + ``demo.json`` (+ ``overrides``) as in training (the baselines' files
+    change the losses, not the networks); the first ``num_images`` test images.
     """
     import torch
     from monai.bundle import ConfigParser
@@ -286,8 +297,9 @@ def car_sample_grid(
         parser[key] = value
     f_net = parser.get_parsed_content("calibration_network")
     g_net = parser.get_parsed_content("refinement_network")
-    best = run_dir / "checkpoints" / "best_stage2.pt"
-    checkpoint = best if best.is_file() else latest_checkpoint(run_dir / "checkpoints", "stage2")
+    if checkpoint is None:
+        best = run_dir / "checkpoints" / "best_stage2.pt"
+        checkpoint = best if best.is_file() else latest_checkpoint(run_dir / "checkpoints", "stage2")
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no stage-2 checkpoint to draw samples from.")
     load_car_networks(f_net, g_net, checkpoint, map_location="cpu")
@@ -313,7 +325,7 @@ def car_sample_grid(
         ("F argmax", drawn.calibration.argmax(dim=1).numpy()),
     ]
     columns += [(f"G sample {k + 1}", drawn.samples[:, k].numpy()) for k in range(num_samples)]
-    return render_sample_grid(columns, len(items), path, title="CAR on synthetic Cityscapes (test split)")
+    return render_sample_grid(columns, len(items), path, title=title)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,7 +425,17 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     if "CAR" in reports:
-        car_sample_grid(out / "car", data, figures / "cityscapes_samples.png")
+        sample_grid(out / "car", data, figures / "cityscapes_samples.png")
+    if CE_FINAL_LABEL in rows:
+        from car_med.engines import latest_checkpoint
+
+        sample_grid(
+            out / "cgan_ce",
+            data,
+            figures / "cityscapes_samples_cgan-ce-last.png",
+            checkpoint=latest_checkpoint(out / "cgan_ce" / "checkpoints", "stage2"),
+            title="cGAN+L_ce at its last checkpoint (test split)",
+        )
 
     table = format_table(rows, times)
     checks = acceptance(rows)

@@ -23,7 +23,7 @@ from car_med.experiments.cityscapes_demo import (
 TRUE = {"sidewalk": 8 / 17, "person": 7 / 17, "car": 6 / 17, "vegetation": 5 / 17, "road": 4 / 17}
 
 
-def _report(g_shift: float, f_shift: float | None, ged: float, diversity: float) -> dict:
+def _report(g_shift: float, f_shift: float | None, ged: float, diversity: float, noise: float = 1.0) -> dict:
     rows = []
     for name in CLASSES:
         p = TRUE[name]
@@ -38,7 +38,10 @@ def _report(g_shift: float, f_shift: float | None, ged: float, diversity: float)
                 "g_offset": abs(g_shift),
             }
         )
-    return {"metrics": {"ged16": ged, "diversity16": diversity}, "class_calibration": rows}
+    return {
+        "metrics": {"ged16": ged, "diversity16": diversity, "g_noise_response": noise},
+        "class_calibration": rows,
+    }
 
 
 def test_acceptance_row_reads_the_report_and_takes_g_minus_f():
@@ -54,7 +57,8 @@ def test_acceptance_checks_each_item_of_issue_10():
     rows = {
         "CAR": acceptance_row(_report(g_shift=0.08, f_shift=0.02, ged=0.3, diversity=0.5)),
         "cGAN+L_cal(gt)": acceptance_row(_report(g_shift=0.01, f_shift=None, ged=0.05, diversity=0.5)),
-        "cGAN+L_ce": acceptance_row(_report(g_shift=-0.4, f_shift=0.02, ged=0.6, diversity=0.01)),
+        "cGAN+L_ce": acceptance_row(_report(g_shift=-0.4, f_shift=0.02, ged=0.6, diversity=0.01, noise=0.04)),
+        "cGAN+L_ce (last)": acceptance_row(_report(g_shift=-0.4, f_shift=0.02, ged=0.6, diversity=0.3, noise=0.2)),
     }
     checks = acceptance(rows)
     assert checks["CAR: F offsets within 0.05"]
@@ -62,19 +66,25 @@ def test_acceptance_checks_each_item_of_issue_10():
     assert checks["cGAN+L_cal(gt): flip frequencies within 0.05"]
     assert checks["cGAN+L_cal(gt): GED16 < 0.1"]
     assert checks["cGAN+L_ce: diversity16 < 0.05"]
+    assert checks["cGAN+L_ce: G's noise response < 0.1"]
+    assert not checks["cGAN+L_ce (last): diversity16 < 0.05"]
+    assert not checks["cGAN+L_ce (last): G's noise response < 0.1"]
+    rows["cGAN+L_ce"]["g_noise_response"] = None  # an evaluation without G's probabilities proves nothing
+    assert not acceptance(rows)["cGAN+L_ce: G's noise response < 0.1"]
 
 
 def test_table_has_the_true_row_f_row_and_one_g_row_per_model():
     rows = {
         "CAR": acceptance_row(_report(g_shift=0.01, f_shift=0.02, ged=0.3, diversity=0.5)),
-        "cGAN+L_ce": acceptance_row(_report(g_shift=0.0, f_shift=0.02, ged=0.6, diversity=0.0)),
+        "cGAN+L_ce": acceptance_row(_report(g_shift=0.0, f_shift=0.02, ged=0.6, diversity=0.0, noise=0.034)),
     }
     lines = format_table(rows, {"CAR": 431.2}).splitlines()
     assert lines[0].split()[:5] == list(CLASSES)
     assert lines[2].split()[:3] == ["true", "p", "0.471"]
     assert lines[3].startswith("CAR: F")
     assert lines[4].startswith("CAR: G") and lines[4].split()[-1] == "431"
-    assert lines[5].startswith("cGAN+L_ce: G") and lines[5].split()[-1] == "-"
+    assert lines[5].startswith("cGAN+L_ce: G") and lines[5].split()[-2:] == ["0.03", "-"]
+    assert lines[0].split()[-3:] == ["noise", "train", "s"]
 
 
 def test_engine_seconds_reads_ignites_run_times():
