@@ -15,8 +15,9 @@ class CityscapesSampleValidation(SampleValidation):
     """:class:`~car_med.handlers.SampleValidation` with the Cityscapes metrics of :class:`CityscapesMetricSuite`.
 
     Reported as ``val_ged<n>``, ``val_diversity<n>``, ``val_f_mean_offset``, ``val_g_mean_offset``,
-    ``val_g_noise_response`` (whether G uses its noise), the per-class offsets and ``val_ece``. During training F's offsets are taken over all pixels (the batch does
-    not reach the suite with the black box); ``evaluate.json`` uses the authors' black-box-correct pixels.
+    ``val_g_noise_response`` (whether G uses its noise), the per-class offsets and ``val_ece``. During training
+    F's offsets are taken over all pixels (the batch does not reach the suite with the black box);
+    ``evaluate.json`` uses the authors' black-box-correct pixels.
     One process only (the suite keeps its per-image values in memory, not in MONAI's DDP buffers). No montage.
 
     Args:
