@@ -231,6 +231,17 @@ class CityscapesMetricSuite:
         labels = labels.long()
         if samples.shape[1] < self.max_samples:
             raise ValueError(f"the suite needs {self.max_samples} samples per image, got {samples.shape[1]}.")
+        spread = None
+        if sample_probs is not None and self.calibration_count >= 2:  # one sample has no spread
+            # checked before anything is added, so a bad batch leaves the pass's sums as they were
+            probs = _plain(sample_probs)
+            if probs.ndim < 2 or probs.shape[1] < self.calibration_count:
+                raise ValueError(
+                    f"sample_probs must hold G's probabilities of at least {self.calibration_count} samples per image "
+                    f"(B, M, C, H, W), got {tuple(probs.shape)}."
+                )
+            probs = probs[:, : self.calibration_count]
+            spread = class_sample_spread_statistics(labels, probs, self.stochastic_classes).sum(dim=0)
         modes = stochastic_label_modes(labels, self.stochastic_classes)
         for n in self.ged_counts:
             self._terms[n].append(
@@ -240,9 +251,8 @@ class CityscapesMetricSuite:
             labels, samples[:, : self.calibration_count], source="samples", stochastic_classes=self.stochastic_classes
         )
         self._g_sums += g.sum(dim=0)
-        if sample_probs is not None and self.calibration_count >= 2:  # one sample has no spread
-            probs = _plain(sample_probs)[:, : self.calibration_count]
-            self._spread_sums += class_sample_spread_statistics(labels, probs, self.stochastic_classes).sum(dim=0)
+        if spread is not None:
+            self._spread_sums += spread
         if calibration is None:
             return
         calibration = _plain(calibration).cpu().float()

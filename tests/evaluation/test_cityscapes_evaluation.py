@@ -146,6 +146,10 @@ def test_a_collapsed_g_at_a_near_tie_keeps_argmax_diversity_but_has_no_noise_res
     without = CityscapesMetricSuite(ece_bins=None)
     without.update(samples[None], label[:, None])
     assert math.isnan(without.aggregate()["g_noise_response"])  # not measured is NaN, never 0
+    before = without.aggregate()
+    with pytest.raises(ValueError, match="at least 16 samples"):
+        without.update(samples[None], label[:, None], sample_probs=probs[None, :8])
+    assert without.per_case()["ged16"] == [before["ged16"]]  # the refused batch added nothing
 
 
 def test_f_offsets_use_only_pixels_where_the_black_box_is_right():

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from car_med.metrics import (
-    CITYSCAPES_STOCHASTIC_CLASSES,
     class_sample_spread_statistics,
     noise_response_from_sums,
     reference_spread,
@@ -106,4 +105,3 @@ def test_classes_with_probability_zero_or_one_stay_out_of_the_response():
     spreads, response = noise_response_from_sums(sums.sum(dim=0), triples)
     assert spreads.tolist() == [0.5, 0.0]
     assert response == pytest.approx(1.0)  # sidewalk only: 0.5 / sqrt(0.25)
-    assert len(CITYSCAPES_STOCHASTIC_CLASSES) == 5
