@@ -119,7 +119,9 @@ class CARSampler:
                 for start in range(first_row, last_row, self.max_batch):
                     stop = min(start + self.max_batch, last_row)
                     owner = torch.arange(start, stop, device=image.device) // num_samples - first_image
-                    features = [f.index_select(0, owner) for f in skips] + [size_ref]
+                    # G's input is a feature only with a full-resolution skip; else it lends its size
+                    last = size_ref.index_select(0, owner) if getattr(g, "full_resolution_skip", False) else size_ref
+                    features = [f.index_select(0, owner) for f in skips] + [last]
                     yield start, g.decode(features, noise_folded[start:stop])
             return
         image_folded, calibration_folded = fold_for_sampling(image, calibration, num_samples)

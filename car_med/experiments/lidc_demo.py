@@ -8,15 +8,17 @@ Steps, each the command a user would type (printed before it runs):
    CAR's two stages, validation, and registration of ``car-lidc`` in the run's MLflow store;
 4. the same with ``train_baseline_ce.json`` for cGAN+L_ce, from the same stage-1 F (its checkpoint is copied,
    so both models refine one calibration net and differ only in the stage-2 regulariser);
-5. ``run evaluating`` with ``evaluate.json`` on the test split for both; then a table of GED16, HM-IoU16 and
-   sample diversity is printed and written to ``demo_summary.json``;
+5. ``run evaluating`` with ``evaluate.json`` on the test split for both; then a table of GED16, HM-IoU16,
+   sample diversity, presence gap and speckle is printed, with the reference rows (readers' oracle, majority
+   vote, F > 0.5, F Bernoulli) scored on the same cases, and written to ``demo_summary.json``;
 6. ``python -m car_med.export`` on the test split with the registered CAR model: the review files (NIfTI in the
    scanner frame, CT overlays, DICOM SEG, ``review/index.html``; docs/review.md).
 
 Every step resumes: rerunning after a kill continues where it stopped.
 
 Usage:
-    python -m car_med.experiments.lidc_demo --output-dir lidc_demo [--num-patients 24] [bundle overrides]
+    python -m car_med.experiments.lidc_demo --output-dir lidc_demo [--num-patients 24] [--overlay JSON]
+        [--no-export] [bundle overrides]
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ import sys
 import time
 from pathlib import Path
 
+from car_med.evaluation.references import REFERENCE_LABELS
+
 BUNDLE_DIR = Path(__file__).resolve().parents[2] / "bundles" / "lidc"
-METRICS_SHOWN = ("ged16", "hm_iou16", "diversity16")
+METRICS_SHOWN = ("ged16", "hm_iou16", "diversity16", "presence_gap", "speckle")
 
 
 def _run(command: list[str], env: dict[str, str]) -> None:
@@ -43,18 +47,53 @@ def _run(command: list[str], env: dict[str, str]) -> None:
 
 
 def _bundle(run_id: str, configs: list[str], overrides: list[str], env: dict[str, str]) -> None:
-    config_files = "[" + ",".join(f"'{BUNDLE_DIR / name}'" for name in configs) + "]"
+    config_files = "[" + ",".join(f"'{BUNDLE_DIR / name}'" for name in configs) + "]"  # absolute names stay
     _run([sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_files, *overrides], env)
 
 
 def format_table(reports: dict[str, dict]) -> str:
-    """The demo's result table: one row per model, GED16 (lower is better), HM-IoU16 and diversity16."""
-    header = f"{'model':<12}" + "".join(f"{name:>14}" for name in METRICS_SHOWN) + f"{'test cases':>12}"
+    """The demo's result table: one row per model, then the reference rows of the first report (scored on the
+    same cases; the models share F, so their F rows are the same). Columns: GED16 (lower is better), HM-IoU16
+    (higher is better), diversity16 (compare with the oracle's), presence gap and speckle (lower is better)."""
+    header = f"{'predictor':<18}" + "".join(f"{name:>14}" for name in METRICS_SHOWN) + f"{'test cases':>12}"
     lines = [header, "-" * len(header)]
+
+    def row(label: str, metrics: dict[str, float], cases: int) -> str:
+        values = "".join(f"{metrics[name]:>14.4f}" for name in METRICS_SHOWN)
+        return f"{label:<18}{values}{cases:>12d}"
+
     for label, report in reports.items():
-        values = "".join(f"{report['metrics'][name]:>14.4f}" for name in METRICS_SHOWN)
-        lines.append(f"{label:<12}{values}{report['num_cases']:>12d}")
+        lines.append(row(label, report["metrics"], report["num_cases"]))
+    first = next(iter(reports.values()), {})
+    if first.get("references"):
+        lines.append("- reference rows " + "-" * (len(header) - 17))
+        for name, metrics in first["references"].items():
+            lines.append(row(REFERENCE_LABELS.get(name, name), metrics, first["num_cases"]))
     return "\n".join(lines)
+
+
+def _export(out: Path, crops: Path, dicom: Path, review: Path, env: dict[str, str]) -> None:
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "car_med.export",
+            "--model",
+            str(out / "car"),
+            "--datalist",
+            str(crops / "datalist.json"),
+            "--split",
+            "test",
+            "--output-dir",
+            str(review),
+            "--dicom-root",
+            str(dicom),
+            "--full-volume",
+            "--dicom-seg",
+            "--no-progress",
+        ],
+        env,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=Path("lidc_demo"))
     parser.add_argument("--num-patients", type=int, default=24, help="synthetic patients (smallest DB scans)")
     parser.add_argument("--workers", type=int, default=2, help="preprocessing worker processes")
+    parser.add_argument(
+        "--overlay",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="extra bundle config merged after demo.json (e.g. benchmarks/lidc_quality.json); repeatable",
+    )
+    parser.add_argument("--no-export", action="store_true", help="skip step 6 (the review export)")
     args, overrides = parser.parse_known_args(argv)
     out = args.output_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -111,49 +158,35 @@ def main(argv: list[str] | None = None) -> int:
             for checkpoint in (out / "car" / "checkpoints").glob("stage1_*.pt"):
                 if not (target / checkpoint.name).exists():
                     shutil.copy2(checkpoint, target / checkpoint.name)
-        configs = ["train.json", "demo.json", *extra]
+        configs = ["train.json", "demo.json", *[str(Path(o).resolve()) for o in args.overlay], *extra]
         _bundle("training", configs, ["--output_dir", str(run_dir), *common], env)
         _bundle("evaluating", [*configs, "evaluate.json"], ["--output_dir", str(run_dir), *common], env)
         reports[label] = json.loads((run_dir / "evaluation" / "test" / "metrics.json").read_text())
 
     # the radiologist's review files of the test split, from the registered CAR model (docs/review.md)
     review = out / "review"
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "car_med.export",
-            "--model",
-            str(out / "car"),
-            "--datalist",
-            str(crops / "datalist.json"),
-            "--split",
-            "test",
-            "--output-dir",
-            str(review),
-            "--dicom-root",
-            str(dicom),
-            "--full-volume",
-            "--dicom-seg",
-            "--no-progress",
-        ],
-        env,
-    )
+    if not args.no_export:
+        _export(out, crops, dicom, review, env)
 
     table = format_table(reports)
     summary = {
         "table": {label: {k: r["metrics"][k] for k in METRICS_SHOWN} for label, r in reports.items()},
+        "references": next(iter(reports.values())).get("references", {}),
         "metrics": {label: r["metrics"] for label, r in reports.items()},
         "num_test_cases": next(iter(reports.values()))["num_cases"],
         "registered": json.loads((out / "car" / "registered_model.json").read_text()),
         "minutes": round((time.monotonic() - started) / 60, 1),
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
-    print("\nSynthetic LIDC test split (GED: lower is better; HM-IoU: higher is better):\n" + table)
+    print(
+        "\nSynthetic LIDC test split (GED, presence gap, speckle: lower is better; HM-IoU: higher is better;"
+        " diversity: the oracle's is the readers'):\n" + table
+    )
     print(f"\nmontages: {out / 'car' / 'evaluation' / 'test' / 'montage.png'}")
     record = summary["registered"]
     print(f"registered: models:/{record['model_name']}/{record['version']} in {record['tracking_uri']}")
-    print(f"review queue: {review / 'index.html'} (docs/review.md)")
+    if not args.no_export:
+        print(f"review queue: {review / 'index.html'} (docs/review.md)")
     print(f"done in {summary['minutes']} min; summary in {out / 'demo_summary.json'}")
     return 0
 

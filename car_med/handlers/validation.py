@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
+from car_med.evaluation.references import REFERENCE_ROWS, ReferenceRows, flatten_references
 from car_med.evaluation.sample_metrics import SampleMetricSuite, evaluate_samples
 from car_med.sampling import CARSampler
 
@@ -84,6 +85,7 @@ class SampleValidation:
         montage_dir: str | os.PathLike | None = None,
         montage_cases: int = 4,
         history_file: str | os.PathLike | None = None,
+        reference_rows: Sequence[str] = REFERENCE_ROWS,
     ) -> None:
         if interval < 1:
             raise ValueError(f"validation interval must be >= 1 iteration, got {interval}.")
@@ -93,6 +95,8 @@ class SampleValidation:
         self.suite = SampleMetricSuite(
             ged_counts=(num_samples,), hm_iou_counts=(num_samples,), diversity_count=num_samples
         )
+        self.references = ReferenceRows(self.suite, reference_rows) if reference_rows else None
+        self.reference_metrics: dict[str, dict[str, float]] = {}
         if key_metric not in self.suite.names:
             raise ValueError(f"key_metric must be one of {self.suite.names}, got {key_metric!r}.")
         self.data_loader = data_loader
@@ -147,8 +151,18 @@ class SampleValidation:
                     (batch["image"][i], batch["label"][i], drawn.calibration[i], drawn.mean[i], drawn.samples[i])
                 )
 
-        metrics = evaluate_samples(self.sampler, self.data_loader, self.suite, self.seed, self.device, on_batch=keep)
+        metrics = evaluate_samples(
+            self.sampler,
+            self.data_loader,
+            self.suite,
+            self.seed,
+            self.device,
+            on_batch=keep,
+            references=self.references,
+        )
         engine.state.metrics.update({f"val_{k}": v for k, v in metrics.items()})
+        self.reference_metrics = self.references.aggregate() if self.references is not None else {}
+        engine.state.metrics.update({f"val_{k}": v for k, v in flatten_references(self.reference_metrics).items()})
         value = metrics[self.key_metric]
         improved = self._improved(value)
         if improved:
@@ -163,6 +177,14 @@ class SampleValidation:
             self.best,
             self.best_iteration,
         )
+        if self.reference_metrics:
+            logger.info(
+                "  reference rows on the same cases: %s",
+                "; ".join(
+                    f"{row} " + ", ".join(f"{k}={v:.4f}" for k, v in values.items() if k in metrics)
+                    for row, values in self.reference_metrics.items()
+                ),
+            )
         if _rank() == 0:
             self._write(engine, entry, improved, kept)
         return metrics
@@ -181,6 +203,7 @@ class SampleValidation:
                 "best": self.best,
                 "best_iteration": self.best_iteration,
                 "last": entry,
+                "references": self.reference_metrics,
                 "history": self.history,
             }
             self.history_file.write_text(json.dumps(summary, indent=1))
@@ -199,5 +222,7 @@ class SampleValidation:
             for key, value in entry.items():
                 if key != "iteration":
                     client.log_metric(run_id, f"val_{key}", value, step=iteration)
+            for key, value in flatten_references(self.reference_metrics).items():
+                client.log_metric(run_id, f"val_{key}", value, step=iteration)
             if montage is not None:
                 client.log_artifact(run_id, str(montage), artifact_path="validation_montages")

@@ -4,14 +4,32 @@ from __future__ import annotations
 
 from car_med.experiments.lidc_demo import METRICS_SHOWN, format_table
 
+_METRICS = ("ged16", "hm_iou16", "diversity16", "presence_gap", "speckle")
 
-def test_table_has_one_row_per_model_with_the_three_metrics():
+
+def _metrics(*values: float) -> dict[str, float]:
+    return dict(zip(_METRICS, values))
+
+
+def test_table_has_one_row_per_model_then_the_four_reference_rows():
+    references = {
+        "readers_oracle": _metrics(0.025, 0.915, 0.33, 0.05, 0.0),
+        "majority_vote": _metrics(0.246, 0.699, 0.0, 0.19, 0.0),
+        "f_threshold": _metrics(0.5, 0.55, 0.0, 0.2, 0.001),
+        "f_bernoulli": _metrics(0.4, 0.26, 0.7, 0.3, 0.37),
+    }
     reports = {
-        "CAR": {"metrics": {"ged16": 0.31234, "hm_iou16": 0.5, "diversity16": 0.25}, "num_cases": 12},
-        "cGAN+L_ce": {"metrics": {"ged16": 0.4, "hm_iou16": 0.45, "diversity16": 0.01}, "num_cases": 12},
+        "CAR": {"metrics": _metrics(0.31234, 0.5, 0.25, 0.1, 0.004), "num_cases": 12, "references": references},
+        "cGAN+L_ce": {"metrics": _metrics(0.4, 0.45, 0.01, 0.3, 0.02), "num_cases": 12, "references": references},
     }
     lines = format_table(reports).splitlines()
-    assert METRICS_SHOWN == ("ged16", "hm_iou16", "diversity16")
-    assert lines[0].split() == ["model", "ged16", "hm_iou16", "diversity16", "test", "cases"]
-    assert lines[2].split() == ["CAR", "0.3123", "0.5000", "0.2500", "12"]
-    assert lines[3].split() == ["cGAN+L_ce", "0.4000", "0.4500", "0.0100", "12"]
+    assert METRICS_SHOWN == _METRICS
+    assert lines[0].split() == ["predictor", *_METRICS, "test", "cases"]
+    assert lines[2].split() == ["CAR", "0.3123", "0.5000", "0.2500", "0.1000", "0.0040", "12"]
+    assert lines[3].split() == ["cGAN+L_ce", "0.4000", "0.4500", "0.0100", "0.3000", "0.0200", "12"]
+    assert lines[4].startswith("- reference rows")
+    assert lines[5].split() == ["readers'", "oracle", "0.0250", "0.9150", "0.3300", "0.0500", "0.0000", "12"]
+    assert lines[6].split()[:4] == ["majority", "vote", "0.2460", "0.6990"]
+    assert lines[7].split()[:4] == ["F", ">", "0.5", "0.5000"]
+    assert lines[8].split()[:3] == ["F", "Bernoulli", "0.4000"]
+    assert len(lines) == 9

@@ -341,3 +341,45 @@ def test_integer_images_are_rejected_with_a_clear_message():
             call()
     # Integer one-hot label maps are still accepted and cast to the image's dtype.
     assert Discriminator(channels=(4, 4))(img.float(), onehot).shape == (2, 1)
+
+
+def test_full_resolution_skip_feeds_f_to_the_output_site_and_keeps_sampling_consistent():
+    from car_med.sampling import CARSampler
+
+    torch.manual_seed(5)
+    g = NoiseInjectedUNet(channels=(8, 16, 16, 16), full_resolution_skip=True).eval()
+    plain = NoiseInjectedUNet(channels=(8, 16, 16, 16)).eval()
+    # the output site takes the last up block's channels plus the image and F's 2 classes
+    assert g.inject["3"].residual.out_features == 8 + 1 + 2
+    assert plain.inject["3"].residual.out_features == 8
+    x, cal = torch.rand(2, 1, 45, 45), torch.softmax(torch.randn(2, 2, 45, 45), dim=1)
+    eps = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        samples = g.forward_samples(x, cal, eps)
+        for m in range(3):
+            torch.testing.assert_close(samples[:, m], g(x, cal, eps[:, m]), atol=1e-5, rtol=1e-5)
+        # a one-pixel change of F reaches the output at that pixel through the skip, not only via H/2 features
+        bumped = cal.clone()
+        bumped[:, :, 20, 20] = torch.tensor([0.0, 1.0])[None]
+        diff = (g(x, bumped, eps[:, 0], return_logits=True) - g(x, cal, eps[:, 0], return_logits=True)).abs()
+        assert diff[:, :, 20, 20].min() > 10 * diff[:, :, 30:, 30:].max()
+
+        class F(nn.Module):
+            def forward(self, image):
+                return torch.log(cal[: image.shape[0]])
+
+        sampler = CARSampler(F(), g, num_samples=3, max_batch=2)  # chunks split an image's samples
+        drawn = sampler(x, noise=eps)
+        torch.testing.assert_close(drawn.probs, samples, atol=1e-5, rtol=1e-5)
+    *skips, g_input = g.encode(x, cal)
+    with pytest.raises(ValueError, match="one row per noise row"):  # the skips repeated for M=2, G's input not
+        g.decode([f.repeat_interleave(2, dim=0) for f in skips] + [g_input], torch.randn(4, 8))
+
+
+def test_chunked_memory_saving_refuses_the_full_resolution_skip():
+    from car_med.engines.memory import chunked_refinement_forward
+
+    g = NoiseInjectedUNet(channels=(8, 16, 16, 16), full_resolution_skip=True)
+    x, cal = torch.rand(2, 1, 32, 32), torch.softmax(torch.randn(2, 2, 32, 32), dim=1)
+    with pytest.raises(ValueError, match="memory_saving='none'"):
+        chunked_refinement_forward(g, x, cal, torch.randn(2, 8), chunk_size=1)

