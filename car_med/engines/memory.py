@@ -536,10 +536,10 @@ def chunked_refinement_forward(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     network._check_inputs(image, calibration, noise)
-    if getattr(network, "full_resolution_skip", False):
+    if getattr(network, "full_resolution_skip", False) or getattr(network, "upsample", "deconv") != "deconv":
         raise ValueError(
-            "memory_saving='chunked' does not support G's full_resolution_skip; use memory_saving='none' (the "
-            "setting for GPUs) or full_resolution_skip=false."
+            "memory_saving='chunked' supports G's paper architecture only (no full_resolution_skip, upsample "
+            "'deconv'); use memory_saving='none' (the setting for GPUs) or those G options' defaults."
         )
     noise = noise.detach()
     # elements per chunk: chunk_size rows of the largest block (G's full-resolution block)

@@ -36,6 +36,9 @@ from pathlib import Path
 from car_med.evaluation.references import REFERENCE_LABELS
 
 BUNDLE_DIR = Path(__file__).resolve().parents[2] / "bundles" / "lidc"
+# what .complete holds once the synthetic cohort is written; bump it when preprocessing.synthetic_lidc changes
+# what it draws, so an old cohort is not mixed with new models
+COHORT_MARKER = "done: synthetic cohort v3, nodules in a lung pocket, contrast = share of the 4 reader slots\n"
 METRICS_SHOWN = ("ged16", "hm_iou16", "diversity16", "presence_gap", "speckle")
 
 
@@ -117,7 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
 
     dicom, crops = out / "dicom", out / "crops"
-    if not (dicom / ".complete").is_file():
+    marker, generator = dicom / ".complete", COHORT_MARKER
+    if marker.is_file() and marker.read_text() != generator:
+        raise SystemExit(
+            f"{dicom} was written by an earlier synthetic generator, whose nodules could be invisible in soft "
+            f"tissue (docs/lidc.md, 'Model quality'); its crops and models would not compare with this one's. "
+            f"Delete {out} or pass another --output-dir."
+        )
+    if not marker.is_file():
         _run(
             [
                 sys.executable,
@@ -130,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
             env,
         )
-        (dicom / ".complete").write_text("done\n")
+        marker.write_text(generator)
     _run(
         [
             sys.executable,

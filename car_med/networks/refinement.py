@@ -110,6 +110,11 @@ class NoiseInjectedUNet(nn.Module):
             the samples more diverse than the readers (docs/lidc.md, "Model quality"). With the skip, a
             per-sample shift and scale of F's map, the simplest coherent sample, is linear in the output
             site's input. Off by default: neither the paper nor the authors' code has it.
+        upsample: ``"deconv"`` (default, the paper's and the code's): each up block is a 2x2 transposed
+            convolution with stride 2. ``"resize"``: nearest-neighbour x2, then a 3x3 convolution (Odena et al.
+            2016, "Deconvolution and checkerboard artifacts"); the 2x2 transposed convolution paints each
+            output pixel of a 2x2 cell with its own kernel weight, the checkerboard seen in Gbar and in the
+            samples of the demo (docs/lidc.md, "Model quality").
 
     Example::
 
@@ -130,10 +135,14 @@ class NoiseInjectedUNet(nn.Module):
         norm: str | tuple = "batch",
         noise_scale_offset: float = 1e-5,
         full_resolution_skip: bool = False,
+        upsample: str = "deconv",
     ) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
         channels = tuple(channels)
+        if upsample not in ("deconv", "resize"):
+            raise ValueError(f"upsample must be 'deconv' or 'resize', got {upsample!r}")
+        self.upsample = upsample
         if injection not in ("paper", "code"):
             raise ValueError(f"injection must be 'paper' or 'code', got {injection!r}")
         min_levels = 3 if injection == "code" else 2
@@ -148,16 +157,18 @@ class NoiseInjectedUNet(nn.Module):
         self.full_resolution_skip = bool(full_resolution_skip)
         n = len(channels)
 
-        def block(c_in: int, c_out: int, up: bool) -> Convolution:
+        resize = upsample == "resize"
+
+        def block(c_in: int, c_out: int, up: bool) -> nn.Module:
             conv = Convolution(
                 spatial_dims,
                 c_in,
                 c_out,
-                strides=2,
-                kernel_size=2 if up else 3,
-                padding=0 if up else 1,
-                output_padding=0 if up else None,
-                is_transposed=up,
+                strides=1 if up and resize else 2,
+                kernel_size=3 if not up or resize else 2,
+                padding=1 if not up or resize else 0,
+                output_padding=0 if up and not resize else None,
+                is_transposed=up and not resize,
                 act=("leakyrelu", {"negative_slope": negative_slope}),
                 norm=norm,
                 dropout=dropout,
@@ -166,6 +177,8 @@ class NoiseInjectedUNet(nn.Module):
             if "D" in conv.adn._modules:
                 # G's masks over the B*M folded rows are a large share of a CPU step (see FastDropout)
                 conv.adn.D = FastDropout(dropout)
+            if up and resize:
+                return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv)
             return conv
 
         self.down = nn.ModuleList()

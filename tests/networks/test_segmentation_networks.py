@@ -383,3 +383,19 @@ def test_chunked_memory_saving_refuses_the_full_resolution_skip():
     x, cal = torch.rand(2, 1, 32, 32), torch.softmax(torch.randn(2, 2, 32, 32), dim=1)
     with pytest.raises(ValueError, match="memory_saving='none'"):
         chunked_refinement_forward(g, x, cal, torch.randn(2, 8), chunk_size=1)
+
+
+def test_resize_upsampling_has_no_checkerboard_on_a_constant_input():
+    # A constant image and F give constant features down to the deepest block; a 2x2 transposed convolution then
+    # paints each 2x2 output cell with its 4 kernel weights (a checkerboard), nearest-neighbour resize does not.
+    torch.manual_seed(6)
+    x, cal = torch.full((1, 1, 64, 64), 0.5), torch.full((1, 2, 64, 64), 0.5)
+    eps = torch.randn(1, 8)
+    for upsample, periodic in (("deconv", True), ("resize", False)):
+        g = NoiseInjectedUNet(channels=(8, 16, 16, 16), upsample=upsample, dropout=0.0).eval()
+        with torch.no_grad():
+            logits = g(x, cal, eps, return_logits=True)[0, 1, 8:-8, 8:-8]  # away from the zero-padded border
+        row_pattern = (logits[0::2] - logits[1::2]).abs().mean()
+        assert (row_pattern > 1e-3) == periodic, (upsample, float(row_pattern))
+    with pytest.raises(ValueError, match="upsample must be 'deconv' or 'resize'"):
+        NoiseInjectedUNet(upsample="bilinear")
