@@ -88,24 +88,24 @@ def sample_cases(
 class SampleMetricSuite:
     """GED_n, HM-IoU_n, sample diversity, presence gap, speckle and F's ECE over a pass, each a MONAI metric.
 
-        Given each case's M hard samples (M at least the largest count asked for), GED_n and HM-IoU_n use the
-        case's first n samples, so GED16 and GED100 come from one draw of 100. The ECE is F's, against the soft
-        per-pixel label distribution of all R reader slots (an empty mask is a reader's "no lesion"). The presence
+    Given each case's M hard samples (M at least the largest count asked for), GED_n and HM-IoU_n use the
+    case's first n samples, so GED16 and GED100 come from one draw of 100. The ECE is F's, against the soft
+    per-pixel label distribution of all R reader slots (an empty mask is a reader's "no lesion"). The presence
     gap and the speckle share (``car_med.metrics.presence``) use the first ``diversity_count`` samples (or the
     largest count when diversity is skipped).
 
-        Buffers are gathered across DDP ranks by MONAI (``CumulativeIterationMetric``), so :meth:`aggregate`
-        gives every rank the mean over all cases.
+    Buffers are gathered across DDP ranks by MONAI (``CumulativeIterationMetric``), so :meth:`aggregate`
+    gives every rank the mean over all cases.
 
-        Args:
-            ged_counts: sample counts for GED (16, 50, 100 in the literature).
-            hm_iou_counts: sample counts for HM-IoU (multiples of the reader count: 16, 32).
-            diversity_count: samples for the mean pairwise distance d(S, S'); ``None`` skips it.
-            ece_bins: bins of F's ECE; ``None`` skips it.
-            classes: foreground class ids of the IoU (``(1,)`` for LIDC).
-            presence_min_area: a map with fewer foreground pixels counts as empty in the presence gap; ``None``
-                skips the presence gap.
-            speckle_size: components under this many pixels are speckle; ``None`` skips the speckle share.
+    Args:
+        ged_counts: sample counts for GED (16, 50, 100 in the literature).
+        hm_iou_counts: sample counts for HM-IoU (multiples of the reader count: 16, 32).
+        diversity_count: samples for the mean pairwise distance d(S, S'); ``None`` skips it.
+        ece_bins: bins of F's ECE; ``None`` skips it.
+        classes: foreground class ids of the IoU (``(1,)`` for LIDC).
+        presence_min_area: a map with fewer foreground pixels counts as empty in the presence gap; ``None``
+            skips the presence gap.
+        speckle_size: components under this many pixels are speckle; ``None`` skips the speckle share.
     """
 
     def __init__(

@@ -256,7 +256,7 @@ def plot_presence_reliability(
     ax.set_xlabel("share of samples empty on the slice")
     ax.set_ylabel("share of reader slots empty")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, title="predictor (mean gap)", title_fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, title="predictor (mean gap)", title_fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -104,12 +104,11 @@ class NoiseInjectedUNet(nn.Module):
         norm: MONAI norm of the up and down blocks (``"batch"`` in the paper; e.g. ``"instance"``).
         noise_scale_offset: ``scale_offset`` of every :class:`NoiseInjection`.
         full_resolution_skip: concatenate G's input (the image and F(x)) to the last up block's output, so the
-            output site sees F at full resolution. Without it the output is upsampled by a 2x2 transposed
-            convolution from H/2 features only, the input's finest skip being the first stride-2 block; on
-            the demo's LIDC crops that leaves 1-2% of the samples' foreground in specks of under 5 pixels and
-            the samples more diverse than the readers (docs/lidc.md, "Model quality"). With the skip, a
-            per-sample shift and scale of F's map, the simplest coherent sample, is linear in the output
-            site's input. Off by default: neither the paper nor the authors' code has it.
+            output site sees F at full resolution; without it the output is upsampled from H/2 features only,
+            the input's finest skip being the first stride-2 block. A per-sample shift and scale of F's map,
+            the simplest coherent sample, is then linear in the output site's input. Off by default (neither
+            the paper nor the authors' code has it); on the demo's LIDC crops it did not improve the samples
+            (docs/lidc.md, section 11), so ``demo.json`` leaves it off too.
         upsample: ``"deconv"`` (default, the paper's and the code's): each up block is a 2x2 transposed
             convolution with stride 2. ``"resize"``: nearest-neighbour x2, then a 3x3 convolution (Odena et al.
             2016, "Deconvolution and checkerboard artifacts"); the 2x2 transposed convolution paints each

@@ -33,7 +33,10 @@ def test_training_writes_checkpoints_validation_and_one_mlflow_run(trained_lidc_
     ]
     history = json.loads((out / "validation.json").read_text())
     assert [entry["iteration"] for entry in history["history"]] == [3, 6]
-    assert set(history["last"]) == {"iteration", "ged16", "hm_iou16", "diversity16", "ece"}
+    assert set(history["last"]) == {"iteration", "ged16", "hm_iou16", "diversity16", "presence_gap", "speckle", "ece"}
+    # the reference rows, scored on the same validation cases
+    assert set(history["references"]) == {"readers_oracle", "majority_vote", "f_threshold", "f_bernoulli"}
+    assert history["references"]["majority_vote"]["diversity16"] == 0.0
     assert 0.0 <= history["last"]["hm_iou16"] <= 1.0 and history["best_iteration"] in (3, 6)
     assert sorted(p.name for p in (out / "validation").glob("*.png")) == [
         "validation_0000003.png",
@@ -46,6 +49,7 @@ def test_training_writes_checkpoints_validation_and_one_mlflow_run(trained_lidc_
         keys = {k for (k,) in db.execute("select distinct key from metrics")}
         params = {k for (k,) in db.execute("select key from params")}
     assert {"loss_f", "loss_g", "loss_adv", "loss_cal", "loss_d", "val_ged16", "val_hm_iou16"} <= keys
+    assert {"val_presence_gap", "val_speckle", "val_ref_majority_vote_ged16", "val_ref_readers_oracle_ged16"} <= keys
     assert {"lambda_cal", "num_samples", "batch_size", "seed", "stage2_iterations"} <= params
 
 
@@ -106,7 +110,12 @@ def test_evaluate_writes_metrics_with_protocol_card_and_per_case_rows(trained_li
     report = json.loads((report_dir / "metrics.json").read_text())
     test_cases = load_lidc_datalist(data / "datalist.json", "test")
     assert report["num_cases"] == len(test_cases) and report["split"] == "test" and report["model"] == "CAR"
-    assert set(report["metrics"]) == {"ged4", "ged8", "hm_iou4", "diversity4", "ece"}
+    assert set(report["metrics"]) == {"ged4", "ged8", "hm_iou4", "diversity4", "presence_gap", "speckle", "ece"}
+    rows_metrics = {"ged4", "ged8", "hm_iou4", "diversity4", "presence_gap", "speckle"}
+    assert set(report["references"]) == {"readers_oracle", "majority_vote", "f_threshold", "f_bernoulli"}
+    assert all(set(values) == rows_metrics for values in report["references"].values())
+    assert set(report["protocol"]["reference_definitions"]) == set(report["references"])
+    assert report["protocol"]["presence_min_area"] == 5 and report["protocol"]["speckle_size"] == 5
     card = report["protocol"]
     assert card["dataset"]["source"].startswith("DICOM crops") and card["dataset"]["split_seed"] == 0
     assert card["dataset"]["counts"]["test"]["cases"] == len(test_cases)
@@ -115,7 +124,15 @@ def test_evaluate_writes_metrics_with_protocol_card_and_per_case_rows(trained_li
         rows = list(csv.DictReader(handle))
     assert [row["patient_id"] for row in rows] == [item["patient_id"] for item in test_cases]
     assert np.mean([float(row["ged8"]) for row in rows]) == pytest.approx(report["metrics"]["ged8"], abs=1e-5)
+    assert np.mean([float(row["majority_vote_ged8"]) for row in rows]) == pytest.approx(
+        report["references"]["majority_vote"]["ged8"], abs=1e-5
+    )
     assert (report_dir / "reliability.png").stat().st_size > 0 and (report_dir / "montage.png").stat().st_size > 0
+    assert (report_dir / "presence.png").stat().st_size > 0
+    with sqlite3.connect(out / "mlflow.db") as db:
+        logged = {k for (k,) in db.execute("select distinct key from metrics")}
+    assert {"presence_gap", "ref_majority_vote_ged8", "ref_readers_oracle_hm_iou4", "ref_f_bernoulli_speckle"} <= logged
+    assert set(report["presence_reliability"]) == {"CAR", "readers' oracle", "majority vote", "F > 0.5", "F Bernoulli"}
     assert len(report["reliability"]["count"]) == 10 and sum(report["reliability"]["count"]) == len(rows) * int(
         np.prod(card["roi_size"])
     )

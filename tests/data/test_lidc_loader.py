@@ -209,3 +209,27 @@ def test_lidc_dataset_rejects_bad_arguments(hu_datalist):
         lidc_dataset(hu_datalist, "training", mode="test")
     with pytest.raises(ValueError, match="ignored when a transform is given"):
         lidc_dataset(hu_datalist, "training", transform=lambda d: d, roi_size=(64, 64))
+
+
+def test_augmentation_turns_image_and_reader_mask_together_and_keeps_their_values(hu_datalist):
+    item = load_lidc_datalist(hu_datalist, "training")[2]
+    plain = lidc_transforms("eval")(dict(item))
+    image0, masks0 = plain["image"][0].numpy(), plain["label"].numpy()
+    # the 8 orientations of the square crop: 4 rotations, with or without a flip
+    orientations = [np.rot90(a, k) for k in range(4) for a in (image0, image0[::-1])]
+    transform = lidc_transforms("train", augment=True)
+    transform.set_random_state(seed=5)
+    seen = set()
+    for _ in range(40):
+        out = transform(dict(item))
+        image, mask = out["image"][0].numpy(), out["label"][0].numpy()
+        match = [k for k, o in enumerate(orientations) if np.array_equal(o, image)]
+        assert len(match) == 1, "the augmented image is not a flip/rotation of the crop"
+        k = match[0]
+        reader = masks0[out["annotator_index"]]
+        expected = np.rot90(reader if k % 2 == 0 else reader[::-1], k // 2)
+        assert np.array_equal(mask, expected)  # the mask turned with its image, pixel for pixel
+        seen.add(k)
+    assert len(seen) >= 6  # not stuck in one orientation
+    with pytest.raises(ValueError, match="mode='train' only"):
+        lidc_transforms("eval", augment=True)
