@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from car_med.experiments.lidc_demo import METRICS_SHOWN, format_table
+import pytest
+
+from car_med.experiments.lidc_demo import COHORT_MARKER, METRICS_SHOWN, format_table, main
 
 _METRICS = ("ged16", "hm_iou16", "diversity16", "presence_gap", "speckle")
 
@@ -33,3 +35,11 @@ def test_table_has_one_row_per_model_then_the_four_reference_rows():
     assert lines[7].split()[:4] == ["F", ">", "0.5", "0.5000"]
     assert lines[8].split()[:3] == ["F", "Bernoulli", "0.4000"]
     assert len(lines) == 9
+
+
+def test_a_cohort_from_the_earlier_generator_is_refused_not_reused(tmp_path):
+    (tmp_path / "dicom").mkdir()
+    (tmp_path / "dicom" / ".complete").write_text("done\n")  # what the generator before the lung pocket wrote
+    with pytest.raises(SystemExit, match="earlier synthetic generator"):
+        main(["--output-dir", str(tmp_path)])
+    assert "v3" in COHORT_MARKER
