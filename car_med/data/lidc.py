@@ -426,6 +426,8 @@ def lidc_transforms(
     ]
     if augment and mode != "train":
         raise ValueError("augment=True applies to mode='train' only: evaluation sees the crops as they are.")
+    if augment and roi_size[0] != roi_size[1]:
+        raise ValueError(f"augment=True turns crops by 90 degrees, so roi_size must be square, got {tuple(roi_size)}.")
     if mode == "train":
         transforms.append(RandAnnotatord(label_key, among=annotator_choice))
     if augment:

@@ -233,3 +233,5 @@ def test_augmentation_turns_image_and_reader_mask_together_and_keeps_their_value
     assert len(seen) >= 6  # not stuck in one orientation
     with pytest.raises(ValueError, match="mode='train' only"):
         lidc_transforms("eval", augment=True)
+    with pytest.raises(ValueError, match="roi_size must be square"):
+        lidc_transforms("train", roi_size=(128, 96), augment=True)
