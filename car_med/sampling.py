@@ -114,14 +114,12 @@ class CARSampler:
             images_per_chunk = max(1, self.max_batch // num_samples)
             for first_image in range(0, image.shape[0], images_per_chunk):
                 last_image = min(first_image + images_per_chunk, image.shape[0])
-                *skips, size_ref = g.encode(image[first_image:last_image], calibration[first_image:last_image])
+                *skips, g_input = g.encode(image[first_image:last_image], calibration[first_image:last_image])
                 first_row, last_row = first_image * num_samples, last_image * num_samples
                 for start in range(first_row, last_row, self.max_batch):
                     stop = min(start + self.max_batch, last_row)
                     owner = torch.arange(start, stop, device=image.device) // num_samples - first_image
-                    # G's input is a feature only with a full-resolution skip; else it lends its size
-                    last = size_ref.index_select(0, owner) if getattr(g, "full_resolution_skip", False) else size_ref
-                    features = [f.index_select(0, owner) for f in skips] + [last]
+                    features = [f.index_select(0, owner) for f in [*skips, g_input]]
                     yield start, g.decode(features, noise_folded[start:stop])
             return
         image_folded, calibration_folded = fold_for_sampling(image, calibration, num_samples)

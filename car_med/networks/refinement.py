@@ -318,10 +318,7 @@ class NoiseInjectedUNet(nn.Module):
         """
         self._check_inputs(x, calibration, noise, noise_shape=("B", "M", "Z"))
         b, m = noise.shape[:2]
-        *skips, size_ref = self.encode(x, calibration)
-        # without the full-resolution skip, size_ref only lends its spatial size, so it need not be repeated
-        if self.full_resolution_skip:
-            size_ref = size_ref.repeat_interleave(m, dim=0)
-        feats = [f.repeat_interleave(m, dim=0) for f in skips] + [size_ref]
+        *skips, g_input = self.encode(x, calibration)
+        feats = [f.repeat_interleave(m, dim=0) for f in [*skips, g_input]]
         out = self.decode(feats, noise.reshape(b * m, -1), return_logits=return_logits)
         return out.reshape(b, m, *out.shape[1:])
