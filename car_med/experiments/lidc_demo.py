@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-export", action="store_true", help="skip step 6 (the review export)")
     args, overrides = parser.parse_known_args(argv)
+    missing = [o for o in args.overlay if not Path(o).is_file()]
+    if missing:
+        parser.error(f"--overlay: no such bundle config file: {', '.join(missing)}")
     out = args.output_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)

@@ -43,3 +43,9 @@ def test_a_cohort_from_the_earlier_generator_is_refused_not_reused(tmp_path):
     with pytest.raises(SystemExit, match="earlier synthetic generator"):
         main(["--output-dir", str(tmp_path)])
     assert "v3" in COHORT_MARKER
+
+
+def test_a_missing_overlay_is_named_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--output-dir", str(tmp_path / "out"), "--overlay", str(tmp_path / "nope.json")])
+    assert "no such bundle config file" in capsys.readouterr().err and not (tmp_path / "out").exists()
