@@ -88,3 +88,22 @@ def test_bad_inputs_name_what_was_expected():
         presence_gap(torch.zeros(1, 4, 8, 8, dtype=torch.long), torch.zeros(1, 4, 9, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="min_area"):
         empty_share(torch.zeros(1, 2, 8, 8, dtype=torch.long), min_area=0)
+
+
+def test_a_diagonal_staircase_is_speckle_under_four_connectivity():
+    stairs = torch.zeros(1, 1, 16, 16, dtype=torch.long)
+    for i in range(6):
+        stairs[0, 0, 4 + i, 4 + i] = 1  # 6 pixels touching only at corners: 6 components of 1
+    speckle, total = speckle_pixels(stairs)
+    assert speckle.tolist() == [6.0] and total.tolist() == [6.0]
+
+
+def test_samples_and_readers_follow_the_same_empty_rule():
+    tiny = torch.zeros(16, 16, dtype=torch.long)
+    tiny[3, 3:6] = 1  # a reader's own 3-pixel mark: empty under the 5-pixel rule
+    readers = torch.stack([_disc(), _disc(), tiny, torch.zeros(16, 16, dtype=torch.long)])[None]
+    assert presence_gap(readers, readers).tolist() == [0.0]  # readers scored as samples: no gap
+    metric = PresenceGap()
+    metric(y_pred=readers, y=readers)
+    assert metric.aggregate().item() == 0.0
+    assert empty_share(readers).tolist() == [0.5]
