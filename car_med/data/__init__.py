@@ -29,11 +29,15 @@ _LAZY: dict[str, str] = {
     "LABEL_ID_TO_TRAIN_ID": "cityscapes_layout",
     "label_ids_to_train_ids": "cityscapes_layout",
     # car_med.data.lidc
-    "ANNOTATOR_CHOICES": "lidc",
+    # car_med.data.annotators
+    "ANNOTATOR_CHOICES": "annotators",
+    "RandAnnotatord": "annotators",
+    "ReaderSharesd": "annotators",
+    "annotator_candidates": "annotators",
+    # car_med.data.lidc
     "DEFAULT_HU_WINDOW": "lidc",
     "INTENSITY_KINDS": "lidc",
     "NUM_ANNOTATORS": "lidc",
-    "RandAnnotatord": "lidc",
     "ScaleLIDCIntensityd": "lidc",
     "lidc_dataset": "lidc",
     "lidc_transforms": "lidc",

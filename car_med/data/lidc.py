@@ -33,11 +33,12 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     RandFlipd,
-    Randomizable,
     RandRotate90d,
     ScaleIntensityRange,
     SqueezeDimd,
 )
+
+from .annotators import ANNOTATOR_CHOICES, RandAnnotatord, ReaderSharesd
 
 __all__ = [
     "ANNOTATOR_CHOICES",
@@ -45,6 +46,7 @@ __all__ = [
     "INTENSITY_KINDS",
     "NUM_ANNOTATORS",
     "RandAnnotatord",
+    "ReaderSharesd",
     "ScaleLIDCIntensityd",
     "lidc_dataset",
     "lidc_transforms",
@@ -60,7 +62,6 @@ DEFAULT_HU_WINDOW = (-1024.0, 400.0)
 INTENSITY_KINDS = ("hu", "uint8", "unit")
 """How an item's image intensities are stored: CT Hounsfield units, 8-bit display values, or floats in [0, 1]."""
 
-ANNOTATOR_CHOICES = ("all", "present", "nonempty")
 
 SPLIT_ALIASES = {"train": "training", "val": "validation", "valid": "validation", "test": "test"}
 
@@ -271,93 +272,6 @@ class ScaleLIDCIntensityd(MapTransform):
         return d
 
 
-class RandAnnotatord(Randomizable, MapTransform):
-    """Keep one randomly drawn annotator channel of a stacked multi-reader label.
-
-    The label ``(R, *spatial)`` becomes ``(1, *spatial)``. CAR trains its calibration net F with
-    cross-entropy against one reader's mask drawn per sample per step; this transform is that draw.
-
-    Which readers can be drawn (``among``):
-
-    - ``"all"`` (default): uniformly among all R slots, including empty masks and slots of readers that did
-      not mark the nodule. This is what the CAR authors do on LIDC: an empty mask is a reader's valid
-      opinion ("no lesion here"), and dropping it would bias F towards over-segmentation.
-    - ``"present"``: uniformly among the slots flagged in the item's ``present_key`` field (readers that
-      exist for this nodule, empty masks on this slice included). An item with no present reader raises.
-    - ``"nonempty"``: uniformly among slots whose mask has any foreground; when every mask is empty all
-      slots are identical, so it draws among all of them.
-
-    Every key in ``keys`` is cut at the same drawn slot. The slot index is stored under ``index_key``.
-    Seed it with ``set_random_state`` (or MONAI's ``set_determinism`` / ``Compose.set_random_state``).
-
-    Args:
-        keys: stacked label keys, all with the same number of channels.
-        among: ``"all"``, ``"present"`` or ``"nonempty"``.
-        present_key: the item field with one boolean per slot, used when ``among="present"``.
-        index_key: where to record the drawn slot; ``None`` records nothing.
-        allow_missing_keys: as in MONAI ``MapTransform``.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "label",
-        among: str = "all",
-        present_key: str = "annotator_present",
-        index_key: str | None = "annotator_index",
-        allow_missing_keys: bool = False,
-    ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        if among not in ANNOTATOR_CHOICES:
-            raise ValueError(f"among must be one of {ANNOTATOR_CHOICES}, got {among!r}.")
-        self.among = among
-        self.present_key = present_key
-        self.index_key = index_key
-        self._index = 0
-
-    def randomize(self, data: Sequence[int]) -> None:
-        """Draw the slot uniformly from the candidate slot indices ``data``."""
-        self._index = int(self.R.choice(np.asarray(data)))
-
-    def _candidates(self, d: Mapping[Hashable, Any], label: Any) -> list[int]:
-        num = int(label.shape[0])
-        if self.among == "all":
-            return list(range(num))
-        if self.among == "nonempty":
-            flat = torch.as_tensor(label).reshape(num, -1)
-            nonempty = [k for k in range(num) if bool(flat[k].any())]
-            return nonempty or list(range(num))
-        if self.present_key not in d:
-            raise ValueError(f"RandAnnotatord(among='present') needs the item field '{self.present_key}'.")
-        flags = [bool(flag) for flag in torch.as_tensor(d[self.present_key]).reshape(-1).tolist()]
-        if len(flags) != num:
-            raise ValueError(
-                f"field '{self.present_key}' has {len(flags)} flags but the label has {num} annotator channels."
-            )
-        present = [k for k, flag in enumerate(flags) if flag]
-        if not present:
-            raise ValueError(
-                f"item (patient_id={d.get('patient_id')!r}, nodule_id={d.get('nodule_id')!r}) has no present "
-                f"annotator in '{self.present_key}'; cannot draw one with among='present'."
-            )
-        return present
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        keys = list(self.key_iterator(d))
-        if not keys:
-            return d
-        num = int(d[keys[0]].shape[0])
-        for key in keys[1:]:
-            if int(d[key].shape[0]) != num:
-                raise ValueError(f"RandAnnotatord keys disagree on the annotator count: {keys} have different dim 0.")
-        self.randomize(self._candidates(d, d[keys[0]]))
-        for key in keys:
-            d[key] = d[key][self._index : self._index + 1]
-        if self.index_key is not None:
-            d[self.index_key] = self._index
-        return d
-
-
 def lidc_transforms(
     mode: str = "train",
     *,
@@ -370,6 +284,7 @@ def lidc_transforms(
     label_dtype: torch.dtype | str = torch.uint8,
     reader: str = "NibabelReader",
     augment: bool = False,
+    shares_key: str | None = None,
 ) -> Compose:
     """The MONAI transform chain from a validated datalist item to network-ready tensors.
 
@@ -402,6 +317,10 @@ def lidc_transforms(
             orientations of each nodule; on the 16 training patients of the demo it brings F's test error
             inside the nodules from 0.22 to 0.20 after 400 iterations (docs/lidc.md, section 11). Off by
             default, as in the paper.
+        shares_key: ``"train"`` only: also write the readers' class shares ``(2, H, W)`` under this key
+            (:class:`ReaderSharesd`, over the same slots as ``annotator_choice``), before the reader draw and
+            turned with the image by ``augment``. F's stage-1 loss can take them instead of one reader
+            (bundle key ``f_target: "readers_mean"``). ``None`` (default) writes nothing.
 
     Returns:
         A MONAI ``Compose``; everything before the random annotator draw is deterministic, so a
@@ -428,13 +347,20 @@ def lidc_transforms(
         raise ValueError("augment=True applies to mode='train' only: evaluation sees the crops as they are.")
     if augment and roi_size[0] != roi_size[1]:
         raise ValueError(f"augment=True turns crops by 90 degrees, so roi_size must be square, got {tuple(roi_size)}.")
+    if shares_key is not None and mode != "train":
+        raise ValueError("shares_key applies to mode='train' only: evaluation keeps every reader's mask.")
+    if shares_key in (image_key, label_key):
+        raise ValueError(f"shares_key must differ from the image and label keys, got {shares_key!r}.")
+    if shares_key is not None:
+        transforms.append(ReaderSharesd(label_key, shares_key, num_classes=2, among=annotator_choice))
     if mode == "train":
         transforms.append(RandAnnotatord(label_key, among=annotator_choice))
     if augment:
+        turned = keys if shares_key is None else [*keys, shares_key]
         transforms += [
-            RandFlipd(keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys, prob=0.5, spatial_axis=1),
-            RandRotate90d(keys, prob=0.5, max_k=3),
+            RandFlipd(turned, prob=0.5, spatial_axis=0),
+            RandFlipd(turned, prob=0.5, spatial_axis=1),
+            RandRotate90d(turned, prob=0.5, max_k=3),
         ]
     return Compose(transforms)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .allocator import retain_freed_memory
+from .batches import F_TARGETS, PrepareBatchWithTarget, calibration_target_batch, calibration_target_shares_key
 from .car_trainer import CARTrainer
 from .checkpoints import (
     CheckedCheckpointLoader,
@@ -18,13 +19,17 @@ from .rng import RandomState
 from .stages import run_stage, stage_finished
 
 __all__ = [
+    "F_TARGETS",
     "CARKeys",
     "CARTrainer",
     "CheckedCheckpointLoader",
     "DiscriminatorSchedule",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
+    "PrepareBatchWithTarget",
     "RandomState",
+    "calibration_target_batch",
+    "calibration_target_shares_key",
     "check_state_dict",
     "latest_checkpoint",
     "load_car_networks",

@@ -1,4 +1,4 @@
-"""Pixelwise cross-entropy for F (eq. 2) that accepts MONAI-style channel-first labels."""
+"""Pixelwise cross-entropy for F (eq. 2) that accepts MONAI-style channel-first labels or soft class shares."""
 
 from __future__ import annotations
 
@@ -60,9 +60,24 @@ def pixelwise_cross_entropy(
 
     Args:
         logits: F's raw outputs ``(B, C, *spatial)``.
-        target: class indices ``(B, 1, *spatial)`` or ``(B, *spatial)``.
-        ignore_index: label value excluded from the mean (e.g. 24 for Cityscapes' ignore class).
+        target: class indices ``(B, 1, *spatial)`` or ``(B, *spatial)``; or, with ``C > 1`` channels, a soft
+            target of ``logits``' shape whose values lie in [0, 1] and sum to 1 over dim 1, such as the readers'
+            class shares (:class:`~car_med.data.ReaderSharesd`). A soft target's cross-entropy is minimised by
+            F equal to that target, as the expected one-reader cross-entropy is.
+        ignore_index: label value excluded from the mean (e.g. 24 for Cityscapes' ignore class); integer
+            targets only.
     """
+    if target.shape == logits.shape and logits.shape[1] > 1 and target.is_floating_point():
+        if ignore_index is not None:
+            raise ValueError("ignore_index applies to class-index targets only, not to soft (class-share) targets.")
+        sums = target.sum(dim=1).float()
+        if target.min() < 0 or target.max() > 1 or not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+            raise ValueError(
+                f"soft target {tuple(target.shape)}: expected class shares in [0, 1] that sum to 1 over dim 1, got "
+                f"values in [{float(target.min()):.3g}, {float(target.max()):.3g}] and sums in "
+                f"[{float(sums.min()):.3g}, {float(sums.max()):.3g}]."
+            )
+        return F.cross_entropy(logits, target.to(logits.dtype))
     index_map = class_index_map(target, logits.shape[0], logits.shape[2:], logits.shape[1], ignore_index)
     return F.cross_entropy(logits, index_map, ignore_index=-100 if ignore_index is None else ignore_index)
 

@@ -13,7 +13,14 @@ import torch
 from lidc_synth import AFFINE, hu_image, reader_masks
 from monai.data import CacheDataset, DataLoader, MetaTensor
 
-from car_med.data import RandAnnotatord, ScaleLIDCIntensityd, lidc_dataset, lidc_transforms, load_lidc_datalist
+from car_med.data import (
+    RandAnnotatord,
+    ReaderSharesd,
+    ScaleLIDCIntensityd,
+    lidc_dataset,
+    lidc_transforms,
+    load_lidc_datalist,
+)
 
 
 def test_load_resolves_paths_and_derives_fields(hu_datalist):
@@ -235,3 +242,50 @@ def test_augmentation_turns_image_and_reader_mask_together_and_keeps_their_value
         lidc_transforms("eval", augment=True)
     with pytest.raises(ValueError, match="roi_size must be square"):
         lidc_transforms("train", roi_size=(128, 96), augment=True)
+
+
+@pytest.mark.parametrize(("among", "slots"), [("all", [0, 1, 2, 3]), ("present", [0, 1]), ("nonempty", [1, 3])])
+def test_reader_shares_are_the_mean_of_the_slots_one_draw_picks_from(among, slots):
+    label = torch.zeros(4, 6, 6, dtype=torch.uint8)
+    label[1, 1:4, 1:4] = 1
+    label[3, 2:5, 2:5] = 1
+    data = {"label": label, "annotator_present": torch.tensor([True, True, False, False])}
+    shares = ReaderSharesd(among=among)(data)["label_shares"].float()
+    expected = label[slots].float().mean(0)
+    assert shares.shape == (2, 6, 6)
+    assert torch.equal(shares[1], expected)
+    assert torch.equal(shares[0] + shares[1], torch.ones(6, 6))
+    # the shares are the expectation of RandAnnotatord's draw with the same `among`
+    draw = RandAnnotatord(among=among).set_random_state(seed=0)
+    mean_draw = torch.stack([draw(dict(data))["label"][0].float() for _ in range(2000)]).mean(0)
+    assert (mean_draw - expected).abs().max() < 0.05
+
+
+def test_reader_shares_reject_values_outside_the_classes():
+    label = torch.zeros(4, 3, 3, dtype=torch.uint8)
+    label[0, 0, 0] = 2
+    with pytest.raises(ValueError, match=r"'label' of item .* values outside \[0, 1\]: \[0, 2\]"):
+        ReaderSharesd()({"label": label})
+    with pytest.raises(ValueError, match="one output key per key"):
+        ReaderSharesd(keys=("label", "other"), output_keys="label_shares")
+
+
+def test_augmented_shares_turn_with_the_image_and_contain_the_drawn_reader(hu_datalist):
+    item = load_lidc_datalist(hu_datalist, "training")[2]
+    plain = lidc_transforms("eval")(dict(item))
+    image0, masks0 = plain["image"][0].numpy(), plain["label"].numpy().astype(np.float32)
+    orientations = [np.rot90(a, k) for k in range(4) for a in (image0, image0[::-1])]
+    transform = lidc_transforms("train", augment=True, shares_key="label_shares")
+    transform.set_random_state(seed=2)
+    for _ in range(16):
+        out = transform(dict(item))
+        k = next(k for k, o in enumerate(orientations) if np.array_equal(o, out["image"][0].numpy()))
+        mean0 = masks0.mean(0)
+        expected = np.rot90(mean0 if k % 2 == 0 else mean0[::-1], k // 2)
+        shares = np.asarray(out["label_shares"], dtype=np.float32)
+        assert np.array_equal(shares[1], expected)
+        assert (shares[1][out["label"][0].numpy() == 1] > 0).all()
+    with pytest.raises(ValueError, match="shares_key applies to mode='train' only"):
+        lidc_transforms("eval", shares_key="label_shares")
+    with pytest.raises(ValueError, match="must differ from the image and label keys"):
+        lidc_transforms("train", shares_key="label")
