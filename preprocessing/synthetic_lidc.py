@@ -241,7 +241,8 @@ def write_ct_series(
         ds.RescaleIntercept = RESCALE_INTERCEPT
         ds.RescaleSlope = 1
         ds.RescaleType = "HU"
-        ds.compress(RLELossless, stored)
+        # pydicom would draw a random SOPInstanceUID here; the seeded one keeps the cohort reproducible
+        ds.compress(RLELossless, stored, generate_instance_uid=False)
         path = series_dir / f"1-{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
