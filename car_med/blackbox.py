@@ -96,7 +96,7 @@ def list_inputs(
     if (root is None) == (datalist is None):
         raise ValueError("give exactly one of --root and --datalist.")
     if root is not None:
-        from preprocessing.cityscapes import find_images
+        from car_med.data.cityscapes_layout import find_images
 
         images, _ = find_images(root)
         return [(s.image, s.official_split, s.city, s.stem) for s in images]
@@ -164,7 +164,7 @@ def write_predictions(
     """Write ``output_dir/<split>/<city>/<stem>_blackbox.png`` for every input; returns ``{"written", "kept"}``."""
     from tqdm.auto import tqdm
 
-    from preprocessing.lidc_io import atomic_write_bytes
+    from car_med.files import atomic_write_bytes
 
     counts = {"written": 0, "kept": 0}
     for path, split, city, stem in tqdm(inputs, desc="black box", unit="image", disable=not progress, file=sys.stderr):

@@ -47,7 +47,6 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,20 +56,19 @@ from car_med.data.cityscapes_layout import (
     CITYSCAPES_HOLDOUT_CITIES,
     CITYSCAPES_NUM_CLASSES,
     CITYSCAPES_NUM_TRAIN_IDS,
-    IMAGE_SUFFIX,
-    LABEL_SUFFIX,
-    blackbox_relpath,
+    SourceImage,
+    find_images,
     label_ids_to_train_ids,
-    parse_stem,
     png_bytes,
     read_png,
     resize_bilinear,
     resize_nearest,
+    skip_record,
 )
 from car_med.data.splits import SPLIT_NAMES
-from preprocessing.lidc_io import atomic_write_bytes, atomic_write_json, json_bytes
+from car_med.files import atomic_write_bytes, atomic_write_json, json_bytes
 
-__all__ = ["DEFAULT_SIZE", "FORMAT_VERSION", "OFFICIAL_SPLITS", "SourceImage", "find_images", "main", "run"]
+__all__ = ["DEFAULT_SIZE", "FORMAT_VERSION", "main", "run"]
 
 logger = logging.getLogger("preprocessing.cityscapes")
 
@@ -79,112 +77,6 @@ FORMAT_VERSION = 1
 
 DEFAULT_SIZE = (256, 512)
 """Output ``(H, W)``: the official 1024x2048 downsampled by 4 (Kohl et al. 2018)."""
-
-OFFICIAL_SPLITS = ("train", "val")
-"""Official splits with public labels; the official test split has none."""
-
-
-@dataclass(frozen=True)
-class SourceImage:
-    """One official image and where its outputs go.
-
-    Attributes:
-        stem: ``<city>_<seq>_<frame>``.
-        city: the city folder.
-        official_split: ``"train"`` or ``"val"``.
-        split: ``"training"``, ``"validation"`` or ``"test"``.
-        image: path of the ``leftImg8bit`` PNG.
-        label: path of the ``gtFine`` labelIds PNG (it may not exist).
-        blackbox: path of the black-box prediction, or None without ``--blackbox-dir``.
-    """
-
-    stem: str
-    city: str
-    official_split: str
-    split: str
-    image: str
-    label: str
-    blackbox: str | None
-
-
-def _split_of(official_split: str, city: str) -> str:
-    if official_split == "val":
-        return "test"
-    return "validation" if city in CITYSCAPES_HOLDOUT_CITIES else "training"
-
-
-def _skip(reason: str, source: SourceImage | None = None, path: str | None = None, detail: str | None = None):
-    entry: dict[str, Any] = {"reason": reason}
-    if source is not None:
-        entry.update(stem=source.stem, split=source.split)
-    if path is not None:
-        entry["path"] = path
-    if detail is not None:
-        entry["detail"] = detail
-    return entry
-
-
-def find_images(
-    root: str | os.PathLike, blackbox_dir: str | os.PathLike | None = None
-) -> tuple[list[SourceImage], list[dict[str, Any]]]:
-    """List the official images under ``root`` and the files that do not fit the layout.
-
-    Returns:
-        ``(images sorted by split, city and stem, skips)``; a skip is a dict with ``reason``, ``path`` (relative
-        to the root) and ``detail``. Names that do not follow ``<city>_<seq>_<frame>_leftImg8bit.png``, images
-        whose name's city differs from their folder, and labels without an image are skips.
-
-    Raises:
-        FileNotFoundError: ``root`` has no ``leftImg8bit/train`` or ``leftImg8bit/val`` folder.
-    """
-    root = Path(root)
-    found = [s for s in OFFICIAL_SPLITS if (root / "leftImg8bit" / s).is_dir()]
-    if not found:
-        raise FileNotFoundError(
-            f"--root {str(root)!r}: no leftImg8bit/train or leftImg8bit/val folder; expected the official layout "
-            "leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png."
-        )
-    images: list[SourceImage] = []
-    skips: list[dict[str, Any]] = []
-    for official in found:
-        image_root, label_root = root / "leftImg8bit" / official, root / "gtFine" / official
-        seen: set[str] = set()
-        for city_dir in sorted(p for p in image_root.iterdir() if p.is_dir()):
-            city = city_dir.name
-            for path in sorted(city_dir.iterdir()):
-                relative = path.relative_to(root).as_posix()
-                stem = parse_stem(path, IMAGE_SUFFIX)
-                if stem is None:
-                    skips.append(_skip("file name does not follow <city>_<seq>_<frame>_leftImg8bit.png", path=relative))
-                    continue
-                if not stem.startswith(f"{city}_"):
-                    skips.append(_skip("image name's city differs from its folder", path=relative, detail=city))
-                    continue
-                seen.add(stem)
-                blackbox = None
-                if blackbox_dir is not None:
-                    blackbox = os.fspath(Path(blackbox_dir) / blackbox_relpath(official, city, stem))
-                images.append(
-                    SourceImage(
-                        stem,
-                        city,
-                        official,
-                        _split_of(official, city),
-                        os.fspath(path),
-                        os.fspath(label_root / city / f"{stem}{LABEL_SUFFIX}"),
-                        blackbox,
-                    )
-                )
-        if label_root.is_dir():
-            for path in sorted(label_root.glob(f"*/*{LABEL_SUFFIX}")):
-                stem = parse_stem(path, LABEL_SUFFIX)
-                if stem is not None and stem not in seen:
-                    skips.append(
-                        _skip("gtFine label without a leftImg8bit image", path=path.relative_to(root).as_posix())
-                    )
-    order = {name: k for k, name in enumerate(SPLIT_NAMES)}
-    images.sort(key=lambda s: (order[s.split], s.city, s.stem))
-    return images, skips
 
 
 def _signature(path: str | None) -> list[int] | None:
@@ -210,15 +102,17 @@ def _read_blackbox(source: SourceImage, label_shape: tuple[int, int], size: tupl
     """The black-box prediction resized to ``size``, or a skip dict."""
     path = source.blackbox
     if not os.path.isfile(path):
-        return _skip("missing black-box prediction", source, path, f"expected {Path(path).name} for {source.stem}")
+        return skip_record(
+            "missing black-box prediction", source, path, f"expected {Path(path).name} for {source.stem}"
+        )
     try:
         array, mode = read_png(path)
     except Exception as err:  # Pillow raises several types on a corrupt file
-        return _skip("unreadable black-box prediction", source, path, f"{type(err).__name__}: {err}"[:200])
+        return skip_record("unreadable black-box prediction", source, path, f"{type(err).__name__}: {err}"[:200])
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-        return _skip("black-box prediction is not a single-channel label PNG", source, path, f"mode {mode}")
+        return skip_record("black-box prediction is not a single-channel label PNG", source, path, f"mode {mode}")
     if array.shape not in (tuple(label_shape), tuple(size)):
-        return _skip(
+        return skip_record(
             "black-box prediction size differs from the image and the output size",
             source,
             path,
@@ -227,7 +121,7 @@ def _read_blackbox(source: SourceImage, label_shape: tuple[int, int], size: tupl
     bad = np.unique(array[array >= CITYSCAPES_NUM_TRAIN_IDS])
     if bad.size:
         values = ", ".join(str(int(v)) for v in bad[:10])
-        return _skip("black-box prediction values outside trainIds 0..18", source, path, f"values {values}")
+        return skip_record("black-box prediction values outside trainIds 0..18", source, path, f"values {values}")
     return resize_nearest(array.astype(np.uint8), size)
 
 
@@ -253,18 +147,18 @@ def _sources(source: SourceImage) -> dict[str, Any]:
 
 def _convert(source: SourceImage, output_dir: Path, size: tuple[int, int]) -> dict[str, Any]:
     if not os.path.isfile(source.label):
-        return _skip("missing gtFine labelIds file", source, source.label, f"expected {Path(source.label).name}")
+        return skip_record("missing gtFine labelIds file", source, source.label, f"expected {Path(source.label).name}")
     try:
         image, image_mode = read_png(source.image)
         label_ids, label_mode = read_png(source.label)
     except Exception as err:  # Pillow raises several types on a truncated or corrupt file
-        return _skip("unreadable PNG", source, source.image, f"{type(err).__name__}: {err}"[:200])
+        return skip_record("unreadable PNG", source, source.image, f"{type(err).__name__}: {err}"[:200])
     if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-        return _skip("image is not 8-bit RGB", source, source.image, f"mode {image_mode}, shape {image.shape}")
+        return skip_record("image is not 8-bit RGB", source, source.image, f"mode {image_mode}, shape {image.shape}")
     if label_ids.ndim != 2 or not np.issubdtype(label_ids.dtype, np.integer):
-        return _skip("label is not a single-channel integer PNG", source, source.label, f"mode {label_mode}")
+        return skip_record("label is not a single-channel integer PNG", source, source.label, f"mode {label_mode}")
     if image.shape[:2] != label_ids.shape:
-        return _skip(
+        return skip_record(
             "image and label sizes differ",
             source,
             source.label,
@@ -273,7 +167,7 @@ def _convert(source: SourceImage, output_dir: Path, size: tuple[int, int]) -> di
     try:
         train_ids = label_ids_to_train_ids(label_ids)
     except ValueError as err:
-        return _skip("unknown labelId", source, source.label, str(err)[:300])
+        return skip_record("unknown labelId", source, source.label, str(err)[:300])
     blackbox = None
     if source.blackbox is not None:
         blackbox = _read_blackbox(source, label_ids.shape, size)

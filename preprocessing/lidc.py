@@ -49,35 +49,27 @@ from typing import Any
 
 import numpy as np
 
-from car_med.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, split_patients
-from preprocessing.lidc_annotations import MAX_ANNOTATORS, NoduleData, ScanData, extract_scan, import_pylidc, quiet
-from preprocessing.lidc_geometry import (
-    CROP_SIZE,
-    TARGET_SPACING_MM,
-    annotation_slice_mask,
-    crop_grid,
-    lesion_centre,
-    resample_image,
-    resample_mask,
-)
-from preprocessing.lidc_io import (
+from car_med.ct.dicom import (
+    HEADER_CUT_SHORT,
     PIXEL_SPACING_TOLERANCE_MM,
+    PIXELS_CUT_SHORT,
     DicomSlice,
     SeriesFiles,
     Skip,
-    atomic_write_bytes,
-    atomic_write_json,
     consistent_slices,
     decode_hu,
-    find_patient_dirs,
-    json_bytes,
     nearest_slice,
     read_series_headers,
-    replace_dir,
     slice_by_z,
     walk_files,
-    write_nifti,
 )
+from car_med.ct.geometry import CROP_SIZE, TARGET_SPACING_MM, crop_grid, resample_image, resample_mask
+from car_med.ct.nifti import write_crop_nifti
+from car_med.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, split_patients
+from car_med.files import atomic_write_bytes, atomic_write_json, json_bytes, replace_dir
+from preprocessing.lidc_annotations import MAX_ANNOTATORS, NoduleData, ScanData, extract_scan, import_pylidc, quiet
+from preprocessing.lidc_geometry import annotation_slice_mask, lesion_centre
+from preprocessing.lidc_io import find_patient_dirs
 
 __all__ = ["FORMAT_VERSION", "format_report", "main", "process_patient", "run", "split_patients"]
 
@@ -87,7 +79,8 @@ FORMAT_VERSION = 2
 """Bump when the crop content or the record changes, so that old per-patient records are recomputed, not reused.
 2: source fields per crop (SOPInstanceUID, source file, PixelSpacing, orientation, thickness), file accounting."""
 
-CUT_SHORT = "missing geometry: DICOM header cut short"
+CUT_SHORT = (HEADER_CUT_SHORT, PIXELS_CUT_SHORT)
+"""Files that may be a slice of any series but ended early: named when a slice is missing."""
 NOT_IN_DB = "other series: not in the annotation DB"
 OUTSIDE_PATIENT = "outside any LIDC-IDRI-dddd patient folder"
 NOT_SELECTED = "patient not selected (--patients)"
@@ -143,6 +136,9 @@ def _missing_slice_reason(z: float, dropped: list[Skip], unplaced: list[Skip]) -
         return "slice dropped by the SliceLocation filter", None
     if at_z:
         return "slice dropped: its file has another orientation or PixelSpacing than the series", at_z[0].path
+    cut = [s for s in unplaced if s.reason == PIXELS_CUT_SHORT and s.slice_z is not None and abs(s.slice_z - z) <= 0.01]
+    if cut:
+        return "missing slice: its file's pixel data is cut short", cut[0].path
     detail = None
     if unplaced:
         paths = ", ".join(s.path or "?" for s in unplaced[:3]) + (" ..." if len(unplaced) > 3 else "")
@@ -162,8 +158,8 @@ def _process_scan(
     """Crop every (nodule, inclusion slice) pair of one matched scan into ``staging``.
 
     The series' slices are first reduced to those sharing its orientation and pixel spacing
-    (:func:`preprocessing.lidc_io.consistent_slices`), then to one file per z
-    (:func:`preprocessing.lidc_io.slice_by_z`); every file dropped on the way is a file skip. ``unplaced``
+    (:func:`car_med.ct.dicom.consistent_slices`), then to one file per z
+    (:func:`car_med.ct.dicom.slice_by_z`); every file dropped on the way is a file skip. ``unplaced``
     holds the patient's other files that could not be placed in any series; a missing slice names them, along
     with this series' own unplaced files.
 
@@ -271,9 +267,9 @@ def _write_crop(
 
     series_dir.mkdir(parents=True, exist_ok=True)
     stem = _crop_name(nodule.nodule_id, k)
-    write_nifti(series_dir / f"{stem}_image.nii.gz", image, grid.affine)
+    write_crop_nifti(series_dir / f"{stem}_image.nii.gz", image, grid.affine)
     for slot, mask in enumerate(masks):
-        write_nifti(series_dir / f"{stem}_mask{slot}.nii.gz", mask, grid.affine)
+        write_crop_nifti(series_dir / f"{stem}_mask{slot}.nii.gz", mask, grid.affine)
 
     relative = (final_dir / data.series_uid).relative_to(output_dir).as_posix()
     centre = grid.affine @ np.array([CROP_SIZE // 2, CROP_SIZE // 2, 0.0, 1.0])
@@ -369,7 +365,7 @@ def process_patient(
 
     # Files that may be a slice of any series but could not be placed: no readable header, or cut short.
     unplaced = [s for s in skips if s.level == "file"]
-    unplaced += [s for files in series.values() for s in files.incomplete if s.reason == CUT_SHORT]
+    unplaced += [s for files in series.values() for s in files.incomplete if s.reason in CUT_SHORT]
     items: list[dict[str, Any]] = []
     borders: list[dict[str, Any]] = []
     used: set[str] = set()
@@ -380,7 +376,7 @@ def process_patient(
             detail = f"modality={files.modality or '?'}, files={len(files.paths)}"
             skips.append(Skip("scan", "series not in the annotation DB", patient_id, key[1], detail=detail))
             # A header cut inside its SeriesInstanceUID lands here under a mangled UID: list such files.
-            skips.extend(s for s in files.incomplete if s.reason == CUT_SHORT)
+            skips.extend(s for s in files.incomplete if s.reason in CUT_SHORT)
             series_outcome.update(dict.fromkeys(files.paths, NOT_IN_DB))
             continue
         try:

@@ -39,7 +39,7 @@ from car_med.data.cityscapes_layout import (
     label_ids_to_train_ids,
     png_bytes,
 )
-from preprocessing.lidc_io import atomic_write_bytes
+from car_med.files import atomic_write_bytes
 
 __all__ = ["DEFAULT_SIZE", "TRAIN_CITIES", "VAL_CITIES", "make_blackbox", "make_scene", "main", "write_synthetic"]
 

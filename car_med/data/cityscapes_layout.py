@@ -11,7 +11,8 @@ File names (``<city>_<seq>_<frame>`` is the official stem, e.g. ``aachen_000000_
     gtFine/<split>/<city>/<stem>_gtFine_labelIds.png      official labelIds (8-bit)
     <PRED>/<split>/<city>/<stem>_blackbox.png             a black-box prediction, trainIds 0..18 (8-bit)
 
-where ``<split>`` is the official split (``train`` or ``val``). This module imports only numpy and Pillow so
+where ``<split>`` is the official split (``train`` or ``val``); :func:`find_images` lists a root's images in
+that layout. This module imports only numpy and Pillow so
 that the preprocessing CLI starts fast; the flip transform and the label modes are in
 :mod:`car_med.data.cityscapes`.
 """
@@ -21,15 +22,23 @@ from __future__ import annotations
 import io
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from car_med.data.splits import SPLIT_NAMES
 
 __all__ = [
     "BLACKBOX_SUFFIX",
     "IMAGE_SUFFIX",
     "LABEL_SUFFIX",
+    "OFFICIAL_SPLITS",
     "STEM_PATTERN",
+    "SourceImage",
+    "find_images",
+    "skip_record",
     "blackbox_relpath",
     "png_bytes",
     "read_png",
@@ -236,3 +245,115 @@ def parse_stem(path: str | os.PathLike, suffix: str) -> str | None:
         return None
     stem = name[: -len(suffix)]
     return stem if STEM_PATTERN.match(stem) else None
+
+
+OFFICIAL_SPLITS = ("train", "val")
+"""Official splits with public labels; the official test split has none."""
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One official image and where its outputs go.
+
+    Attributes:
+        stem: ``<city>_<seq>_<frame>``.
+        city: the city folder.
+        official_split: ``"train"`` or ``"val"``.
+        split: ``"training"``, ``"validation"`` or ``"test"``.
+        image: path of the ``leftImg8bit`` PNG.
+        label: path of the ``gtFine`` labelIds PNG (it may not exist).
+        blackbox: path of the black-box prediction, or None without ``--blackbox-dir``.
+    """
+
+    stem: str
+    city: str
+    official_split: str
+    split: str
+    image: str
+    label: str
+    blackbox: str | None
+
+
+def _split_of(official_split: str, city: str) -> str:
+    if official_split == "val":
+        return "test"
+    return "validation" if city in CITYSCAPES_HOLDOUT_CITIES else "training"
+
+
+def skip_record(
+    reason: str, source: SourceImage | None = None, path: str | None = None, detail: str | None = None
+) -> dict[str, Any]:
+    """A skip entry for ``summary.json``: the reason, and the image, path and detail where known."""
+    entry: dict[str, Any] = {"reason": reason}
+    if source is not None:
+        entry.update(stem=source.stem, split=source.split)
+    if path is not None:
+        entry["path"] = path
+    if detail is not None:
+        entry["detail"] = detail
+    return entry
+
+
+def find_images(
+    root: str | os.PathLike, blackbox_dir: str | os.PathLike | None = None
+) -> tuple[list[SourceImage], list[dict[str, Any]]]:
+    """List the official images under ``root`` and the files that do not fit the layout.
+
+    Returns:
+        ``(images sorted by split, city and stem, skips)``; a skip is a dict with ``reason``, ``path`` (relative
+        to the root) and ``detail``. Names that do not follow ``<city>_<seq>_<frame>_leftImg8bit.png``, images
+        whose name's city differs from their folder, and labels without an image are skips.
+
+    Raises:
+        FileNotFoundError: ``root`` has no ``leftImg8bit/train`` or ``leftImg8bit/val`` folder.
+    """
+    root = Path(root)
+    found = [s for s in OFFICIAL_SPLITS if (root / "leftImg8bit" / s).is_dir()]
+    if not found:
+        raise FileNotFoundError(
+            f"--root {str(root)!r}: no leftImg8bit/train or leftImg8bit/val folder; expected the official layout "
+            "leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png."
+        )
+    images: list[SourceImage] = []
+    skips: list[dict[str, Any]] = []
+    for official in found:
+        image_root, label_root = root / "leftImg8bit" / official, root / "gtFine" / official
+        seen: set[str] = set()
+        for city_dir in sorted(p for p in image_root.iterdir() if p.is_dir()):
+            city = city_dir.name
+            for path in sorted(city_dir.iterdir()):
+                relative = path.relative_to(root).as_posix()
+                stem = parse_stem(path, IMAGE_SUFFIX)
+                if stem is None:
+                    skips.append(
+                        skip_record("file name does not follow <city>_<seq>_<frame>_leftImg8bit.png", path=relative)
+                    )
+                    continue
+                if not stem.startswith(f"{city}_"):
+                    skips.append(skip_record("image name's city differs from its folder", path=relative, detail=city))
+                    continue
+                seen.add(stem)
+                blackbox = None
+                if blackbox_dir is not None:
+                    blackbox = os.fspath(Path(blackbox_dir) / blackbox_relpath(official, city, stem))
+                images.append(
+                    SourceImage(
+                        stem,
+                        city,
+                        official,
+                        _split_of(official, city),
+                        os.fspath(path),
+                        os.fspath(label_root / city / f"{stem}{LABEL_SUFFIX}"),
+                        blackbox,
+                    )
+                )
+        if label_root.is_dir():
+            for path in sorted(label_root.glob(f"*/*{LABEL_SUFFIX}")):
+                stem = parse_stem(path, LABEL_SUFFIX)
+                if stem is not None and stem not in seen:
+                    skips.append(
+                        skip_record("gtFine label without a leftImg8bit image", path=path.relative_to(root).as_posix())
+                    )
+    order = {name: k for k, name in enumerate(SPLIT_NAMES)}
+    images.sort(key=lambda s: (order[s.split], s.city, s.stem))
+    return images, skips

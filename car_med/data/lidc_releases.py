@@ -9,7 +9,7 @@ Two releases are supported (see ``docs/lidc_releases.md``):
 
 Both are written as one NIfTI per image and per reader mask plus a ``datalist.json``, so training reads
 small files and never holds a release in memory. The NIfTIs follow the DICOM preprocessing's convention
-(``preprocessing/lidc_io.write_nifti``, ``docs/lidc.md``): the array is indexed ``(i, j, k) = (column, row,
+(:func:`car_med.ct.nifti.write_crop_nifti`, ``docs/lidc.md``): the array is indexed ``(i, j, k) = (column, row,
 slice)``, shape ``(W, H, 1)`` for an ``(H, W)`` crop, so one loader returns the same layout for all three
 sources. Command line::
 
@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
+from car_med.ct.geometry import LPS_TO_RAS
+from car_med.ct.nifti import write_crop_nifti
 from car_med.data.splits import split_patients
 
 __all__ = [
@@ -54,9 +55,6 @@ PNG_SPLITS = {"train": "training", "val": "validation", "test": "test"}
 PNG_PIXEL_MM = 0.5
 """DeepMind resampled every scan to 0.5 mm x 0.5 mm in-plane before cropping (HPU-Net README)."""
 
-# DICOM LPS -> NIfTI RAS: x and y change sign (as in preprocessing/lidc_geometry.py).
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
 
 def png_affine(z: float) -> np.ndarray:
     """The RAS affine of a PNG-release crop stored as ``(i, j, k) = (column, row, 0)``.
@@ -68,7 +66,7 @@ def png_affine(z: float) -> np.ndarray:
     """
     affine_lps = np.diag([PNG_PIXEL_MM, PNG_PIXEL_MM, 1.0, 1.0])
     affine_lps[2, 3] = float(z)
-    return _LPS_TO_RAS @ affine_lps
+    return LPS_TO_RAS @ affine_lps
 
 
 def pickle_affine() -> np.ndarray:
@@ -78,7 +76,7 @@ def pickle_affine() -> np.ndarray:
     and PNG crops (column -> RAS -x, row -> RAS -y, i.e. orientation LPS), so orientation-aware transforms
     treat all sources alike.
     """
-    return _LPS_TO_RAS.copy()
+    return LPS_TO_RAS.copy()
 
 
 # A signed decimal with any number of decimals (and an exponent, in case a z was written with repr()).
@@ -153,20 +151,6 @@ def _read_mask_png(path: Path) -> np.ndarray:
     if not set(values.tolist()) <= {0, 255}:
         raise ValueError(f"{str(path)!r}: release masks must hold only 0 and 255, found values {values[:8].tolist()}.")
     return (mask == 255).astype(np.uint8)
-
-
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write a ``[row, column]`` crop as a ``(columns, rows, 1)`` NIfTI, as ``preprocessing/lidc_io.write_nifti``.
-
-    qform and sform both carry the affine with code 2 (aligned): the frame has the scanner's axis sense but
-    not its origin, so it is not claimed as the scanner frame (code 1).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = nib.Nifti1Image(np.ascontiguousarray(array.T[:, :, None]), affine)
-    image.set_qform(affine, code=2)
-    image.set_sform(affine, code=2)
-    image.header.set_xyzt_units("mm")
-    nib.save(image, path)
 
 
 def _write_datalist(output_dir: Path, splits: Mapping[str, list], header: Mapping[str, Any]) -> Path:
@@ -299,9 +283,9 @@ def convert_png_release(
                 rel_labels = [
                     Path(split, "labels", patient, f"{name.image_stem}_l{k}.nii.gz") for k in range(NUM_READERS)
                 ]
-                _save_nifti(image, affine, output_dir / rel_image)
+                write_crop_nifti(output_dir / rel_image, image, affine, xform_code=2)
                 for rel, mask in zip(rel_labels, masks):
-                    _save_nifti(mask, affine, output_dir / rel)
+                    write_crop_nifti(output_dir / rel, mask, affine, xform_code=2)
                 splits[key].append(
                     {
                         "image": rel_image.as_posix(),
@@ -494,9 +478,9 @@ def convert_pickle_release(
             Path(folder[split], "labels", patient_dir, f"{file_stem}_l{k}.nii.gz") for k in range(NUM_READERS)
         ]
         affine = pickle_affine()
-        _save_nifti(image, affine, output_dir / rel_image)
+        write_crop_nifti(output_dir / rel_image, image, affine, xform_code=2)
         for rel, mask in zip(rel_labels, masks):
-            _save_nifti(mask, affine, output_dir / rel)
+            write_crop_nifti(output_dir / rel, mask, affine, xform_code=2)
         splits[split].append(
             {
                 "image": rel_image.as_posix(),

@@ -6,7 +6,7 @@ Run it as ``python -m car_med.export --model MODEL --datalist DATALIST --output-
 
 from __future__ import annotations
 
-from car_med.export.ct_volume import CTSeries, paste_plane, read_ct_series
+from car_med.ct.volume import CTSeries, paste_plane, read_ct_series
 from car_med.export.files import safe_path_part
 from car_med.export.model_source import ModelSource, load_export_model, resolve_model_source
 from car_med.export.run import ExportSummary, export_cases, raise_if_failed

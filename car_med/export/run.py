@@ -15,10 +15,10 @@ import nibabel as nib
 import numpy as np
 
 import car_med
+from car_med.ct.volume import CTSeries, paste_plane, read_ct_series
 from car_med.data.lidc import DEFAULT_HU_WINDOW, load_lidc_datalist
 from car_med.evaluation.sample_metrics import case_seed
 from car_med.export.crop import AMBIGUITY_SCORE, CASE_RECORD, case_id_of, export_case
-from car_med.export.ct_volume import CTSeries, paste_plane, read_ct_series
 from car_med.export.files import ExportFiles, json_bytes, safe_path_part
 from car_med.export.model_source import ModelSource, load_export_model, resolve_model_source
 from car_med.export.review import manifest_csv, review_index_html

@@ -170,7 +170,7 @@ def test_cli_png(png_release, tmp_path, capsys):
 
 def test_png_release_and_dicom_crop_load_identically(tmp_path):
     """A DICOM-preprocessing crop and a PNG-release crop of the same (row, column) image: same loader tensors."""
-    from preprocessing.lidc_io import write_nifti
+    from car_med.ct.nifti import write_crop_nifti as write_nifti
 
     rng = np.random.default_rng(7)
     image = rng.integers(0, 256, size=(180, 180), dtype=np.uint8)

@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from car_med.ct.dicom import DicomSlice, consistent_slices
+from car_med.ct.geometry import SliceGeometry, crop_grid
 from preprocessing.lidc import split_patients
 from preprocessing.lidc_annotations import AnnotationData, extract_scan, split_oversized_cluster
-from preprocessing.lidc_geometry import Contour, SliceGeometry, annotation_slice_mask, crop_grid, lesion_centre
-from preprocessing.lidc_io import DicomSlice, consistent_slices
+from preprocessing.lidc_geometry import Contour, annotation_slice_mask, lesion_centre
 
 # Annotations with exclusion contours (19, 72, 88, 126) or two inclusion contours on one slice (52, 149, 208, 275).
 TRICKY_ANNOTATIONS = (19, 52, 72, 88, 126, 149, 208, 275)

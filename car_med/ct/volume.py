@@ -6,12 +6,12 @@ affine from the first slice's ImagePositionPatient, the direction cosines and th
 
 Crop-grid maps (the 180x180 crop, the 128x128 model window) lie in one CT slice plane; each CT voxel of that
 slice takes the bilinear value of the map at its own centre, so the way back uses the same rule as the way
-in (``preprocessing.lidc_geometry.resample_mask``: bilinear, then >= 0.5 for masks).
+in (:func:`car_med.ct.geometry.resample_mask`: bilinear, then >= 0.5 for masks).
 """
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +20,12 @@ import numpy as np
 import pydicom
 from scipy.ndimage import map_coordinates
 
-__all__ = ["CTSeries", "PastedPlane", "paste_plane", "read_ct_series"]
+from car_med.ct.dicom import Skip, consistent_slices, decode_hu, read_series_headers, slice_by_z
+from car_med.ct.geometry import LPS_TO_RAS
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+__all__ = ["PLANE_TOLERANCE_MM", "CTSeries", "PastedPlane", "paste_plane", "read_ct_series"]
+
+logger = logging.getLogger(__name__)
 #: how far (mm) a crop's plane may lie from a CT slice, and how uneven slice steps may be
 PLANE_TOLERANCE_MM = 1e-2
 
@@ -62,65 +65,56 @@ class CTSeries:
         return [pydicom.dcmread(self.files[k]) for k in indices]
 
 
-def _floats(ds: pydicom.Dataset, keyword: str, count: int, path: Path) -> np.ndarray:
-    value = ds.get(keyword)
-    if value is None or len(value) != count:
-        raise ValueError(f"{path}: {keyword} must hold {count} numbers, got {value!r}.")
-    return np.asarray([float(v) for v in value], dtype=np.float64)
+def _dicom_refusal(folder: Path, skip: Skip) -> ValueError:
+    where = folder / skip.path if skip.path else folder
+    return ValueError(f"{where}: {skip.reason}" + (f" ({skip.detail})." if skip.detail else "."))
 
 
 def read_ct_series(folder: str | Path, series_uid: str) -> CTSeries:
     """Read every slice of series ``series_uid`` in ``folder`` into one volume.
 
-    Files of other series and non-DICOM files in the folder are ignored.
+    The files are read, checked and placed as preprocessing reads them (:mod:`car_med.ct.dicom`); files of
+    other series and non-DICOM files in the folder are ignored. Of two files at one position, the one
+    preprocessing keeps is used, and the other is logged.
 
     Raises:
-        ValueError: no slice of the series is there, the slices disagree on size, spacing or orientation,
-            two slices share a position, or the slice steps are uneven (a regular NIfTI grid cannot hold
-            the series: a slice is missing); the message names the folder and what differs.
+        ValueError: no slice of the series is there; a file of the series is cut short or cannot be placed;
+            the slices disagree on orientation or pixel spacing, or the series is oblique; the slices differ in
+            size; or the slice steps are uneven (a slice is missing: a regular NIfTI grid cannot hold the
+            series). The message names the folder or the file and what differs.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"series folder {folder} does not exist.")
-    headers = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (pydicom.errors.InvalidDicomError, OSError, EOFError):
-            continue
-        if str(ds.get("SeriesInstanceUID", "")) == str(series_uid) and "ImagePositionPatient" in ds:
-            headers.append((path, ds))
-    if not headers:
+    series, _, _ = read_series_headers(folder, folder, folder.name)
+    matches = [files for (_, uid), files in series.items() if uid == str(series_uid)]
+    if not matches or not any(files.slices or files.incomplete for files in matches):
         raise ValueError(f"{folder} holds no DICOM slice of series {series_uid}.")
-    first_path, first = headers[0]
-    orientation = _floats(first, "ImageOrientationPatient", 6, first_path)
-    spacing = _floats(first, "PixelSpacing", 2, first_path)
-    shape = (int(first.Rows), int(first.Columns))
-    row_cosine, column_cosine = orientation[:3], orientation[3:]
-    normal = np.cross(row_cosine, column_cosine)
-    positions = []
-    for path, ds in headers:
-        if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, path), orientation, atol=1e-4):
-            raise ValueError(
-                f"{path}: ImageOrientationPatient differs from {first_path.name}'s in series {series_uid}."
-            )
-        if not np.allclose(_floats(ds, "PixelSpacing", 2, path), spacing, atol=1e-4):
-            raise ValueError(f"{path}: PixelSpacing differs from {first_path.name}'s in series {series_uid}.")
-        if (int(ds.Rows), int(ds.Columns)) != shape:
-            raise ValueError(f"{path}: {ds.Rows}x{ds.Columns} pixels, {first_path.name} has {shape[0]}x{shape[1]}.")
-        positions.append(_floats(ds, "ImagePositionPatient", 3, path))
-    along = np.asarray([p @ normal for p in positions])
-    order = np.argsort(along, kind="stable")
-    headers = [headers[i] for i in order]
-    positions = [positions[i] for i in order]
-    along = along[order]
-    steps = np.diff(along)
-    if len(steps) and steps.min() < PLANE_TOLERANCE_MM:
-        k = int(steps.argmin())
+    if len(matches) > 1:
+        raise ValueError(f"{folder}: series {series_uid} appears under {len(matches)} StudyInstanceUIDs.")
+    files = matches[0]
+    if files.incomplete:
+        raise _dicom_refusal(folder, files.incomplete[0])
+    placed, dropped, refusal = consistent_slices(files.slices, folder.name, str(series_uid))
+    if refusal is not None:
+        raise _dicom_refusal(folder, refusal)
+    if dropped:
+        raise _dicom_refusal(folder, dropped[0])
+    slices, duplicates = slice_by_z(placed, folder.name, str(series_uid), slice_location_filter=False)
+    for skip in duplicates:
+        logger.warning("%s: %s; %s", folder / (skip.path or ""), skip.reason, skip.detail)
+    first = slices[0]
+    sizes = {s.geometry.shape for s in slices}
+    if len(sizes) > 1:
+        odd = next(s for s in slices if s.geometry.shape != first.geometry.shape)
         raise ValueError(
-            f"{folder}: {headers[k][0].name} and {headers[k + 1][0].name} lie at the same position "
-            f"({along[k]:.3f} mm along the slice normal): duplicated slice."
+            f"{odd.path}: {odd.geometry.shape[0]}x{odd.geometry.shape[1]} pixels, {Path(first.path).name} has "
+            f"{first.geometry.shape[0]}x{first.geometry.shape[1]}."
         )
+    normal = first.geometry.normal
+    slices.sort(key=lambda s: float(s.geometry.position @ normal))
+    positions = [s.geometry.position for s in slices]
+    steps = np.diff([float(p @ normal) for p in positions])
     if len(steps) > 1 and steps.max() - steps.min() > PLANE_TOLERANCE_MM * max(1.0, steps.min()):
         raise ValueError(
             f"{folder}: slice steps of series {series_uid} range from {steps.min():.3f} to {steps.max():.3f} mm "
@@ -128,38 +122,30 @@ def read_ct_series(folder: str | Path, series_uid: str) -> CTSeries:
         )
     step_vector = (positions[-1] - positions[0]) / (len(positions) - 1) if len(positions) > 1 else normal
 
-    slices, whole = [], True
-    for path, _ in headers:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path)
-            if "PixelData" not in ds:
-                raise ValueError(f"{path}: no PixelData.")
-            try:
-                pixels = ds.pixel_array
-            except Exception as err:  # pydicom raises many types for broken pixel data
-                raise ValueError(f"{path}: pixel data cannot be decoded: {err}") from err
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        hu = pixels.astype(np.float64) * slope + intercept
-        whole = whole and bool(np.all(hu == np.rint(hu)))
-        slices.append(hu)
-    volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # [row, column, k] -> (column, row, k)
+    planes = []
+    for item in slices:
+        try:
+            planes.append(decode_hu(item))
+        except Exception as err:  # pydicom raises many types for broken pixel data
+            raise ValueError(f"{item.path}: pixel data cannot be decoded: {err}") from err
+    volume = np.stack(planes, axis=-1).transpose(1, 0, 2)  # [row, column, k] -> (column, row, k)
+    whole = bool(np.all(volume == np.rint(volume)))
     fits_int16 = whole and volume.min() >= np.iinfo(np.int16).min and volume.max() <= np.iinfo(np.int16).max
     hu_volume = volume.astype(np.int16) if fits_int16 else volume.astype(np.float32)
 
+    geometry = first.geometry
     affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_cosine * spacing[1]
-    affine_lps[:3, 1] = column_cosine * spacing[0]
+    affine_lps[:3, 0] = geometry.row_cosine * geometry.column_spacing
+    affine_lps[:3, 1] = geometry.column_cosine * geometry.row_spacing
     affine_lps[:3, 2] = step_vector
     affine_lps[:3, 3] = positions[0]
     return CTSeries(
         folder=folder,
         series_uid=str(series_uid),
         hu=hu_volume,
-        affine=_LPS_TO_RAS @ affine_lps,
-        sop_instance_uids=[str(ds.SOPInstanceUID) for _, ds in headers],
-        files=[path for path, _ in headers],
+        affine=LPS_TO_RAS @ affine_lps,
+        sop_instance_uids=[s.sop_instance_uid for s in slices],
+        files=[Path(s.path) for s in slices],
     )
 
 
