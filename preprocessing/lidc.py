@@ -139,6 +139,7 @@ def _missing_slice_reason(z: float, dropped: list[Skip], unplaced: list[Skip]) -
     cut = [s for s in unplaced if s.reason == PIXELS_CUT_SHORT and s.slice_z is not None and abs(s.slice_z - z) <= 0.01]
     if cut:
         return "missing slice: its file's pixel data is cut short", cut[0].path
+    unplaced = [s for s in unplaced if s.slice_z is None]  # a file cut in its pixel data is placed at its own z
     detail = None
     if unplaced:
         paths = ", ".join(s.path or "?" for s in unplaced[:3]) + (" ..." if len(unplaced) > 3 else "")

@@ -17,7 +17,7 @@ import shutil
 
 import pydicom
 import pytest
-from lidc_cohort import NO_ANNOTATION_PATIENT, file_at_z, needed_zs, series_dir
+from lidc_cohort import NO_ANNOTATION_PATIENT, all_zs, file_at_z, needed_zs, series_dir
 
 # Explicit VR little endian element headers (tag group, tag element, VR), as the synthetic series write them.
 IMAGE_POSITION = b"\x20\x00\x32\x00DS"
@@ -36,7 +36,8 @@ def bad_cohort(tmp_path_factory, clean_cohort, pylidc_module) -> dict:
     """A DICOM root with bad input of every kind the preprocessing must account for; returns the root and
     what was broken (paths relative to the root, z in mm, all at slices that carry a crop).
 
-    * 0957: one needed slice truncated inside its pixel data; one cut at 300 bytes (inside the file meta: no
+    * 0957: one needed slice truncated inside its pixel data, and one slice that no crop needs (only its header
+      would be read); one cut at 300 bytes (inside the file meta: no
       Study/Series UID); one cut right before ImagePositionPatient (it still parses, with its UIDs, but has no
       geometry); one cut inside its SeriesInstanceUID value (it parses under a mangled UID no DB scan has).
     * 0983: a text file and a random-bytes ``.dcm`` in the series folder; a 3-slice series whose UIDs are not
@@ -68,6 +69,11 @@ def bad_cohort(tmp_path_factory, clean_cohort, pylidc_module) -> dict:
     data = geometry_cut.read_bytes()
     geometry_cut.write_bytes(data[: _element_offset(data, IMAGE_POSITION)])
     broken["truncated_pixels"] = (os.path.relpath(pixel_cut, root), zs[0])
+    unused = [z for z in all_zs(folder) if min(abs(z - n) for n in zs) > 0.01]
+    unused_cut = file_at_z(folder, unused[len(unused) // 2])
+    data = unused_cut.read_bytes()
+    unused_cut.write_bytes(data[: len(data) - 100])  # intact header, the last pixel fragment cut
+    broken["truncated_pixels_unused"] = (os.path.relpath(unused_cut, root), unused[len(unused) // 2])
     broken["truncated_header"] = (os.path.relpath(header_cut, root), zs[-1])
     broken["header_without_geometry"] = (os.path.relpath(geometry_cut, root), zs[1])
     uid_cut = file_at_z(folder, zs[2])

@@ -29,6 +29,11 @@ def _z_index(folder: Path) -> tuple[tuple[float, Path], ...]:
     )
 
 
+def all_zs(folder: Path) -> list[float]:
+    """The ImagePositionPatient z of every file of a synthetic series, in file-name order."""
+    return [z for z, _ in _z_index(Path(folder))]
+
+
 def file_at_z(folder: Path, z: float) -> Path:
     """The file of a synthetic series whose ImagePositionPatient z is ``z``."""
     for position, path in _z_index(Path(folder)):

@@ -275,10 +275,20 @@ def test_bad_input_is_logged_not_fatal(bad_run, bad_cohort, pylidc_module, clean
     assert json.loads((out / "summary.json").read_text()) == summary
     missing = "missing slice: no readable DICOM file at this z"
 
-    # Truncated inside the pixel data: header reads, decoding fails, that slice's crops are skipped.
+    # Truncated inside the pixel data: the header is whole, the pixel data's items run past the end of the file;
+    # the file is ignored and that slice's crops are skipped, naming it.
     path, z = broken["truncated_pixels"]
-    assert _skips(summary, level="file", path=path, reason="pixel data unreadable")
-    assert _skips(summary, level="slice", patient_id="LIDC-IDRI-0957", slice_z=z, reason="pixel data unreadable")
+    [entry] = _skips(summary, level="file", path=path)
+    assert entry["reason"] == "pixel data cut short"
+    assert entry["detail"].startswith("encapsulated pixel data: item ")
+    [lost] = _skips(summary, level="slice", patient_id="LIDC-IDRI-0957", slice_z=z)
+    assert lost["reason"] == "missing slice: its file's pixel data is cut short" and lost["detail"] == path
+    # The same damage on a slice no crop needs (only its header is read there): found by the pixel-data check,
+    # listed as ignored, not counted as used.
+    path, z = broken["truncated_pixels_unused"]
+    [entry] = _skips(summary, level="file", path=path)
+    assert entry["reason"] == "pixel data cut short" and entry["slice_z"] == pytest.approx(z)
+    assert not _skips(summary, level="slice", patient_id="LIDC-IDRI-0957", slice_z=z)
     # Cut at 300 bytes, inside the file meta: no UIDs left, so the file is unusable and its slice is missing.
     path, z = broken["truncated_header"]
     assert _skips(summary, level="file", path=path, reason="DICOM file without Study/Series Instance UID")
@@ -380,11 +390,11 @@ def test_every_file_under_the_root_is_accounted_for(bad_run, bad_cohort, pylidc_
         "other orientation than the rest of the series": 1,
         "other series: not in the annotation DB": 3,
         "outside any LIDC-IDRI-dddd patient folder": 1,
-        "pixel data unreadable": 1,
+        "pixel data cut short": 2,
         "scan skipped: no annotations in the DB": slices[NO_ANNOTATION_PATIENT],
     }
-    # Every DB slice of the annotated scans is used, except the deleted one and the five damaged ones.
-    assert files["used"] == annotated - 6
+    # Every DB slice of the annotated scans is used, except the deleted one and the six damaged ones.
+    assert files["used"] == annotated - 7
     # One file deleted; a duplicate, two non-DICOM files, a 3-file foreign series and a README added.
     assert files["found"] == annotated + slices[NO_ANNOTATION_PATIENT] - 1 + 1 + 2 + 3 + 1
 
@@ -396,6 +406,7 @@ def test_every_file_under_the_root_is_accounted_for(bad_run, bad_cohort, pylidc_
     assert len(ignored) + 1 == files["ignored"]
     assert ignored[broken["duplicate"][0]].startswith("duplicate slice position")
     assert ignored[broken["other_orientation"][0]] == "other orientation than the rest of the series"
+    assert ignored[broken["truncated_pixels_unused"][0]] == "pixel data cut short"
 
 
 def test_unselected_patients_are_counted(tmp_path, bad_cohort, lidc_home):
