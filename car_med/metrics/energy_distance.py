@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 from monai.utils import MetricReduction, convert_to_tensor
 
-from car_med.metrics.metric import PerImageMetric
+from car_med.metrics.metric import PairwiseIoUMetric
 from car_med.metrics.pairwise import DEFAULT_MAX_ELEMENTS, PairwiseIoU, pairwise_iou
 
 __all__ = [
@@ -199,7 +199,7 @@ def sample_diversity(
     return _mean_distance(1.0 - iou.ss, unbiased, "samples")
 
 
-class GeneralizedEnergyDistance(PerImageMetric):
+class GeneralizedEnergyDistance(PairwiseIoUMetric):
     """GED as a MONAI cumulative metric: ``metric(y_pred=samples, y=labels)`` per batch, then ``aggregate()``.
 
     ``y_pred`` is the hard samples ``(B, N, *spatial)`` and ``y`` the labels ``(B, R, *spatial)``, both integer
@@ -227,6 +227,8 @@ class GeneralizedEnergyDistance(PerImageMetric):
         ged = metric.aggregate().item()
     """
 
+    function = staticmethod(generalized_energy_distance)
+
     def __init__(
         self,
         classes: int | Sequence[int] = (1,),
@@ -237,30 +239,14 @@ class GeneralizedEnergyDistance(PerImageMetric):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         max_elements: int = DEFAULT_MAX_ELEMENTS,
     ) -> None:
-        super().__init__(reduction)
-        self.classes = classes
-        self.ignore_index = ignore_index
+        super().__init__(
+            classes, ignore_index, num_classes, reduction, max_elements, label_weights=label_weights, unbiased=unbiased
+        )
         self.label_weights = label_weights
         self.unbiased = unbiased
-        self.num_classes = num_classes
-        self.max_elements = max_elements
-
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        if y is None:
-            raise ValueError("GeneralizedEnergyDistance needs labels: call metric(y_pred=samples, y=labels).")
-        return generalized_energy_distance(
-            y_pred,
-            y,
-            classes=self.classes,
-            ignore_index=self.ignore_index,
-            label_weights=kwargs.get("label_weights", self.label_weights),
-            unbiased=self.unbiased,
-            num_classes=self.num_classes,
-            max_elements=self.max_elements,
-        )
 
 
-class SampleDiversity(PerImageMetric):
+class SampleDiversity(PairwiseIoUMetric):
     """Mean d(S, S') per image as a MONAI cumulative metric; ``y`` is optional and used only for ignore masks.
 
     Args:
@@ -272,6 +258,9 @@ class SampleDiversity(PerImageMetric):
         max_elements: memory bound for the pairwise kernel.
     """
 
+    function = staticmethod(sample_diversity)
+    needs_labels = False
+
     def __init__(
         self,
         classes: int | Sequence[int] = (1,),
@@ -281,20 +270,5 @@ class SampleDiversity(PerImageMetric):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         max_elements: int = DEFAULT_MAX_ELEMENTS,
     ) -> None:
-        super().__init__(reduction)
-        self.classes = classes
-        self.ignore_index = ignore_index
+        super().__init__(classes, ignore_index, num_classes, reduction, max_elements, unbiased=unbiased)
         self.unbiased = unbiased
-        self.num_classes = num_classes
-        self.max_elements = max_elements
-
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        return sample_diversity(
-            y_pred,
-            y,
-            classes=self.classes,
-            ignore_index=self.ignore_index,
-            unbiased=self.unbiased,
-            num_classes=self.num_classes,
-            max_elements=self.max_elements,
-        )

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
-from monai.utils import MetricReduction
 from scipy.optimize import linear_sum_assignment
 
-from car_med.metrics.metric import PerImageMetric
+from car_med.metrics.metric import PairwiseIoUMetric
 from car_med.metrics.pairwise import DEFAULT_MAX_ELEMENTS, check_label_maps, pairwise_iou
 
 __all__ = ["hungarian_matched_iou", "matched_iou_from_matrix", "HungarianMatchedIoU"]
@@ -89,7 +87,7 @@ def hungarian_matched_iou(
     return matched_iou_from_matrix(iou.sy)
 
 
-class HungarianMatchedIoU(PerImageMetric):
+class HungarianMatchedIoU(PairwiseIoUMetric):
     """HM-IoU as a MONAI cumulative metric: ``metric(y_pred=samples, y=labels)`` per batch, then ``aggregate()``.
 
     Per-image scores are buffered and gathered across DDP ranks by the base class; ``aggregate()`` averages them.
@@ -102,28 +100,4 @@ class HungarianMatchedIoU(PerImageMetric):
         max_elements: memory bound for the pairwise kernel.
     """
 
-    def __init__(
-        self,
-        classes: int | Sequence[int] = (1,),
-        ignore_index: int | Sequence[int] | None = None,
-        num_classes: int | None = None,
-        reduction: MetricReduction | str = MetricReduction.MEAN,
-        max_elements: int = DEFAULT_MAX_ELEMENTS,
-    ) -> None:
-        super().__init__(reduction)
-        self.classes = classes
-        self.ignore_index = ignore_index
-        self.num_classes = num_classes
-        self.max_elements = max_elements
-
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        if y is None:
-            raise ValueError("HungarianMatchedIoU needs labels: call metric(y_pred=samples, y=labels).")
-        return hungarian_matched_iou(
-            y_pred,
-            y,
-            classes=self.classes,
-            ignore_index=self.ignore_index,
-            num_classes=self.num_classes,
-            max_elements=self.max_elements,
-        )
+    function = staticmethod(hungarian_matched_iou)
