@@ -15,10 +15,8 @@ After :func:`cityscapes_transforms` an item holds ``image`` ``(3, H, W)`` float 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Hashable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +37,7 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 
 from car_med.data.cityscapes_layout import CITYSCAPES_NUM_TRAIN_IDS
+from car_med.data.datalist import read_datalist_split, resolve_item_path
 from car_med.metrics.stochastic_classes import (
     CITYSCAPES_STOCHASTIC_CLASSES,
     check_stochastic_classes,
@@ -55,20 +54,8 @@ __all__ = [
     "load_cityscapes_datalist",
 ]
 
-SPLIT_ALIASES = {"train": "training", "val": "validation", "valid": "validation", "test": "test"}
 
 _REQUIRED_FIELDS = ("image", "label", "stem", "city", "official_split")
-
-
-def _resolve(value: Any, base: Path, where: str, field: str, check_files: bool) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{where} field '{field}': expected a non-empty path string, got {value!r}.")
-    path = Path(value)
-    if not path.is_absolute():
-        path = base / path
-    if check_files and not path.is_file():
-        raise ValueError(f"{where} field '{field}': file {str(path)!r} does not exist.")
-    return os.fspath(path)
 
 
 def load_cityscapes_datalist(
@@ -93,27 +80,12 @@ def load_cityscapes_datalist(
         ValueError: the file is not a datalist, the split is missing, or an item is malformed; the message
             names the file, the item and the field.
     """
-    path = Path(path)
-    try:
-        content = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(
-            f"Cityscapes datalist {str(path)!r} does not exist; make it with python -m preprocessing.cityscapes."
-        ) from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"Cityscapes datalist {str(path)!r} is not valid JSON: {err}.") from None
-    if not isinstance(content, Mapping):
-        raise ValueError(f"Cityscapes datalist {str(path)!r}: expected a JSON object with split keys.")
-    key = SPLIT_ALIASES.get(split, split)
-    if key not in content:
-        raise ValueError(f"Cityscapes datalist {str(path)!r} has no split {split!r}; it has {sorted(content)}.")
-    items = content[key]
-    if not isinstance(items, list):
-        raise ValueError(f"Cityscapes datalist {str(path)!r} split {key!r}: expected a list of items.")
-    base = path.parent.resolve()
+    items, where_prefix, base = read_datalist_split(
+        path, split, "Cityscapes", "; make it with python -m preprocessing.cityscapes"
+    )
     out = []
     for index, item in enumerate(items):
-        where = f"Cityscapes datalist {str(path)!r} split {key!r} item {index}"
+        where = f"{where_prefix} item {index}"
         if not isinstance(item, Mapping):
             raise ValueError(f"{where}: expected a dict, got {type(item).__name__}.")
         if "stem" in item:
@@ -130,7 +102,7 @@ def load_cityscapes_datalist(
         entry = dict(item)
         for field in ("image", "label", "blackbox"):
             if field in item:
-                entry[field] = _resolve(item[field], base, where, field, check_files)
+                entry[field] = resolve_item_path(item[field], base, where, field, check_files)
         out.append(entry)
     return out
 

@@ -38,7 +38,8 @@ from monai.transforms import (
     SqueezeDimd,
 )
 
-from .annotators import ANNOTATOR_CHOICES, RandAnnotatord, ReaderSharesd
+from car_med.data.annotators import ANNOTATOR_CHOICES, RandAnnotatord, ReaderSharesd
+from car_med.data.datalist import read_datalist_split, resolve_item_path
 
 __all__ = [
     "ANNOTATOR_CHOICES",
@@ -62,8 +63,6 @@ DEFAULT_HU_WINDOW = (-1024.0, 400.0)
 INTENSITY_KINDS = ("hu", "uint8", "unit")
 """How an item's image intensities are stored: CT Hounsfield units, 8-bit display values, or floats in [0, 1]."""
 
-
-SPLIT_ALIASES = {"train": "training", "val": "validation", "valid": "validation", "test": "test"}
 
 _REQUIRED_FIELDS = (
     "image",
@@ -91,17 +90,6 @@ def _describe(index: int, item: Mapping) -> str:
     return f"item {index}" + (f" ({who})" if who else "")
 
 
-def _resolve(path_value: Any, base: Path, where: str, field: str, check_files: bool) -> str:
-    if not isinstance(path_value, str) or not path_value:
-        raise ValueError(f"{where} field '{field}': expected a non-empty path string, got {path_value!r}.")
-    path = Path(path_value)
-    if not path.is_absolute():
-        path = base / path
-    if check_files and not path.is_file():
-        raise ValueError(f"{where} field '{field}': file {str(path)!r} does not exist.")
-    return os.fspath(path)
-
-
 def _validate_item(index: int, item: Any, base: Path, where_prefix: str, num_labels: int, check_files: bool) -> dict:
     if not isinstance(item, Mapping):
         raise ValueError(f"{where_prefix} item {index}: expected a dict, got {type(item).__name__}.")
@@ -115,8 +103,8 @@ def _validate_item(index: int, item: Any, base: Path, where_prefix: str, num_lab
     if not isinstance(labels, (list, tuple)) or len(labels) != num_labels:
         got = f"{len(labels)} entries" if isinstance(labels, (list, tuple)) else repr(labels)
         raise ValueError(f"{where} field 'label': expected a list of {num_labels} mask paths, got {got}.")
-    out["image"] = _resolve(item["image"], base, where, "image", check_files)
-    out["label"] = [_resolve(p, base, where, f"label[{k}]", check_files) for k, p in enumerate(labels)]
+    out["image"] = resolve_item_path(item["image"], base, where, "image", check_files)
+    out["label"] = [resolve_item_path(p, base, where, f"label[{k}]", check_files) for k, p in enumerate(labels)]
 
     for field in ("patient_id", "series_uid"):
         if not isinstance(item[field], str):
@@ -188,28 +176,7 @@ def load_lidc_datalist(
         ValueError: the file is not a datalist, the split is missing, or an item is malformed; the message
             names the file, the item and the field.
     """
-    path = Path(path)
-    try:
-        content = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"LIDC datalist {str(path)!r} does not exist.") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"LIDC datalist {str(path)!r} is not valid JSON: {err}.") from None
-    if not isinstance(content, Mapping):
-        raise ValueError(
-            f"LIDC datalist {str(path)!r}: expected a JSON object with split keys, got {type(content).__name__}."
-        )
-    key = SPLIT_ALIASES.get(split, split)
-    if key not in content:
-        splits = [k for k in ("training", "validation", "test") if k in content]
-        raise ValueError(f"LIDC datalist {str(path)!r} has no split {split!r}; it has {splits}.")
-    items = content[key]
-    if not isinstance(items, list):
-        raise ValueError(
-            f"LIDC datalist {str(path)!r} split {key!r}: expected a list of items, got {type(items).__name__}."
-        )
-    where_prefix = f"LIDC datalist {str(path)!r} split {key!r}"
-    base = path.parent.resolve()
+    items, where_prefix, base = read_datalist_split(path, split, "LIDC")
     return [_validate_item(i, item, base, where_prefix, num_labels, check_files) for i, item in enumerate(items)]
 
 
