@@ -12,6 +12,7 @@ when someone loads the model.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -289,6 +290,18 @@ def _run_to_log_into(
         mlflow.end_run(status=prior_status or status)
 
 
+@contextmanager
+def _model_files(arguments: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """Write F's and G's weights and configs to a temporary folder and yield mlflow's keyword arguments.
+
+    ``arguments`` are the caller's own (``locals()`` of :func:`save_car_model` or :func:`register_car_model`,
+    which share these parameters), so that the two entry points cannot drift apart.
+    """
+    names = list(inspect.signature(_prepare).parameters)[1:]
+    with tempfile.TemporaryDirectory(prefix="car-model-", dir=arguments["work_dir"]) as tmp:
+        yield _prepare(Path(tmp), **{name: arguments[name] for name in names})
+
+
 def save_car_model(
     path: str | Path,
     calibration_network: nn.Module,
@@ -309,24 +322,8 @@ def save_car_model(
 
     Arguments as in :func:`register_car_model`. Load it with ``mlflow.pyfunc.load_model(path)``.
     """
-    with tempfile.TemporaryDirectory(prefix="car-model-", dir=work_dir) as tmp:
-        kwargs = _prepare(
-            Path(tmp),
-            calibration_network,
-            refinement_network,
-            calibration_network_config,
-            refinement_network_config,
-            hu_window,
-            noise_dim,
-            noise_std,
-            default_num_samples,
-            max_batch,
-            max_num_samples,
-            extra_metadata,
-            pip_requirements,
-        )
-        with _no_input_example_warning():
-            mlflow.pyfunc.save_model(path=str(path), **kwargs)
+    with _model_files(locals()) as kwargs, _no_input_example_warning():
+        mlflow.pyfunc.save_model(path=str(path), **kwargs)
 
 
 def register_car_model(
@@ -392,33 +389,18 @@ def register_car_model(
         ValueError: a config names a target outside ``car_med`` or does not rebuild the given network, the
             networks disagree with ``noise_dim`` or are not single-channel, or a setting is out of range.
     """
-    with tempfile.TemporaryDirectory(prefix="car-model-", dir=work_dir) as tmp:
-        kwargs = _prepare(
-            Path(tmp),
-            calibration_network,
-            refinement_network,
-            calibration_network_config,
-            refinement_network_config,
-            hu_window,
-            noise_dim,
-            noise_std,
-            default_num_samples,
-            max_batch,
-            max_num_samples,
-            extra_metadata,
-            pip_requirements,
+    with (
+        _model_files(locals()) as kwargs,
+        using_tracking_uri(tracking_uri),
+        _run_to_log_into(run_id, experiment_name, artifact_location, model_name),
+        _no_input_example_warning(),
+    ):
+        info = mlflow.pyfunc.log_model(
+            name=model_name,  # the LoggedModel's name, as shown in the MLflow UI
+            registered_model_name=model_name,
+            await_registration_for=await_registration_for,
+            **kwargs,
         )
-        with (
-            using_tracking_uri(tracking_uri),
-            _run_to_log_into(run_id, experiment_name, artifact_location, model_name),
-            _no_input_example_warning(),
-        ):
-            info = mlflow.pyfunc.log_model(
-                name=model_name,  # the LoggedModel's name, as shown in the MLflow UI
-                registered_model_name=model_name,
-                await_registration_for=await_registration_for,
-                **kwargs,
-            )
     # a SQLite store gives the version as an int, a tracking server (REST) as a str: always give an int
     if info.registered_model_version is not None:
         info.registered_model_version = int(info.registered_model_version)
