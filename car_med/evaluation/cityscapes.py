@@ -14,7 +14,6 @@ paper's GED16 of 0.164. ``absent_class="one"`` counts such a class as IoU 1 (dis
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -29,8 +28,8 @@ from monai.data import DataLoader, Dataset, MetaTensor
 from car_med.data.cityscapes import load_cityscapes_datalist
 from car_med.data.cityscapes_packing import cityscapes_packed_transforms
 from car_med.engines.checkpoints import load_car_networks
+from car_med.evaluation.report import case_row, reliability_record, write_per_case_csv, write_report
 from car_med.evaluation.sample_metrics import sample_cases, with_case_index
-from car_med.evaluation.tracking import log_evaluation_run
 from car_med.metrics import (
     CITYSCAPES_IGNORE_INDEX,
     CITYSCAPES_STOCHASTIC_CLASSES,
@@ -501,14 +500,10 @@ def evaluate_cityscapes(
             sample_probs=drawn.probs,
         )
         for i in range(drawn.samples.shape[0]):
-            rows.append({field: _scalar(batch[field][i]) for field in CITYSCAPES_CASE_FIELDS if field in batch})
+            rows.append(case_row(batch, i, CITYSCAPES_CASE_FIELDS))
     metrics = suite.aggregate()
     per_case = suite.per_case()
-    with open(out / "per_case.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*CITYSCAPES_CASE_FIELDS, *per_case])
-        writer.writeheader()
-        for k, row in enumerate(rows):
-            writer.writerow({**row, **{name: f"{values[k]:.6f}" for name, values in per_case.items()}})
+    write_per_case_csv(out / "per_case.csv", rows, CITYSCAPES_CASE_FIELDS, per_case)
     reliability = suite.reliability()
     plot_reliability_diagram(reliability, out / "reliability.png", title=f"F on Cityscapes {split}")
     table = suite.calibration_table()
@@ -532,29 +527,17 @@ def evaluate_cityscapes(
             "mode_weights_sum": float(suite.weights.sum()),
             "metric_definitions": CITYSCAPES_METRIC_DEFINITIONS,
         },
-        "reliability": {
-            "ece": reliability.ece,
-            "bin_edges": reliability.bin_edges.tolist(),
-            "confidence": reliability.confidence.tolist(),
-            "accuracy": reliability.accuracy.tolist(),
-            "count": reliability.count.tolist(),
-        },
+        "reliability": reliability_record(reliability),
     }
-    (out / "metrics.json").write_text(json.dumps(report, indent=1))
-    logger.info("%s on Cityscapes %s (%d images): %s", model_label, split, len(rows), metrics)
-    if tracking_uri:
-        params = {"split": split, "num_cases": len(rows), "seed": seed, "model": model_label}
-        params.update({"absent_class": absent_class, "f_calibration_pixels": f_calibration_pixels})
-        files = [out / name for name in ("metrics.json", "per_case.csv", "reliability.png", "class_calibration.png")]
-        report["mlflow_run_id"] = log_evaluation_run(
-            tracking_uri, experiment_name, run_name or f"evaluate-{split}", params, metrics, files
-        )
-    return report
-
-
-def _scalar(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return ""
-    return value
+    return write_report(
+        out,
+        report,
+        f"{model_label} on Cityscapes {split} ({len(rows)} images)",
+        tracking_uri,
+        experiment_name,
+        run_name,
+        {"absent_class": absent_class, "f_calibration_pixels": f_calibration_pixels},
+        metrics,
+        ("metrics.json", "per_case.csv", "reliability.png", "class_calibration.png"),
+        logger,
+    )

@@ -4,8 +4,6 @@ numbers in MLflow."""
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import os
@@ -20,8 +18,8 @@ from car_med.data.lidc import DEFAULT_HU_WINDOW, lidc_transforms, load_lidc_data
 from car_med.engines.checkpoints import load_car_networks
 from car_med.evaluation.protocol import METRIC_DEFINITIONS, REFERENCE_DEFINITIONS, dataset_card
 from car_med.evaluation.references import REFERENCE_LABELS, REFERENCE_ROWS, ReferenceRows, flatten_references
+from car_med.evaluation.report import case_row, reliability_record, write_per_case_csv, write_report
 from car_med.evaluation.sample_metrics import SampleMetricSuite, evaluate_samples, with_case_index
-from car_med.evaluation.tracking import log_evaluation_run
 from car_med.metrics import plot_reliability_diagram
 from car_med.metrics.presence import DEFAULT_MIN_AREA, DEFAULT_SPECKLE_SIZE, plot_presence_reliability
 from car_med.sampling import CARSampler
@@ -31,18 +29,6 @@ __all__ = ["CASE_FIELDS", "evaluate_lidc"]
 logger = logging.getLogger(__name__)
 
 CASE_FIELDS = ("case_index", "patient_id", "series_uid", "nodule_id", "slice_z", "num_annotators")
-
-
-def _scalar(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return ""
-    return value
-
-
-def _csv_number(value: float) -> str:
-    return "" if math.isnan(value) else f"{value:.6f}"
 
 
 def evaluate_lidc(
@@ -150,7 +136,7 @@ def evaluate_lidc(
 
     def collect(batch, drawn) -> None:
         for i in range(drawn.samples.shape[0]):
-            rows.append({field: _scalar(batch[field][i]) for field in CASE_FIELDS if field in batch})
+            rows.append(case_row(batch, i, CASE_FIELDS))
             if len(kept) < montage_cases:
                 kept.append(
                     (batch["image"][i], batch["label"][i], drawn.calibration[i], drawn.mean[i], drawn.samples[i])
@@ -161,11 +147,7 @@ def evaluate_lidc(
     )
     reference_metrics = references.aggregate() if references is not None else {}
     per_case = {**suite.per_case(), **(references.per_case() if references is not None else {})}
-    with open(out / "per_case.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*CASE_FIELDS, *per_case])
-        writer.writeheader()
-        for k, row in enumerate(rows):
-            writer.writerow({**row, **{name: _csv_number(values[k]) for name, values in per_case.items()}})
+    write_per_case_csv(out / "per_case.csv", rows, CASE_FIELDS, per_case)
     reliability = suite.reliability()
     plot_reliability_diagram(reliability, out / "reliability.png", title=f"F on LIDC {split}")
     presence_curves = {model_label: suite.presence_reliability()}
@@ -210,21 +192,17 @@ def evaluate_lidc(
             }
             for label, curve in presence_curves.items()
         },
-        "reliability": {
-            "ece": reliability.ece,
-            "bin_edges": reliability.bin_edges.tolist(),
-            "confidence": reliability.confidence.tolist(),
-            "accuracy": reliability.accuracy.tolist(),
-            "count": reliability.count.tolist(),
-        },
+        "reliability": reliability_record(reliability),
     }
-    (out / "metrics.json").write_text(json.dumps(report, indent=1))
-    logger.info("%s on %s (%d cases): %s", model_label, split, len(rows), metrics)
-    if tracking_uri:
-        params = {"split": split, "num_cases": len(rows), "seed": seed, "model": model_label}
-        names = ("metrics.json", "per_case.csv", "reliability.png", "presence.png", "montage.png")
-        logged = {**metrics, **flatten_references(reference_metrics)}
-        report["mlflow_run_id"] = log_evaluation_run(
-            tracking_uri, experiment_name, run_name or f"evaluate-{split}", params, logged, [out / n for n in names]
-        )
-    return report
+    return write_report(
+        out,
+        report,
+        f"{model_label} on {split} ({len(rows)} cases)",
+        tracking_uri,
+        experiment_name,
+        run_name,
+        {},
+        {**metrics, **flatten_references(reference_metrics)},
+        ("metrics.json", "per_case.csv", "reliability.png", "presence.png", "montage.png"),
+        logger,
+    )
