@@ -41,12 +41,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +64,8 @@ from car_med.data.cityscapes_layout import (
     skip_record,
 )
 from car_med.data.splits import SPLIT_NAMES
-from car_med.files import atomic_write_bytes, atomic_write_json, json_bytes
+from car_med.files import atomic_write_bytes, atomic_write_json
+from preprocessing.runs import run_jobs, write_run_outputs
 
 __all__ = ["DEFAULT_SIZE", "FORMAT_VERSION", "main", "run"]
 
@@ -244,7 +243,6 @@ def run(
         FileNotFoundError: the root or the black-box folder does not exist.
         ValueError: a bad ``size`` or ``workers``.
     """
-    from tqdm.auto import tqdm
 
     size = tuple(int(s) for s in size)
     if len(size) != 2 or min(size) < 1:
@@ -266,16 +264,7 @@ def run(
     logger.info("%d images, %d already done, %d to process", len(sources), len(sources) - len(todo), len(todo))
 
     jobs = [(s, str(output_dir), size, config) for s in todo]
-    with tqdm(total=len(jobs), desc="Cityscapes images", unit="image", disable=not progress, file=sys.stderr) as bar:
-        if workers == 1 or len(jobs) <= 1:
-            for job in jobs:
-                _worker(job)
-                bar.update(1)
-        else:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-                for _ in pool.map(_worker, jobs, chunksize=8):
-                    bar.update(1)
+    run_jobs(_worker, jobs, "Cityscapes images", "image", workers, progress)
 
     records = []
     for source in sources:
@@ -318,9 +307,7 @@ def _write_outputs(
         },
         "skipped": skipped,
     }
-    atomic_write_json(output_dir / "summary.json", summary)
-    # datalist.json last: its presence means the whole run finished.
-    atomic_write_bytes(output_dir / "datalist.json", json_bytes(datalist))
+    write_run_outputs(output_dir, summary, datalist)
     return summary
 
 

@@ -36,13 +36,11 @@ import csv
 import io
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -66,10 +64,11 @@ from car_med.ct.dicom import (
 from car_med.ct.geometry import CROP_SIZE, TARGET_SPACING_MM, crop_grid, resample_image, resample_mask
 from car_med.ct.nifti import write_crop_nifti
 from car_med.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, split_patients
-from car_med.files import atomic_write_bytes, atomic_write_json, json_bytes, replace_dir
+from car_med.files import atomic_write_json, replace_dir
 from preprocessing.lidc_annotations import MAX_ANNOTATORS, NoduleData, ScanData, extract_scan, import_pylidc, quiet
 from preprocessing.lidc_geometry import annotation_slice_mask, lesion_centre
 from preprocessing.lidc_io import find_patient_dirs
+from preprocessing.runs import run_jobs, write_run_outputs
 
 __all__ = ["FORMAT_VERSION", "format_report", "main", "process_patient", "run", "split_patients"]
 
@@ -494,7 +493,6 @@ def run(
     Returns:
         The content of ``summary.json``.
     """
-    from tqdm.auto import tqdm
 
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}.")
@@ -519,17 +517,7 @@ def run(
     logger.info("%d patients, %d already done, %d to process", len(folders), len(folders) - len(todo), len(todo))
 
     jobs = [(pid, str(folders[pid]), str(dicom_root), str(output_dir), slice_location_filter) for pid in todo]
-    with tqdm(total=len(jobs), desc="LIDC patients", unit="patient", disable=not progress, file=sys.stderr) as bar:
-        if workers == 1 or len(jobs) <= 1:
-            for job in jobs:
-                _worker(job)
-                bar.update(1)
-        else:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-                for future in as_completed([pool.submit(_worker, job) for job in jobs]):
-                    future.result()
-                    bar.update(1)
+    run_jobs(_worker, jobs, "LIDC patients", "patient", workers, progress)
 
     records = []
     for pid in folders:
@@ -645,10 +633,7 @@ def _write_outputs(
         "skipped": skipped,
         "border_crops": borders,
     }
-    atomic_write_bytes(output_dir / "manifest.csv", buffer.getvalue().encode())
-    atomic_write_json(output_dir / "summary.json", summary)
-    # datalist.json last: its presence means the whole run finished.
-    atomic_write_bytes(output_dir / "datalist.json", json_bytes(datalist))
+    write_run_outputs(output_dir, summary, datalist, {"manifest.csv": buffer.getvalue().encode()})
     return summary
 
 
