@@ -34,6 +34,10 @@ _LAZY: dict[str, str] = {
     "RandAnnotatord": "annotators",
     "ReaderSharesd": "annotators",
     "annotator_candidates": "annotators",
+    # car_med.data.datalist
+    "SPLIT_ALIASES": "datalist",
+    "read_datalist_split": "datalist",
+    "resolve_item_path": "datalist",
     # car_med.data.lidc
     "DEFAULT_HU_WINDOW": "lidc",
     "INTENSITY_KINDS": "lidc",
@@ -51,6 +55,14 @@ _LAZY: dict[str, str] = {
     "convert_png_release": "lidc_releases",
     "load_release_pickle": "lidc_releases",
     "parse_png_name": "lidc_releases",
+    # car_med.data.stochastic_classes
+    "CITYSCAPES_IGNORE_INDEX": "stochastic_classes",
+    "CITYSCAPES_STOCHASTIC_CLASSES": "stochastic_classes",
+    "CITYSCAPES_SWITCHABLE_CLASSES": "stochastic_classes",
+    "check_stochastic_classes": "stochastic_classes",
+    "stochastic_label_modes": "stochastic_classes",
+    "stochastic_mode_flips": "stochastic_classes",
+    "stochastic_mode_weights": "stochastic_classes",
     # car_med.data.splits
     "split_patients": "splits",
     "SPLIT_NAMES": "splits",

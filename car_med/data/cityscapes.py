@@ -3,7 +3,7 @@
 The input is the ``datalist.json`` written by ``preprocessing/cityscapes.py``: per image a 256x512 RGB PNG, a
 label PNG with trainIds 0..18 and ignore 24, and optionally a black-box prediction PNG with trainIds 0..18.
 
-The five stochastic classes (:data:`~car_med.metrics.stochastic_classes.CITYSCAPES_STOCHASTIC_CLASSES`) are
+The five stochastic classes (:data:`~car_med.data.stochastic_classes.CITYSCAPES_STOCHASTIC_CLASSES`) are
 flipped on the fly: :class:`RandStochasticClassFlipd` draws, per image and per call, one Bernoulli per class and
 relabels *every* pixel of a drawn class (sidewalk 1 -> 19 with 8/17, person 11 -> 20 with 7/17, car 13 -> 21 with
 6/17, vegetation 8 -> 22 with 5/17, road 0 -> 23 with 4/17). For evaluation the ground truth is the full set of
@@ -38,7 +38,7 @@ from monai.utils import convert_to_tensor
 
 from car_med.data.cityscapes_layout import CITYSCAPES_NUM_TRAIN_IDS
 from car_med.data.datalist import read_datalist_split, resolve_item_path
-from car_med.metrics.stochastic_classes import (
+from car_med.data.stochastic_classes import (
     CITYSCAPES_STOCHASTIC_CLASSES,
     check_stochastic_classes,
     stochastic_label_modes,
@@ -170,9 +170,9 @@ def cityscapes_label_modes(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All ``2**K`` ground-truth modes of integer label maps and their analytic probabilities.
 
-    A thin pairing of :func:`~car_med.metrics.stochastic_classes.stochastic_label_modes` and
-    :func:`~car_med.metrics.stochastic_classes.stochastic_mode_weights`; the modes are in the order of
-    :func:`~car_med.metrics.stochastic_classes.stochastic_mode_flips`.
+    A thin pairing of :func:`~car_med.data.stochastic_classes.stochastic_label_modes` and
+    :func:`~car_med.data.stochastic_classes.stochastic_mode_weights`; the modes are in the order of
+    :func:`~car_med.data.stochastic_classes.stochastic_mode_flips`.
 
     Args:
         label: ``(B, *spatial)`` integer label maps (flipped or not: both give the same modes).

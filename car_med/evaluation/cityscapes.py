@@ -27,6 +27,7 @@ from monai.data import DataLoader, Dataset, MetaTensor
 
 from car_med.data.cityscapes import load_cityscapes_datalist
 from car_med.data.cityscapes_packing import cityscapes_packed_transforms
+from car_med.data.stochastic_classes import check_stochastic_classes
 from car_med.engines.checkpoints import load_car_networks
 from car_med.evaluation.report import case_row, reliability_record, write_per_case_csv, write_report
 from car_med.evaluation.sample_metrics import sample_cases, with_case_index
@@ -48,7 +49,6 @@ from car_med.metrics import (
 from car_med.metrics.calibration import calibration_result_from_sums
 from car_med.metrics.noise_response import class_sample_spread_statistics, noise_response_from_sums, reference_spread
 from car_med.metrics.pairwise import PairwiseIoU
-from car_med.metrics.stochastic_classes import check_stochastic_classes
 from car_med.networks.conditioned import analytic_label_distribution
 from car_med.sampling import CARSampler
 

@@ -7,6 +7,14 @@ every class absent has IoU 1, and GED uses the biased (diagonal-including) means
 
 from __future__ import annotations
 
+from car_med.data.stochastic_classes import (
+    CITYSCAPES_IGNORE_INDEX,
+    CITYSCAPES_STOCHASTIC_CLASSES,
+    CITYSCAPES_SWITCHABLE_CLASSES,
+    stochastic_label_modes,
+    stochastic_mode_flips,
+    stochastic_mode_weights,
+)
 from car_med.metrics.calibration import (
     ClassCalibrationResult,
     ExpectedCalibrationError,
@@ -34,14 +42,6 @@ from car_med.metrics.noise_response import (
     reference_spread,
 )
 from car_med.metrics.pairwise import PairwiseIoU, pairwise_iou
-from car_med.metrics.stochastic_classes import (
-    CITYSCAPES_IGNORE_INDEX,
-    CITYSCAPES_STOCHASTIC_CLASSES,
-    CITYSCAPES_SWITCHABLE_CLASSES,
-    stochastic_label_modes,
-    stochastic_mode_flips,
-    stochastic_mode_weights,
-)
 
 __all__ = [
     "CITYSCAPES_IGNORE_INDEX",

@@ -12,8 +12,8 @@ import torch
 from monai.metrics import CumulativeIterationMetric
 from monai.utils import MetricReduction, convert_to_tensor
 
+from car_med.data.stochastic_classes import CITYSCAPES_STOCHASTIC_CLASSES, check_stochastic_classes
 from car_med.metrics.pairwise import as_ignore_tuple
-from car_med.metrics.stochastic_classes import CITYSCAPES_STOCHASTIC_CLASSES, check_stochastic_classes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

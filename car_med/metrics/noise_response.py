@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from monai.utils import convert_to_tensor
 
-from car_med.metrics.stochastic_classes import CITYSCAPES_STOCHASTIC_CLASSES, check_stochastic_classes
+from car_med.data.stochastic_classes import CITYSCAPES_STOCHASTIC_CLASSES, check_stochastic_classes
 
 __all__ = ["class_sample_spread_statistics", "noise_response_from_sums", "reference_spread"]
 

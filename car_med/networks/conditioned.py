@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from car_med.metrics.stochastic_classes import CITYSCAPES_STOCHASTIC_CLASSES, check_stochastic_classes
+from car_med.data.stochastic_classes import CITYSCAPES_STOCHASTIC_CLASSES, check_stochastic_classes
 from car_med.networks.calibration import BlackBoxCalibrationNet
 from car_med.networks.discriminator import Discriminator
 from car_med.networks.refinement import NoiseInjectedUNet
