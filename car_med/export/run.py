@@ -280,12 +280,7 @@ def export_cases(
         ValueError: bad arguments, an unreadable datalist, an unknown model or case id, or an export folder
             holding another model's or seed's export (without ``overwrite``).
     """
-    if num_samples < 2:
-        raise ValueError(f"num_samples must be at least 2 (the ambiguity score compares samples), got {num_samples}.")
-    if (full_volume or dicom_seg) and dicom_root is None:
-        raise ValueError("--full-volume and --dicom-seg need --dicom-root, the DICOM folder the crops were made from.")
-    if dicom_root is not None and not Path(dicom_root).is_dir():
-        raise ValueError(f"--dicom-root {dicom_root} is not a folder.")
+    _check_arguments(num_samples, full_volume, dicom_seg, dicom_root)
     out = Path(output_dir)
     files = ExportFiles(out)
     if files.clear_staging():
@@ -294,29 +289,81 @@ def export_cases(
     previous = _settings_of(out / EXPORT_RECORD)
     if not overwrite:
         _check_same_settings(previous, source, num_samples, seed)
+    items = _select(_split_items(datalist, split), cases)
 
+    run = _ExportRun(out, files, source, ExportSummary(output_dir=out), num_samples, seed, overwrite, progress)
+    crops = _export_crops(run, items, device, roi_size, hu_window)
+    if full_volume or dicom_seg:
+        _export_full_volumes(run, crops, Path(dicom_root), dicom_seg)
+    _write_case_records(run, crops)
+    settings = _export_settings(run, previous, split, datalist, dicom_root, roi_size, command)
+    _write_queue(run, settings)
+    logger.info(run.summary.message())
+    return run.summary
+
+
+def _check_arguments(num_samples: int, full_volume: bool, dicom_seg: bool, dicom_root: Any) -> None:
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be at least 2 (the ambiguity score compares samples), got {num_samples}.")
+    if (full_volume or dicom_seg) and dicom_root is None:
+        raise ValueError("--full-volume and --dicom-seg need --dicom-root, the DICOM folder the crops were made from.")
+    if dicom_root is not None and not Path(dicom_root).is_dir():
+        raise ValueError(f"--dicom-root {dicom_root} is not a folder.")
+
+
+def _split_items(datalist: str | os.PathLike, split: str) -> list[dict[str, Any]]:
+    """The split's items with their ``case_index`` and ``case_id``; two items may not share a case folder."""
     items = load_lidc_datalist(datalist, split, check_files=False)
+    seen: dict[tuple[str, str], int] = {}
     for index, item in enumerate(items):
         item["case_index"] = index
         item["case_id"] = case_id_of(item)
-    seen: dict[tuple[str, str], int] = {}
-    for item in items:
         key = (safe_path_part(item.get("patient_id", "unknown"), "patient id"), item["case_id"])
         if key in seen:
             raise ValueError(
-                f"{datalist} split {split!r}: items {seen[key]} and {item['case_index']} both give the case folder "
+                f"{datalist} split {split!r}: items {seen[key]} and {index} both give the case folder "
                 f"{key[0]}/{key[1]}; case ids must be unique."
             )
-        seen[key] = item["case_index"]
-    items = _select(items, cases)
+        seen[key] = index
+    return items
 
-    summary = ExportSummary(output_dir=out)
-    loaded = None
+
+@dataclass
+class _ExportRun:
+    """What every step of one export shares."""
+
+    out: Path
+    files: ExportFiles
+    source: ModelSource
+    summary: ExportSummary
+    num_samples: int
+    seed: int
+    overwrite: bool
+    progress: bool
+
+
+@dataclass
+class _Crops:
+    """What the crop step leaves for the next ones."""
+
+    located: list[tuple[dict[str, Any], Path, dict[str, Any]]] = field(default_factory=list)
+    """``(case record, case folder, datalist item)`` of every case exported now or before."""
+    written_nodules: set = field(default_factory=set)
+    """``(patient, series, nodule)`` of the cases written by this run."""
+
+
+def _export_crops(
+    run: _ExportRun,
+    items: Sequence[dict[str, Any]],
+    device: str,
+    roi_size: Sequence[int],
+    hu_window: Sequence[float],
+) -> _Crops:
+    """Write every case's crop-grid files (or keep a finished case); a failed case is recorded, not raised."""
     from tqdm.auto import tqdm
 
-    written_nodules: set = set()
-    located: list[tuple[dict[str, Any], Path, dict[str, Any]]] = []
-    for item in tqdm(items, desc="export", unit="case", disable=not progress):
+    out, summary, crops, loaded = run.out, run.summary, _Crops(), None
+    for item in tqdm(items, desc="export", unit="case", disable=not run.progress):
         patient = safe_path_part(item.get("patient_id", "unknown"), "patient id")
         case_dir = out / patient / item["case_id"]
         base = {
@@ -327,20 +374,20 @@ def export_cases(
         }
         base["patient_id"] = str(item.get("patient_id", "unknown"))
         done_record = case_dir / CASE_RECORD
-        if done_record.is_file() and not overwrite:
+        if done_record.is_file() and not run.overwrite:
             record = json.loads(done_record.read_text())
             summary.existing.append(item["case_id"])
         else:
             try:
                 if loaded is None:
-                    loaded = load_export_model(source, device=device)
+                    loaded = load_export_model(run.source, device=device)
                 record = export_case(
                     loaded,
                     item,
                     case_dir,
-                    files,
-                    num_samples,
-                    case_seed(seed, item["case_index"]),
+                    run.files,
+                    run.num_samples,
+                    case_seed(run.seed, item["case_index"]),
                     base,
                     hu_window=hu_window,
                     roi_size=roi_size,
@@ -351,61 +398,81 @@ def export_cases(
                 logger.error("case %s (%s): %s", item["case_id"], base["patient_id"], err)
             else:
                 summary.exported.append(item["case_id"])
-                written_nodules.add((base["patient_id"], base.get("series_uid"), base.get("nodule_id")))
+                crops.written_nodules.add((base["patient_id"], base.get("series_uid"), base.get("nodule_id")))
         summary.records.append(record)
         if record.get("status") == "ok":
-            located.append((record, case_dir, item))
+            crops.located.append((record, case_dir, item))
+    return crops
 
-    if full_volume or dicom_seg:
-        by_series: dict[tuple[str, str], list] = defaultdict(list)
-        for record, case_dir, item in located:
-            by_series[(record["patient_id"], str(item.get("series_uid")))].append((record, case_dir, item))
-        for (patient_id, series_uid), members in tqdm(
-            sorted(by_series.items()), desc="full volume", unit="series", disable=not progress
-        ):
-            series_dir = out / safe_path_part(patient_id, "patient id") / f"series_{safe_path_part(series_uid, 'uid')}"
-            try:
-                source_file = members[0][2].get("source_file")
-                if not source_file:
-                    raise ValueError("the datalist item has no source_file (made by an older preprocessing?)")
-                series = read_ct_series((Path(dicom_root) / source_file).parent, series_uid)
-                rewrite = {n for (p, s, n) in written_nodules if p == patient_id and s == series_uid}
-                _export_series(
-                    series,
-                    [(record, case_dir) for record, case_dir, _ in members],
-                    series_dir,
-                    files,
-                    source,
-                    seed,
-                    write_ct=overwrite or not (series_dir / "ct.nii.gz").is_file(),
-                    dicom_seg=dicom_seg,
-                    rewrite_nodules=rewrite if not overwrite else {r.get("nodule_id") for r, _, _ in members},
-                )
-            except (ValueError, OSError) as err:
-                message = f"full volume of series {series_uid}: {err}"
-                logger.error("%s (%s)", message, patient_id)
-                for record, _, _ in members:
-                    record["status"] = "error"
-                    record["error"] = message
-                    summary.failed[record["case_id"]] = message
 
-    for record, case_dir, _ in located:
+def _export_full_volumes(run: _ExportRun, crops: _Crops, dicom_root: Path, dicom_seg: bool) -> None:
+    """Per series: the CT volume, the cases' maps pasted onto it and the DICOM SEG; a failure marks its cases."""
+    from tqdm.auto import tqdm
+
+    by_series: dict[tuple[str, str], list] = defaultdict(list)
+    for record, case_dir, item in crops.located:
+        by_series[(record["patient_id"], str(item.get("series_uid")))].append((record, case_dir, item))
+    for (patient_id, series_uid), members in tqdm(
+        sorted(by_series.items()), desc="full volume", unit="series", disable=not run.progress
+    ):
+        series_dir = run.out / safe_path_part(patient_id, "patient id") / f"series_{safe_path_part(series_uid, 'uid')}"
+        try:
+            source_file = members[0][2].get("source_file")
+            if not source_file:
+                raise ValueError("the datalist item has no source_file (made by an older preprocessing?)")
+            series = read_ct_series((dicom_root / source_file).parent, series_uid)
+            rewrite = {n for (p, s, n) in crops.written_nodules if p == patient_id and s == series_uid}
+            _export_series(
+                series,
+                [(record, case_dir) for record, case_dir, _ in members],
+                series_dir,
+                run.files,
+                run.source,
+                run.seed,
+                write_ct=run.overwrite or not (series_dir / "ct.nii.gz").is_file(),
+                dicom_seg=dicom_seg,
+                rewrite_nodules=rewrite if not run.overwrite else {r.get("nodule_id") for r, _, _ in members},
+            )
+        except (ValueError, OSError) as err:
+            message = f"full volume of series {series_uid}: {err}"
+            logger.error("%s (%s)", message, patient_id)
+            for record, _, _ in members:
+                record["status"] = "error"
+                record["error"] = message
+                run.summary.failed[record["case_id"]] = message
+
+
+def _write_case_records(run: _ExportRun, crops: _Crops) -> None:
+    """Each finished case's ``case.json``; the queue then lists every complete case in the folder, also those an
+    earlier run exported."""
+    for record, case_dir, _ in crops.located:
         if record.get("status") == "ok":
-            files.write_if_changed(case_dir / CASE_RECORD, json_bytes(record))
-    # the queue lists every complete case in the folder, also those an earlier run exported
-    listed = {record["folder"] for record in summary.records}
-    for path in sorted(out.glob(f"*/*/{CASE_RECORD}")):
-        if path.parent.relative_to(out).as_posix() not in listed:
-            summary.records.append(json.loads(path.read_text()))
-    series_uids = sorted({str(r.get("series_uid")) for r in summary.records if r.get("series_uid")})
-    commands = list((previous or {}).get("commands", [])) if not overwrite else []
+            run.files.write_if_changed(case_dir / CASE_RECORD, json_bytes(record))
+    listed = {record["folder"] for record in run.summary.records}
+    for path in sorted(run.out.glob(f"*/*/{CASE_RECORD}")):
+        if path.parent.relative_to(run.out).as_posix() not in listed:
+            run.summary.records.append(json.loads(path.read_text()))
+
+
+def _export_settings(
+    run: _ExportRun,
+    previous: Mapping[str, Any] | None,
+    split: str,
+    datalist: str | os.PathLike,
+    dicom_root: str | os.PathLike | None,
+    roi_size: Sequence[int],
+    command: str | None,
+) -> dict[str, Any]:
+    """The content of ``export.json``: the model, M, the seeds, the inputs, every command that wrote the folder."""
+    series_uids = sorted({str(r.get("series_uid")) for r in run.summary.records if r.get("series_uid")})
+    commands = list((previous or {}).get("commands", [])) if not run.overwrite else []
     if command and command not in commands:
         commands.append(command)
-    settings = {
+    return {
         "car_med_version": car_med.__version__,
-        "model": source.to_json(),
-        "num_samples": int(num_samples),
-        "seed": int(seed),
+        "model": run.source.to_json(),
+        "num_samples": int(run.num_samples),
+        "seed": int(run.seed),
         "case_seed": "seed * 1000003 + case_index (the case's position in its split)",
         "split": split,
         "datalist": str(Path(datalist).resolve()),
@@ -420,12 +487,14 @@ def export_cases(
             "ct": "the source series' own voxel grid (as dcm2niix writes it): ct.nii.gz, *_ct.nii.gz",
         },
     }
-    files.write_if_changed(out / "manifest.csv", manifest_csv(summary.records))
-    files.write_if_changed(out / "index.html", review_index_html(summary.records, settings))
-    files.write_if_changed(out / EXPORT_RECORD, json_bytes(settings))
-    files.finish()
-    logger.info(summary.message())
-    return summary
+
+
+def _write_queue(run: _ExportRun, settings: Mapping[str, Any]) -> None:
+    """The review queue (``manifest.csv``, ``index.html``) and ``export.json``; then the staging folder goes."""
+    run.files.write_if_changed(run.out / "manifest.csv", manifest_csv(run.summary.records))
+    run.files.write_if_changed(run.out / "index.html", review_index_html(run.summary.records, settings))
+    run.files.write_if_changed(run.out / EXPORT_RECORD, json_bytes(settings))
+    run.files.finish()
 
 
 def raise_if_failed(summary: ExportSummary) -> None:
