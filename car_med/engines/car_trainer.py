@@ -28,7 +28,7 @@ __all__ = ["CARTrainer"]
 
 _REGULARISERS = ("calibration", "cross_entropy")
 _OUTPUT_TYPES = ("categorical", "continuous")
-_MEMORY_SAVING = ("none", "chunked")
+_MEMORY_SAVING = ("none", "chunked", "checkpoint")
 
 
 class CARTrainer(Trainer):
@@ -108,7 +108,10 @@ class CARTrainer(Trainer):
         decollate: decollate batch and output after ``MODEL_COMPLETED`` (MONAI's option; off by default,
             as the losses are per batch).
         image_key, label_key: batch dict keys.
-        memory_saving: ``"none"`` (default: the folded batch in one pass) or ``"chunked"`` (see above).
+        memory_saving: ``"none"`` (default: the folded batch in one pass), ``"chunked"`` (see above) or
+            ``"checkpoint"``: G's blocks run under ``torch.utils.checkpoint`` (G must have a boolean
+            ``checkpoint_blocks`` attribute, as :class:`~car_med.networks.NoiseInjectedUNet` has); BatchNorm's
+            running statistics are updated once (docs/performance.md compares the three).
         chunk_size: rows per chunk with ``memory_saving="chunked"`` in G's full-resolution block; G's
             smaller blocks take proportionally more rows, D twice as many (its widest map holds half of
             G's per row). With the default LIDC nets at 128x128 the default 4 makes 8 MB chunks, which the
@@ -203,6 +206,11 @@ class CARTrainer(Trainer):
                 )
             if isinstance(refinement_network, NoiseInjectedUNet):
                 check_chunkable_refinement(refinement_network)
+        if memory_saving == "checkpoint" and not hasattr(refinement_network, "checkpoint_blocks"):
+            raise ValueError(
+                f"memory_saving='checkpoint' needs a G with a checkpoint_blocks switch (NoiseInjectedUNet); "
+                f"{type(refinement_network).__name__} has none. Use memory_saving='none'."
+            )
         extra = {} if metric_cmp_fn is None else {"metric_cmp_fn": metric_cmp_fn}
         super().__init__(
             device=device,
@@ -248,6 +256,8 @@ class CARTrainer(Trainer):
         self.label_key = label_key
         self.memory_saving = memory_saving
         self.chunk_size = chunk_size
+        if memory_saving == "checkpoint":
+            refinement_network.checkpoint_blocks = True
         # not `self.amp`: MONAI's Trainer would then build a float16 GradScaler that this step never uses
         self.autocast = bool(amp)
         self.amp_dtype = amp_dtype

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
+from car_med.networks.checkpointing import checkpointed
 from car_med.networks.dropout import FastDropout
 from car_med.networks.utils import SPATIAL_NAMES, check_floating, check_input_shape, check_spatial_dims
 
@@ -154,6 +155,10 @@ class NoiseInjectedUNet(nn.Module):
         self.spatial_dims = spatial_dims
         self.channels = channels
         self.full_resolution_skip = bool(full_resolution_skip)
+        self.checkpoint_blocks = False
+        """In training with gradients, run every down, up and injection block under ``torch.utils.checkpoint``
+        (:func:`~car_med.networks.checkpointing.checkpointed`): only block inputs are kept for the backward
+        pass. A run-time switch, not part of the architecture (``CARTrainer(memory_saving="checkpoint")``)."""
         n = len(channels)
 
         resize = upsample == "resize"
@@ -247,8 +252,13 @@ class NoiseInjectedUNet(nn.Module):
         h = torch.cat([x, calibration.detach().to(x.dtype)], dim=1)
         feats = []
         for block in self.down:
-            feats.append(block(feats[-1] if feats else h))
+            feats.append(self._block(block, feats[-1] if feats else h))
         return feats + [h]
+
+    def _block(self, block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+            return checkpointed(block, *inputs)
+        return block(*inputs)
 
     def decode(
         self, features: Sequence[torch.Tensor], noise: torch.Tensor, return_logits: bool = False
@@ -260,7 +270,7 @@ class NoiseInjectedUNet(nn.Module):
         h = skips[-1]
         for j, up in enumerate(self.up):
             target = skips[n - 2 - j] if j < n - 1 else x
-            h = _match_size(up(h), target.shape[2:])
+            h = _match_size(self._block(up, h), target.shape[2:])
             if j == n - 1 and self.full_resolution_skip:
                 if x.shape[0] != h.shape[0]:
                     raise ValueError(
@@ -269,7 +279,7 @@ class NoiseInjectedUNet(nn.Module):
                     )
                 h = torch.cat([h, x], dim=1)
             if str(j) in self.inject:
-                h = self.inject[str(j)](h, noise.to(h.dtype))
+                h = self._block(self.inject[str(j)], h, noise.to(h.dtype))
                 if j < n - 1:
                     h = self.act(h)
             if j < n - 1:

@@ -100,6 +100,10 @@ def test_chunked_step_equals_plain_step_on_batchnorm_unet_with_dropout(regularis
     _assert_same_step(plain, chunked, reg_key)
     # the running statistics moved, once
     assert all(int(chunked["buffers_g"][n]) == 1 for n in chunked["buffers_g"] if n.endswith("num_batches_tracked"))
+    # torch.utils.checkpoint over G's blocks takes the same step too
+    checkpointed = _step(copy.deepcopy((f, g, d)), batch, seed=11, memory_saving="checkpoint", **kwargs)
+    _assert_same_step(plain, checkpointed, reg_key)
+    assert all(int(v) == 1 for n, v in checkpointed["buffers_g"].items() if n.endswith("num_batches_tracked"))
 
 
 def test_chunked_step_equals_plain_step_with_any_refinement_net():
@@ -157,8 +161,12 @@ def test_chunked_option_rejects_what_it_cannot_keep_exact():
     g_bad.up[0].adn.D = nn.Dropout2d(0.1)
     with pytest.raises(ValueError, match="up\\[0\\].*Dropout2d"):
         make_stage2_trainer(f, g_bad, Discriminator(channels=(8, 16)), [], memory_saving="chunked")
-    with pytest.raises(ValueError, match="memory_saving"):
-        make_stage2_trainer(f, g, Discriminator(channels=(8, 16)), [], memory_saving="checkpoint")
+    with pytest.raises(ValueError, match="memory_saving must be one of"):
+        make_stage2_trainer(f, g, Discriminator(channels=(8, 16)), [], memory_saving="offload")
+    with pytest.raises(ValueError, match="checkpoint_blocks switch"):
+        no_switch = nn.Conv2d(3, 2, 1)
+        no_switch.noise_dim = 4
+        make_stage2_trainer(f, no_switch, Discriminator(channels=(8, 16)), [], memory_saving="checkpoint")
     with pytest.raises(ValueError, match="chunk_size"):
         make_stage2_trainer(f, g, Discriminator(channels=(8, 16)), [], memory_saving="chunked", chunk_size=0)
 
