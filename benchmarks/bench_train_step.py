@@ -1,8 +1,8 @@
-"""Stage-2 iterations per second and peak memory of CARTrainer: memory_saving "none" vs "chunked", light vs authors' D.
+"""Stage-2 seconds per iteration and peak memory of CARTrainer: memory_saving "none", "chunked" or "checkpoint"; light vs authors' D.
 
 Usage:
     python benchmarks/bench_train_step.py [--batch-size 8] [--num-samples 20] [--size 128] [--threads 2]
-        [--repeats 3] [--warmup 2] [--rounds 1] [--variant none chunked] [--discriminator light authors]
+        [--repeats 3] [--warmup 2] [--rounds 1] [--variant none chunked checkpoint] [--discriminator light authors]
         [--chunk-size 4] [--channels-last] [--amp] [--retain-freed-memory] [--device auto]
 
 The networks are the default LIDC ones with random weights (speed does not depend on them): F is
@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("none", "chunked")
+VARIANTS = ("none", "chunked", "checkpoint")
 DISCRIMINATORS = {"light": 0, "authors": 3}
 
 
