@@ -28,9 +28,14 @@ from monai.data import DataLoader, Dataset, MetaTensor
 from car_med.data.cityscapes import load_cityscapes_datalist
 from car_med.data.cityscapes_packing import cityscapes_packed_transforms
 from car_med.data.stochastic_classes import check_stochastic_classes
-from car_med.engines.checkpoints import load_car_networks
-from car_med.evaluation.report import case_row, reliability_record, write_per_case_csv, write_report
-from car_med.evaluation.sample_metrics import sample_cases, with_case_index
+from car_med.evaluation.report import (
+    case_row,
+    reliability_record,
+    start_evaluation,
+    write_per_case_csv,
+    write_report,
+)
+from car_med.evaluation.sample_metrics import sample_cases
 from car_med.metrics import (
     CITYSCAPES_IGNORE_INDEX,
     CITYSCAPES_STOCHASTIC_CLASSES,
@@ -477,15 +482,11 @@ def evaluate_cityscapes(
     Returns:
         The content of ``metrics.json``.
     """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if checkpoint is not None:
-        load_car_networks(calibration_network, refinement_network, checkpoint, map_location=device)
-    items = with_case_index(load_cityscapes_datalist(datalist, split, require_blackbox=conditioning == "blackbox"))
-    if max_cases is not None:
-        items = items[:max_cases]
-    if not items:
-        raise ValueError(f"{datalist}: split {split!r} has no images to evaluate.")
+    networks = (calibration_network, refinement_network)
+    found = load_cityscapes_datalist(datalist, split, require_blackbox=conditioning == "blackbox")
+    out, items = start_evaluation(
+        *networks, checkpoint, device, output_dir, found, max_cases, f"{datalist}: split {split!r}"
+    )
     transform = cityscapes_packed_transforms("eval", conditioning=conditioning, spatial_size=spatial_size)
     loader = DataLoader(Dataset(items, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     sampler = CARSampler(calibration_network, refinement_network, max_batch=max_batch, noise_std=noise_std)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,9 +12,9 @@ import torch
 from monai.data import DataLoader, Dataset, MetaTensor
 
 from car_med.data.lidc import DEFAULT_HU_WINDOW, lidc_transforms, load_lidc_datalist
-from car_med.engines.checkpoints import load_car_networks
 from car_med.evaluation.lidc import CASE_FIELDS
-from car_med.evaluation.sample_metrics import sample_cases, with_case_index
+from car_med.evaluation.report import start_evaluation
+from car_med.evaluation.sample_metrics import sample_cases
 from car_med.sampling import CARSampler
 
 __all__ = ["PREDICTION_KEYS", "write_case_predictions"]
@@ -55,13 +54,11 @@ def write_case_predictions(
     Returns:
         The path of ``manifest.csv`` (one row per case: its ids and its ``.npz`` file).
     """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if checkpoint is not None:
-        load_car_networks(calibration_network, refinement_network, checkpoint, map_location=device)
-    items = with_case_index(load_lidc_datalist(datalist, split))[:max_cases]
-    if not items:
-        raise ValueError(f"{datalist}: split {split!r} has no cases.")
+    networks = (calibration_network, refinement_network)
+    found = load_lidc_datalist(datalist, split)
+    out, items = start_evaluation(
+        *networks, checkpoint, device, output_dir, found, max_cases, f"{datalist}: split {split!r}"
+    )
     todo = [item for item in items if not (out / _case_name(item["case_index"])).is_file()]
     sampler = CARSampler(calibration_network, refinement_network, num_samples, max_batch=max_batch, noise_std=noise_std)
     if todo:

@@ -15,11 +15,16 @@ import torch
 from monai.data import DataLoader, Dataset
 
 from car_med.data.lidc import DEFAULT_HU_WINDOW, lidc_transforms, load_lidc_datalist
-from car_med.engines.checkpoints import load_car_networks
 from car_med.evaluation.protocol import METRIC_DEFINITIONS, REFERENCE_DEFINITIONS, dataset_card
 from car_med.evaluation.references import REFERENCE_LABELS, REFERENCE_ROWS, ReferenceRows, flatten_references
-from car_med.evaluation.report import case_row, reliability_record, write_per_case_csv, write_report
-from car_med.evaluation.sample_metrics import SampleMetricSuite, evaluate_samples, with_case_index
+from car_med.evaluation.report import (
+    case_row,
+    reliability_record,
+    start_evaluation,
+    write_per_case_csv,
+    write_report,
+)
+from car_med.evaluation.sample_metrics import SampleMetricSuite, evaluate_samples
 from car_med.metrics import plot_reliability_diagram
 from car_med.metrics.presence import DEFAULT_MIN_AREA, DEFAULT_SPECKLE_SIZE, plot_presence_reliability
 from car_med.sampling import CARSampler
@@ -106,15 +111,11 @@ def evaluate_lidc(
     """
     from car_med.visualize.lidc import plot_lidc_montage
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if checkpoint is not None:
-        load_car_networks(calibration_network, refinement_network, checkpoint, map_location=device)
-    items = with_case_index(load_lidc_datalist(datalist, split))
-    if max_cases is not None:
-        items = items[:max_cases]
-    if not items:
-        raise ValueError(f"{datalist}: split {split!r} has no cases to evaluate.")
+    networks = (calibration_network, refinement_network)
+    found = load_lidc_datalist(datalist, split)
+    out, items = start_evaluation(
+        *networks, checkpoint, device, output_dir, found, max_cases, f"{datalist}: split {split!r}"
+    )
     loader = DataLoader(
         Dataset(items, lidc_transforms("eval", roi_size=roi_size, hu_window=hu_window)),
         batch_size=batch_size,

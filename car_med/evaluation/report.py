@@ -6,18 +6,48 @@ import csv
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from car_med.engines.checkpoints import load_car_networks
+from car_med.evaluation.sample_metrics import with_case_index
 from car_med.evaluation.tracking import log_evaluation_run
 from car_med.metrics.calibration import ReliabilityData
 
-__all__ = ["case_row", "reliability_record", "write_per_case_csv", "write_report"]
+__all__ = ["case_row", "reliability_record", "start_evaluation", "write_per_case_csv", "write_report"]
 
 logger = logging.getLogger("car_med.evaluation")
+
+
+def start_evaluation(
+    calibration_network: torch.nn.Module,
+    refinement_network: torch.nn.Module,
+    checkpoint: str | os.PathLike | None,
+    device: str | torch.device,
+    output_dir: str | os.PathLike,
+    items: Sequence[Mapping[str, Any]],
+    max_cases: int | None,
+    where: str,
+) -> tuple[Path, list[dict]]:
+    """The output folder (created), F and G loaded from ``checkpoint`` if given, and the cases to evaluate.
+
+    The cases are the first ``max_cases`` of ``items`` (all with ``None``), each with its ``case_index``.
+
+    Raises:
+        ValueError: no case is left; the message names ``where`` (the datalist and split).
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if checkpoint is not None:
+        load_car_networks(calibration_network, refinement_network, checkpoint, map_location=device)
+    cases = with_case_index(items)[:max_cases]
+    if not cases:
+        raise ValueError(f"{where} has no cases to evaluate.")
+    return out, cases
 
 
 def _scalar(value: Any) -> Any:
