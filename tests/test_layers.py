@@ -24,6 +24,7 @@ LAYERS = {
     "export": 5,
     "blackbox": 5,
     "experiments": 6,
+    "predict": 6,
 }
 
 

@@ -33,6 +33,7 @@ from car_med.ct.geometry import (
     CropGrid,
     SliceGeometry,
     crop_grid,
+    lps_to_pixel,
     resample_image,
     resample_mask,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "consistent_slices",
     "crop_grid",
     "decode_hu",
+    "lps_to_pixel",
     "nearest_slice",
     "paste_plane",
     "pixel_data_problem",

@@ -14,6 +14,7 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ __all__ = [
     "CropGrid",
     "SliceGeometry",
     "crop_grid",
+    "lps_to_pixel",
     "resample_image",
     "resample_mask",
 ]
@@ -99,6 +101,19 @@ class CropGrid:
     columns: np.ndarray
     affine: np.ndarray
     outside_fraction: float
+
+
+def lps_to_pixel(geometry: SliceGeometry, point: Sequence[float]) -> tuple[float, float, float]:
+    """Where an LPS point (mm, as PACS viewers and CAD tools report it) falls on a slice.
+
+    Returns:
+        ``(row, column, distance)``: the point's projection onto the slice plane in (fractional) source pixels,
+        and its signed distance from the plane along the slice normal, in mm.
+    """
+    offset = np.asarray(point, dtype=np.float64) - geometry.position
+    column = float(offset @ geometry.row_cosine) / geometry.column_spacing
+    row = float(offset @ geometry.column_cosine) / geometry.row_spacing
+    return row, column, float(offset @ geometry.normal)
 
 
 def _round_half_up(value: float) -> int:

