@@ -283,6 +283,11 @@ def predict_nodules(
     """
     from car_med.export.run import export_items
 
+    if dicom is None or nodules_csv is None:
+        raise ValueError(
+            "prediction needs the CT series folder and the nodule CSV (bundle keys predict_dicom and "
+            "predict_nodules, or --dicom and --nodules)."
+        )
     nodules = read_nodule_csv(nodules_csv)
     series = read_series(dicom, series_uid)
     for nodule in nodules:

@@ -35,3 +35,26 @@ def test_bundle_export_samples_the_registered_model_of_the_run(trained_lidc_run)
     offset = json.loads((export_dir / rows[0]["folder"] / "case.json").read_text())["grids"]["model"]["offset_in_crop"]
     assert offset == [(180 - r) // 2 for r in roi]
     assert "cases exported" in result.stdout
+
+
+def test_bundle_predict_runs_the_registered_model_on_a_new_patient(trained_lidc_run, clean_cohort, tmp_path):
+    out = trained_lidc_run["output_dir"]
+    item = json.loads((trained_lidc_run["dataset_dir"] / "datalist.json").read_text())["test"][0]
+    crop = nib.load(trained_lidc_run["dataset_dir"] / item["image"])
+    x, y, z = -crop.affine[0] @ [90, 90, 0, 1], -crop.affine[1] @ [90, 90, 0, 1], crop.affine[2] @ [90, 90, 0, 1]
+    nodules = tmp_path / "nodules.csv"
+    nodules.write_text(f"nodule_id,x,y,z,diameter_mm\nA,{x},{y},{z},3\n")
+    [series] = {p.parent for p in (clean_cohort / item["patient_id"]).rglob("*.dcm") if item["series_uid"] in str(p)}
+    common = {"dataset_dir": trained_lidc_run["dataset_dir"], "output_dir": out, "predict_num_samples": 2}
+    result = run_bundle(
+        "predict", ["train.json", "demo.json", "predict.json"], trained_lidc_run["home"],
+        predict_dicom=series, predict_nodules=nodules, **common,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:]
+    settings = json.loads((out / "predict" / "export.json").read_text())
+    record = json.loads((out / "registered_model.json").read_text())
+    assert settings["model"]["uri"] == f"models:/{record['model_name']}/{record['version']}"
+    assert settings["prediction"]["noise"] == "shared by the slices of a nodule"
+    assert list((out / "predict").glob("*/series_*/nodule_A/seg.dcm"))
+    missing = run_bundle("predict", ["train.json", "demo.json", "predict.json"], trained_lidc_run["home"], **common)
+    assert missing.returncode != 0 and "predict_dicom and predict_nodules" in missing.stdout
