@@ -25,6 +25,7 @@ from car_med.evaluation.report import (
     write_report,
 )
 from car_med.evaluation.sample_metrics import SampleMetricSuite, evaluate_samples
+from car_med.evaluation.volumes import NoduleVolumes, with_nodule_noise
 from car_med.metrics import plot_reliability_diagram
 from car_med.metrics.presence import DEFAULT_MIN_AREA, DEFAULT_SPECKLE_SIZE, plot_presence_reliability
 from car_med.sampling import CARSampler
@@ -65,6 +66,8 @@ def evaluate_lidc(
     reference_rows: Sequence[str] = REFERENCE_ROWS,
     presence_min_area: int = DEFAULT_MIN_AREA,
     speckle_size: int = DEFAULT_SPECKLE_SIZE,
+    noise: str = "nodule",
+    volume_samples: int = 16,
 ) -> dict[str, Any]:
     """Score G's samples and F's calibration on one split, beside the reference rows, and write the report.
 
@@ -105,8 +108,13 @@ def evaluate_lidc(
         reference_rows: the rows of :mod:`car_med.evaluation.references` to score (all four by default).
         presence_min_area: maps with fewer foreground pixels count as empty in the presence gap.
         speckle_size: components under this many pixels are speckle.
-
-    Returns:
+        noise: ``"nodule"`` (default): the crops of one nodule share their M noise vectors, so sample m of a
+            nodule is one 3D hypothesis (as ``car_med.predict`` draws them); ``"case"``: every crop draws its own.
+            Each crop's samples have the same distribution either way, so the 2D metrics' expected values do
+            not depend on it.
+        volume_samples: samples per nodule of the 3D metrics (``volumes`` in ``metrics.json``,
+            ``per_nodule.csv``): each nodule's crops stacked into one volume, 3D GED and HM-IoU against the
+            readers' stacked masks, and the mean Dice between adjacent slices of a sample and of a reader.
         The content of ``metrics.json``.
     """
     from car_med.visualize.lidc import plot_lidc_montage
@@ -116,6 +124,8 @@ def evaluate_lidc(
     out, items = start_evaluation(
         *networks, checkpoint, device, output_dir, found, max_cases, f"{datalist}: split {split!r}"
     )
+    items = with_nodule_noise(items, noise)
+    volumes = NoduleVolumes(volume_samples)
     loader = DataLoader(
         Dataset(items, lidc_transforms("eval", roi_size=roi_size, hu_window=hu_window)),
         batch_size=batch_size,
@@ -131,13 +141,20 @@ def evaluate_lidc(
         presence_min_area=presence_min_area,
         speckle_size=speckle_size,
     )
+    if not 1 <= volume_samples <= suite.max_samples:
+        raise ValueError(
+            f"volume_samples={volume_samples} must be between 1 and the {suite.max_samples} samples drawn per case "
+            "(the largest GED, HM-IoU or diversity count)."
+        )
     references = ReferenceRows(suite, reference_rows) if reference_rows else None
     rows: list[dict[str, Any]] = []
     kept: list = []
 
     def collect(batch, drawn) -> None:
+        affines = batch["image"].affine.reshape(-1, 4, 4)
         for i in range(drawn.samples.shape[0]):
             rows.append(case_row(batch, i, CASE_FIELDS))
+            volumes.add(rows[-1], drawn.samples[i], torch.as_tensor(batch["label"][i]), affines[i])
             if len(kept) < montage_cases:
                 kept.append(
                     (batch["image"][i], batch["label"][i], drawn.calibration[i], drawn.mean[i], drawn.samples[i])
@@ -149,6 +166,11 @@ def evaluate_lidc(
     reference_metrics = references.aggregate() if references is not None else {}
     per_case = {**suite.per_case(), **(references.per_case() if references is not None else {})}
     write_per_case_csv(out / "per_case.csv", rows, CASE_FIELDS, per_case)
+    per_nodule = volumes.per_nodule()
+    nodule_fields = ("patient_id", "series_uid", "nodule_id", "num_slices")
+    nodule_metrics = {k: [r[k] for r in per_nodule] for k in per_nodule[0] if k not in nodule_fields}
+    write_per_case_csv(out / "per_nodule.csv", per_nodule, nodule_fields, nodule_metrics)
+    volume_metrics = volumes.aggregate()
     reliability = suite.reliability()
     plot_reliability_diagram(reliability, out / "reliability.png", title=f"F on LIDC {split}")
     presence_curves = {model_label: suite.presence_reliability()}
@@ -172,7 +194,10 @@ def evaluate_lidc(
         "num_cases": len(rows),
         "metrics": metrics,
         "references": reference_metrics,
+        "volumes": volume_metrics,
         "protocol": {
+            "noise": noise,
+            "volume_samples": volume_samples,
             "dataset": dataset_card(datalist),
             "evaluated_cases": "all" if max_cases is None else f"first {max_cases}",
             "sample_counts": {"ged": list(ged_counts), "hm_iou": list(hm_iou_counts), "diversity": diversity_count},
@@ -203,7 +228,7 @@ def evaluate_lidc(
         experiment_name,
         run_name,
         {},
-        {**metrics, **flatten_references(reference_metrics)},
-        ("metrics.json", "per_case.csv", "reliability.png", "presence.png", "montage.png"),
+        {**metrics, **flatten_references(reference_metrics), **{f"vol_{k}": v for k, v in volume_metrics.items()}},
+        ("metrics.json", "per_case.csv", "per_nodule.csv", "reliability.png", "presence.png", "montage.png"),
         logger,
     )

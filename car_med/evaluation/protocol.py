@@ -36,8 +36,18 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "speckle": "share of the samples' foreground pixels that lie in 4-connected components of fewer than "
     "speckle_size pixels, pooled over the first n samples of every case (readers' masks: near 0, only a "
     "reader's own mark of fewer pixels counts)",
-    "samples": "per case, noise from torch.Generator seeded seed * 1000003 + case index; the n-sample metrics "
-    "use the first n of one draw",
+    "samples": "per case, noise from torch.Generator seeded seed * 1000003 + noise index; the noise index is the "
+    "position of the nodule's first crop in the split (noise 'nodule': a nodule's crops share their noise, so "
+    "sample m is one 3D hypothesis) or the case index (noise 'case'); the n-sample metrics use the first n of "
+    "one draw",
+    "ged<n>_3d": "per nodule, its crops placed by their affines on one canvas and stacked by slice z; GED of the "
+    "n sample volumes against the R reader-slot volumes (slot r is the same annotation on every slice); "
+    "averaged over nodules",
+    "hm_iou<n>_3d": "as hm_iou<n> on the stacked volumes of a nodule; averaged over nodules",
+    "adjacent_dice": "per sample volume, the mean Dice of the foreground between adjacent slices (pairs where "
+    "both are empty left out); averaged over a nodule's samples, then over nodules of two or more slices",
+    "readers_adjacent_dice": "the same for the reader-slot volumes: how coherent the readers' own outlines are "
+    "from slice to slice",
 }
 
 

@@ -60,7 +60,8 @@ def sample_cases(
     case_key: str = CASE_INDEX_KEY,
     progress: bool = False,
 ) -> Iterator[tuple[Mapping[str, Any], SampleSet]]:
-    """Yield ``(batch, samples)`` for every batch, each case's noise drawn from :func:`case_generator`.
+    """Yield ``(batch, samples)`` for every batch, each case's noise drawn from :func:`case_generator`, seeded by
+    the case's ``noise_index`` where the batch has one, else by its case index.
 
     Args:
         sampler: the :class:`~car_med.sampling.CARSampler` of F and G.
@@ -77,7 +78,8 @@ def sample_cases(
                 f"evaluation batches need '{case_key}' (each case's noise seed); build the items with "
                 "car_med.evaluation.with_case_index(...)."
             )
-        cases = torch.as_tensor(batch[case_key]).reshape(-1).tolist()
+        # items may name another noise seed (e.g. all crops of a nodule one, car_med.evaluation.volumes)
+        cases = torch.as_tensor(batch.get("noise_index", batch[case_key])).reshape(-1).tolist()
         noise = torch.cat(
             [sampler.draw_noise(1, num_samples, torch.device("cpu"), case_generator(seed, c)) for c in cases]
         )

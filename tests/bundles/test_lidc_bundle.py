@@ -131,6 +131,17 @@ def test_evaluate_writes_metrics_with_protocol_card_and_per_case_rows(trained_li
     )
     assert (report_dir / "reliability.png").stat().st_size > 0 and (report_dir / "montage.png").stat().st_size > 0
     assert (report_dir / "presence.png").stat().st_size > 0
+    # each nodule's crops as one volume, with the noise shared by its crops
+    assert card["noise"] == "nodule" and card["volume_samples"] == 4
+    assert {"ged4_3d", "hm_iou4_3d", "adjacent_dice", "readers_adjacent_dice", "num_nodules"} == set(report["volumes"])
+    with open(report_dir / "per_nodule.csv") as handle:
+        nodules = list(csv.DictReader(handle))
+    assert (
+        len(nodules)
+        == report["volumes"]["num_nodules"]
+        == len({(r["patient_id"], r["series_uid"], r["nodule_id"]) for r in rows})
+    )
+    assert sum(int(n["num_slices"]) for n in nodules) == len(rows)
     with sqlite3.connect(out / "mlflow.db") as db:
         logged = {k for (k,) in db.execute("select distinct key from metrics")}
     assert {"presence_gap", "ref_majority_vote_ged8", "ref_readers_oracle_hm_iou4", "ref_f_bernoulli_speckle"} <= logged
