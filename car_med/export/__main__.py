@@ -29,6 +29,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--full-volume", action="store_true", help="also write the CT and the samples on its grid")
     parser.add_argument("--dicom-seg", action="store_true", help="also write one DICOM SEG per nodule")
     parser.add_argument("--overwrite", action="store_true", help="replace cases already in the export folder")
+    parser.add_argument(
+        "--independent-slices",
+        action="store_true",
+        help="draw each crop's noise on its own (default: a nodule's crops share it, one 3D hypothesis per sample)",
+    )
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default MLFLOW_TRACKING_URI)")
     parser.add_argument(
         "--roi-size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"),
@@ -64,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             roi_size=tuple(args.roi_size),
             progress=not args.no_progress,
             command=shlex.join(words),
+            independent_slices=args.independent_slices,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

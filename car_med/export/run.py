@@ -18,6 +18,7 @@ import car_med
 from car_med.ct.volume import CTSeries, paste_plane, read_ct_series
 from car_med.data.lidc import DEFAULT_HU_WINDOW, load_lidc_datalist
 from car_med.evaluation.sample_metrics import case_seed
+from car_med.evaluation.volumes import with_nodule_noise
 from car_med.export.crop import AMBIGUITY_SCORE, CASE_RECORD, case_id_of, export_case
 from car_med.export.files import ExportFiles, json_bytes, safe_path_part
 from car_med.export.model_source import ModelSource, load_export_model, resolve_model_source
@@ -251,6 +252,7 @@ def export_cases(
     hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
     progress: bool = True,
     command: str | None = None,
+    independent_slices: bool = False,
 ) -> ExportSummary:
     """Export every case of a split (or the ``cases`` given) for review.
 
@@ -272,6 +274,9 @@ def export_cases(
         hu_window: grey window of the montages.
         progress: show a progress bar over cases.
         command: the command line, recorded in ``export.json``.
+        independent_slices: draw each crop's noise on its own. By default the crops of one nodule share their
+            noise seed (``seed * 1000003 +`` the position of the nodule's first crop in the split), so sample m
+            of a nodule is one 3D hypothesis: volume m of ``samples_ct.nii.gz`` and segment m of the SEG.
 
     Returns:
         The summary; its ``exit_code`` is 1 when any case failed (the others are still exported).
@@ -281,11 +286,17 @@ def export_cases(
             holding another model's or seed's export (without ``overwrite``).
     """
     _check_arguments(num_samples, full_volume, dicom_seg, dicom_root)
-    items = _select(_split_items(datalist, split), cases)
+    noise = "case" if independent_slices else "nodule"
+    items = _select(with_nodule_noise(_split_items(datalist, split), noise), cases)
     origin = {
         "split": split,
         "datalist": str(Path(datalist).resolve()),
-        "case_seed": "seed * 1000003 + case_index (the case's position in its split)",
+        "case_seed": "seed * 1000003 + "
+        + (
+            "case_index (the case's position in its split)"
+            if independent_slices
+            else "the position of the nodule's first crop in its split: a nodule's crops share their noise"
+        ),
     }
     return export_items(
         model,

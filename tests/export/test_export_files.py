@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import EXPORT_PATIENTS, NUM_SAMPLES
+from conftest import EXPORT_PATIENTS, NUM_SAMPLES, split_of
 
 from car_med.data.lidc import load_lidc_datalist
 
@@ -205,3 +205,28 @@ def test_manifest_is_sorted_by_ambiguity_and_export_json_names_model_seed_and_se
     assert settings["num_samples"] == NUM_SAMPLES and settings["seed"] == 0
     assert set(settings["series_uids"]) == {r["series_uid"] for r in rows}
     assert not (exported["dir"] / ".incomplete").exists()
+
+
+def test_a_nodule_s_crops_share_their_noise_so_volume_m_is_one_hypothesis(exported, tmp_path):
+    records = [json.loads(p.read_text()) for p in exported["dir"].glob("*/*/case.json")]
+    by_nodule: dict = {}
+    for record in records:
+        by_nodule.setdefault((record["patient_id"], record["series_uid"], record["nodule_id"]), set()).add(
+            record["case_seed"]
+        )
+    assert all(len(seeds) == 1 for seeds in by_nodule.values()), by_nodule
+    assert len(records) > len(by_nodule)  # some nodule has several crops
+    settings = json.loads((exported["dir"] / "export.json").read_text())
+    assert "a nodule's crops share their noise" in settings["case_seed"]
+
+    from car_med.export import export_cases
+
+    patient = EXPORT_PATIENTS[0]
+    out = tmp_path / "independent"
+    summary = export_cases(
+        exported["uri"], exported["datalist"], out, split=split_of(exported["datalist"], patient), cases=[patient],
+        num_samples=NUM_SAMPLES, tracking_uri=exported["tracking_uri"], progress=False, independent_slices=True,
+    )  # fmt: skip
+    assert summary.exit_code == 0
+    seeds = [json.loads(p.read_text())["case_seed"] for p in out.glob("*/*/case.json")]
+    assert len(seeds) > 1 and len(set(seeds)) == len(seeds)
