@@ -16,7 +16,8 @@ Input and output of :meth:`CARPyfuncModel.predict` (the sample axis is dim 1, as
 - input: float32 CT intensities in Hounsfield units ``(B, 1, H, W)``; the model windows them to [0, 1] with
   :class:`car_med.data.lidc.ScaleLIDCIntensityd` (``"hu"`` kind, clipped), exactly as the training transforms;
 - params: ``num_samples`` (M) and ``seed``: the noise comes from a CPU ``torch.Generator`` seeded with ``seed``,
-  so the same batch and seed give the same samples on any device;
+  so the same batch and seed give the same samples on any device; ``noise_groups``, one id per row, makes the
+  rows of a group (the slices of one nodule) share their noise, so sample m of the group is one 3D hypothesis;
 - output: a dict of numpy arrays, ``samples`` uint8 ``(B, M, H, W)`` (class maps), ``mean`` float32
   ``(B, C, H, W)`` (Gbar), ``calibration`` float32 ``(B, C, H, W)`` (F's softmax) and ``entropy`` float32
   ``(B, H, W)`` (H(F(x)) in nats).
@@ -79,12 +80,14 @@ def car_model_signature(num_classes: int = -1, default_num_samples: int = 16, de
     Returns:
         a signature with one unnamed float32 tensor input ``(-1, 1, -1, -1)`` (HU), the named tensor outputs
         ``samples`` (uint8), ``mean``, ``calibration`` and ``entropy`` (float32), and the params
-        ``num_samples`` (integer) and ``seed`` (long).
+        ``num_samples`` (integer), ``seed`` (long) and ``noise_groups`` (a list of longs, default empty: one
+        group id per input row; rows with one id share their M noise vectors, e.g. the slices of one nodule, so
+        sample m of the group is one 3D hypothesis).
 
     Example::
 
         sig = car_model_signature(num_classes=2)
-        [p.name for p in sig.params.params]  # ['num_samples', 'seed']
+        [p.name for p in sig.params.params]  # ['num_samples', 'seed', 'noise_groups']
     """
     inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))])
     outputs = Schema(
@@ -96,7 +99,11 @@ def car_model_signature(num_classes: int = -1, default_num_samples: int = 16, de
         ]
     )
     params = ParamSchema(
-        [ParamSpec("num_samples", "integer", int(default_num_samples)), ParamSpec("seed", "long", int(default_seed))]
+        [
+            ParamSpec("num_samples", "integer", int(default_num_samples)),
+            ParamSpec("seed", "long", int(default_seed)),
+            ParamSpec("noise_groups", "long", [], shape=(-1,)),
+        ]
     )
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
@@ -227,9 +234,9 @@ class CARPyfuncModel(mlflow.pyfunc.PythonModel):
 
     def _read_params(self, params: Mapping[str, Any] | None) -> tuple[int, int]:
         params = dict(params or {})
-        unknown = sorted(set(params) - {"num_samples", "seed"})
+        unknown = sorted(set(params) - {"num_samples", "seed", "noise_groups"})
         if unknown:
-            raise ValueError(f"CAR model params are 'num_samples' and 'seed'; got unknown {unknown}.")
+            raise ValueError(f"CAR model params are 'num_samples', 'seed' and 'noise_groups'; got unknown {unknown}.")
         values = {}
         defaults = {"num_samples": self.settings["default_num_samples"], "seed": 0}
         for name, default in defaults.items():
@@ -248,6 +255,19 @@ class CARPyfuncModel(mlflow.pyfunc.PythonModel):
         if not 0 <= seed < 2**63:
             raise ValueError(f"CAR model param 'seed' must be in [0, 2**63), got {seed}.")
         return num_samples, seed
+
+    @staticmethod
+    def _noise_groups(params: Mapping[str, Any] | None, rows: int) -> np.ndarray | None:
+        groups = (params or {}).get("noise_groups")
+        if groups is None or len(groups) == 0:
+            return None
+        groups = np.asarray(groups)
+        if groups.ndim != 1 or len(groups) != rows or not np.issubdtype(groups.dtype, np.integer):
+            raise ValueError(
+                f"CAR model param 'noise_groups' must list one integer group id per input row ({rows}), got "
+                f"{groups.tolist()!r}."
+            )
+        return groups
 
     @staticmethod
     def _as_hu_batch(model_input: Any) -> torch.Tensor:
@@ -300,7 +320,9 @@ class CARPyfuncModel(mlflow.pyfunc.PythonModel):
         Args:
             context: MLflow's context (unused here; ``None`` when called directly).
             model_input: float32 HU ``(B, 1, H, W)``: a numpy array, a torch tensor or a nested list.
-            params: ``num_samples`` (M, default set at registration) and ``seed`` (default 0).
+            params: ``num_samples`` (M, default set at registration), ``seed`` (default 0) and ``noise_groups``
+                (default none: every row draws its own noise; else one group id per row, and the rows of a group,
+                e.g. the slices of one nodule, share their M noise vectors).
 
         Returns:
             a dict of numpy arrays:
@@ -320,7 +342,20 @@ class CARPyfuncModel(mlflow.pyfunc.PythonModel):
         image = self.scale({"image": hu})["image"]
         image = image.as_tensor() if hasattr(image, "as_tensor") else image
         generator = torch.Generator().manual_seed(seed)
-        out = self.sampler(image.to(self.device), num_samples=num_samples, generator=generator)
+        groups = self._noise_groups(params, hu.shape[0])
+        if groups is None:
+            out = self.sampler(image.to(self.device), num_samples=num_samples, generator=generator)
+        else:
+            # one draw of (groups, M) noise vectors, in order of first appearance; a group's rows share theirs
+            _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+            order = np.argsort(first)
+            rank = np.empty_like(order)
+            rank[order] = np.arange(len(order))
+            # group by group, so the first group gets exactly what its first row alone gets with this seed
+            cpu = torch.device("cpu")
+            drawn = torch.cat([self.sampler.draw_noise(1, num_samples, cpu, generator) for _ in range(len(order))])
+            noise = drawn[torch.as_tensor(rank[inverse].reshape(-1))]
+            out = self.sampler(image.to(self.device), noise=noise.to(self.device))
         return {
             "samples": out.samples.to(torch.uint8).cpu().numpy(),
             "mean": out.mean.float().cpu().numpy(),

@@ -187,7 +187,7 @@ def test_metadata_and_signature(registry):
     (spec,) = sig.inputs.inputs
     assert spec.type == np.dtype(np.float32) and spec.shape == (-1, 1, -1, -1)
     assert sig.outputs.input_names() == ["samples", "mean", "calibration", "entropy"]
-    assert {p.name: p.default for p in sig.params.params} == {"num_samples": 16, "seed": 0}
+    assert {p.name: p.default for p in sig.params.params} == {"num_samples": 16, "seed": 0, "noise_groups": []}
 
 
 def test_bad_inputs_are_refused_with_a_clear_error(registry):
@@ -311,4 +311,21 @@ def test_signature_params_and_outputs():
     assert {p.name: (p.dtype.name, p.default) for p in sig.params.params} == {
         "num_samples": ("integer", 20),
         "seed": ("long", 0),
+        "noise_groups": ("long", []),
     }
+
+
+def test_noise_groups_make_the_rows_of_a_group_share_their_noise(registry):
+    model = registry.model
+    one = hu_batch(1, 16)
+    x = np.concatenate([one, one, one, one])  # the same slice four times: only the noise tells the rows apart
+    params = {"num_samples": 6, "seed": 3}
+    apart = model.predict(x, params=params)["samples"]
+    assert not np.array_equal(apart[0], apart[1])
+    grouped = model.predict(x, params={**params, "noise_groups": [7, 7, 2, 7]})["samples"]
+    assert np.array_equal(grouped[0], grouped[1]) and np.array_equal(grouped[0], grouped[3])
+    assert not np.array_equal(grouped[0], grouped[2])
+    # the first group draws what the first row draws alone with the same seed
+    assert np.array_equal(grouped[0], model.predict(one, params=params)["samples"][0])
+    with pytest.raises(Exception, match="noise_groups"):
+        model.predict(x, params={**params, "noise_groups": [1, 2]})
