@@ -63,6 +63,8 @@ th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left; vert
 th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img.thumb { width: 560px; height: auto; display: block; }
+img.strip { height: 110px; width: auto; display: block; }
+section.nodule { margin-bottom: 1.5em; }
 tr.failed td { color: #a00; }
 .missing { color: #a00; font-style: italic; }
 """
@@ -70,7 +72,7 @@ tr.failed td { color: #a00; }
 # Marks each thumbnail as loaded or broken once the browser has tried it, so a broken picture is shown as text
 # (and a headless browser's DOM says which ones loaded).
 _SCRIPT = """
-for (const img of document.querySelectorAll('img.thumb')) {
+for (const img of document.querySelectorAll('img.thumb, img.strip')) {
   const mark = () => {
     const ok = img.complete && img.naturalWidth > 0;
     img.dataset.loaded = ok ? 'yes' : 'no';
@@ -86,6 +88,38 @@ def _link(folder: str, name: str | None, label: str) -> str:
     if not name:
         return ""
     return f'<a href="{html.escape(folder)}/{html.escape(name)}">{html.escape(label)}</a>'
+
+
+def _nodule_sections(records: Sequence[Mapping[str, Any]]) -> str:
+    """One section per nodule with sample strips: its M samples as rows, each row the sample on every slice in
+    z order; nodules by decreasing mean ambiguity of their crops."""
+    nodules: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        if record.get("status") == "ok" and record.get("strips"):
+            nodules.setdefault(str(record["strips"][0]).rsplit("/", 1)[0], []).append(record)
+    ranked = sorted(nodules.items(), key=lambda kv: (-sum(float(r["ambiguity"]) for r in kv[1]) / len(kv[1]), kv[0]))
+    sections = []
+    for rank, (folder, members) in enumerate(ranked, start=1):
+        first = members[0]
+        zs = " ".join(f"{z:.2f}" for z in first.get("strip_slices_z", []))
+        score = sum(float(r["ambiguity"]) for r in members) / len(members)
+        rows = "".join(
+            f'<tr class="sample" data-sample="{m}"><th>{m + 1}</th><td><img class="strip" src="{html.escape(name)}" '
+            f'data-slices="{zs}" alt="sample {m + 1} of nodule {html.escape(str(first.get("nodule_id")))}"></td></tr>'
+            for m, name in enumerate(first["strips"])
+        )
+        sections.append(
+            f'<section class="nodule" data-nodule="{html.escape(folder)}" data-rank="{rank}">'
+            f"<h3>{rank}. {html.escape(str(first.get('patient_id')))} nodule {html.escape(str(first.get('nodule_id')))}"
+            f" ({len(members)} slices, z {html.escape(zs)} mm; mean ambiguity {score:.3f})</h3>"
+            f'<table class="strips"><tbody>{rows}</tbody></table></section>'
+        )
+    if not sections:
+        return ""
+    return (
+        "<h2>Nodules: one row per sample, its slices left to right in z</h2>\n<p>With the noise shared by a "
+        "nodule's slices (the default), each row is one 3D hypothesis of the whole nodule.</p>\n" + "\n".join(sections)
+    )
 
 
 def review_index_html(records: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> bytes:
@@ -143,6 +177,8 @@ def review_index_html(records: Sequence[Mapping[str, Any]], settings: Mapping[st
 <html lang="en"><head><meta charset="utf-8"><title>CAR review queue</title><style>{_STYLE}</style></head>
 <body><h1>CAR review queue</h1>
 {header}
+{_nodule_sections(records)}
+<h2>Crops, most ambiguous first</h2>
 <table id="queue"><thead><tr><th>#</th><th>montage</th><th>patient / case</th><th>ambiguity</th>
 <th>sample area mm&sup2; mean (min to max)</th><th>mean entropy in samples (nats)</th><th>files</th></tr></thead>
 <tbody>

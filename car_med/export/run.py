@@ -23,6 +23,7 @@ from car_med.export.crop import AMBIGUITY_SCORE, CASE_RECORD, case_id_of, export
 from car_med.export.files import ExportFiles, json_bytes, safe_path_part
 from car_med.export.model_source import ModelSource, load_export_model, resolve_model_source
 from car_med.export.review import manifest_csv, review_index_html
+from car_med.visualize.review import sample_strip_png
 
 __all__ = ["ExportSummary", "export_cases", "export_items", "raise_if_failed"]
 
@@ -359,6 +360,7 @@ def export_items(
     if full_volume or dicom_seg:
         _export_full_volumes(run, crops, Path(dicom_root), dicom_seg)
     _write_case_records(run, crops)
+    _write_strips(run, hu_window)
     settings = _export_settings(run, previous, origin, dicom_root, roi_size, command)
     _write_queue(run, settings)
     logger.info(run.summary.message())
@@ -515,6 +517,47 @@ def _write_case_records(run: _ExportRun, crops: _Crops) -> None:
     for path in sorted(run.out.glob(f"*/*/{CASE_RECORD}")):
         if path.parent.relative_to(run.out).as_posix() not in listed:
             run.summary.records.append(json.loads(path.read_text()))
+
+
+def nodule_folder(record: Mapping[str, Any]) -> str:
+    """``<patient>/series_<uid>/nodule_<id>``: where a nodule's CT-grid files and sample strips go."""
+    return "/".join(
+        [
+            safe_path_part(record.get("patient_id", "unknown"), "patient id"),
+            f"series_{safe_path_part(record.get('series_uid'), 'uid')}",
+            f"nodule_{safe_path_part(record.get('nodule_id'), 'nodule id')}",
+        ]
+    )
+
+
+def _write_strips(run: _ExportRun, hu_window: Sequence[float]) -> None:
+    """Per nodule and sample, ``strip_mNN.png``: the sample's outline on each of the nodule's slices, in z order.
+
+    With shared noise (the default) a strip is one 3D hypothesis; the page shows a nodule as its M strips.
+    """
+    by_nodule: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in run.summary.records:
+        if record.get("status") == "ok":
+            by_nodule[nodule_folder(record)].append(record)
+    for folder, members in by_nodule.items():
+        members.sort(key=lambda r: float(r.get("slice_z") or 0.0))
+        images, samples = [], []
+        for record in members:
+            case_dir = run.out / record["folder"]
+            hu, _ = _case_maps(case_dir, record, "image.nii.gz")
+            maps, _ = _case_maps(case_dir, record, "samples.nii.gz")
+            (i, j), (h, w) = record["grids"]["model"]["offset_in_crop"], record["grids"]["model"]["shape"]
+            images.append(hu[i : i + h, j : j + w, 0])
+            samples.append(maps)
+        labels = [f"z {float(r.get('slice_z') or 0.0):.1f}" for r in members]
+        names = []
+        for m in range(min(s.shape[-1] for s in samples)):
+            png = sample_strip_png(images, [s[..., m] for s in samples], labels, f"sample {m + 1}", hu_window)
+            run.files.write_if_changed(run.out / folder / f"strip_m{m:02d}.png", png)
+            names.append(f"{folder}/strip_m{m:02d}.png")
+        for record in members:
+            record["strips"] = names
+            record["strip_slices_z"] = [float(r.get("slice_z") or 0.0) for r in members]
 
 
 def _export_settings(

@@ -9,7 +9,7 @@ import numpy as np
 
 from car_med.visualize import isolate_matplotlib_config
 
-__all__ = ["plot_ct_overlay", "review_montage_png"]
+__all__ = ["plot_ct_overlay", "review_montage_png", "sample_strip_png"]
 
 
 def review_montage_png(
@@ -137,3 +137,44 @@ def plot_ct_overlay(
     fig.tight_layout(pad=0.3)
     fig.savefig(path, metadata={"Software": None})
     return path
+
+
+def sample_strip_png(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    labels: Sequence[str],
+    title: str = "",
+    hu_window: Sequence[float] = (-1024.0, 400.0),
+) -> bytes:
+    """One sample of a nodule across its slices: each slice's CT with the sample's outline, left to right in z.
+
+    Args:
+        images: HU ``(I, J)`` per slice, in z order.
+        masks: the sample's 0/1 map ``(I, J)`` per slice, on the same grid as its image.
+        labels: a caption per slice (its z).
+        title: text at the left of the strip (the sample's number).
+        hu_window: grey window.
+
+    Returns:
+        The PNG file's bytes (no timestamp: equal inputs give equal bytes).
+    """
+    isolate_matplotlib_config()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1.1 * len(images) + 0.4, 1.3), dpi=90)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(images), squeeze=False)[0]
+    for ax, image, mask, label in zip(axes, images, masks, labels):
+        ax.imshow(np.asarray(image, dtype=np.float32).T, cmap="gray", vmin=hu_window[0], vmax=hu_window[1])
+        if np.asarray(mask).any():
+            ax.contour(np.asarray(mask, dtype=np.float32).T, levels=[0.5], colors=["#ff3b30"], linewidths=0.8)
+        ax.set_title(label, fontsize=6)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.text(0.005, 0.5, title, rotation=90, va="center", fontsize=7)
+    fig.tight_layout(pad=0.2, rect=(0.03 if title else 0, 0, 1, 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()

@@ -44,7 +44,7 @@ def test_index_html_lists_cases_by_score_with_every_thumbnail_loaded(exported, t
     assert [case for case, _ in rows] == [r["case_id"] for r in manifest]
     scores = [float(score) for _, score in rows]
     assert scores == sorted(scores, reverse=True) and len(rows) > 1
-    images = re.findall(r"<img [^>]*>", dom)
+    images = re.findall(r'<img class="thumb"[^>]*>', dom)
     assert len(images) == len(rows)
     # the page's script marks each thumbnail once the browser has decoded it (or replaces it when broken)
     assert all('data-loaded="yes"' in tag for tag in images), images[:3]
@@ -78,3 +78,31 @@ def test_a_missing_montage_shows_as_missing_not_as_a_broken_image(exported, tmp_
     ).stdout
     assert dom.count('<span class="missing"') == 1
     assert victim.relative_to(copy).as_posix() in dom
+
+
+def test_each_nodule_is_a_strip_per_sample_with_its_slices_in_z_order(exported, tmp_path):
+    import json
+
+    from conftest import NUM_SAMPLES
+
+    browser = _chromium()
+    page = (exported["dir"] / "index.html").as_uri()
+    dom = subprocess.run(
+        [browser, *CHROMIUM_FLAGS, "--user-data-dir=" + str(tmp_path / "p"), "--dump-dom", page],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    sections = re.findall(r'<section class="nodule" data-nodule="([^"]+)" data-rank="(\d+)">(.*?)</section>', dom, re.S)
+    records = [json.loads(p.read_text()) for p in exported["dir"].glob("*/*/case.json")]
+    nodules = {(r["patient_id"], str(r["series_uid"]), str(r["nodule_id"])) for r in records}
+    assert len(sections) == len(nodules) and [int(rank) for _, rank, _ in sections] == list(range(1, len(nodules) + 1))
+    for folder, _, body in sections:
+        strips = re.findall(r"<tr class=\"sample\" data-sample=\"(\d+)\">.*?(<img [^>]*>)", body, re.S)
+        assert [int(m) for m, _ in strips] == list(range(NUM_SAMPLES))  # one row per sample, one 3D hypothesis each
+        for _, tag in strips:
+            assert 'data-loaded="yes"' in tag, tag  # decoded by the browser
+            zs = [float(z) for z in re.search(r'data-slices="([^"]*)"', tag).group(1).split()]
+            assert zs == sorted(zs)
+        members = [r for r in records if f"nodule_{r['nodule_id']}" in folder and r["patient_id"] in folder]
+        assert len(zs) == len(members)  # every slice of the nodule is in its strip
