@@ -359,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    from car_med.export.run import print_summary
+
     words = ["python", "-m", "car_med.predict", *(sys.argv[1:] if argv is None else argv)]
     try:
         summary = predict_nodules(
@@ -381,10 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(summary.message())
-    for case_id, error in summary.failed.items():
-        print(f"failed: {case_id}: {error}", file=sys.stderr)
-    return summary.exit_code
+    return print_summary(summary)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies
-    from car_med.export.run import export_cases
+    from car_med.export.run import export_cases, print_summary
 
     words = ["python", "-m", "car_med.export", *(sys.argv[1:] if argv is None else argv)]
     try:
@@ -74,10 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(summary.message())
-    for case_id, error in summary.failed.items():
-        print(f"failed: {case_id}: {error}", file=sys.stderr)
-    return summary.exit_code
+    return print_summary(summary)
 
 
 if __name__ == "__main__":

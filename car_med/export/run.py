@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from car_med.export.model_source import ModelSource, load_export_model, resolve_
 from car_med.export.review import manifest_csv, review_index_html
 from car_med.visualize.review import sample_strip_png
 
-__all__ = ["ExportSummary", "export_cases", "export_items", "raise_if_failed"]
+__all__ = ["ExportSummary", "export_cases", "export_items", "print_summary", "raise_if_failed"]
 
 logger = logging.getLogger(__name__)
 
@@ -598,6 +599,14 @@ def _write_queue(run: _ExportRun, settings: Mapping[str, Any]) -> None:
     run.files.write_if_changed(run.out / "index.html", review_index_html(run.summary.records, settings))
     run.files.write_if_changed(run.out / EXPORT_RECORD, json_bytes(settings))
     run.files.finish()
+
+
+def print_summary(summary: ExportSummary) -> int:
+    """Print the summary line and every failed case (stderr); return the command's exit code."""
+    print(summary.message())
+    for case_id, error in summary.failed.items():
+        print(f"failed: {case_id}: {error}", file=sys.stderr)
+    return summary.exit_code
 
 
 def raise_if_failed(summary: ExportSummary) -> None:

@@ -91,13 +91,7 @@ class HungarianMatchedIoU(PairwiseIoUMetric):
     """HM-IoU as a MONAI cumulative metric: ``metric(y_pred=samples, y=labels)`` per batch, then ``aggregate()``.
 
     Per-image scores are buffered and gathered across DDP ranks by the base class; ``aggregate()`` averages them.
-
-    Args:
-        classes: class ids the IoU is taken over.
-        ignore_index: label value(s) excluded.
-        num_classes: optional bound, checked on class ids and map values.
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
-        max_elements: memory bound for the pairwise kernel.
+    Arguments as in :class:`~car_med.metrics.metric.PairwiseIoUMetric`.
     """
 
     function = staticmethod(hungarian_matched_iou)
