@@ -1,4 +1,6 @@
-"""Stage-2 seconds per iteration and peak memory of CARTrainer: memory_saving "none", "chunked" or "checkpoint"; light vs authors' D.
+"""Stage-2 seconds per iteration and peak memory of CARTrainer.
+
+Compares memory_saving "none", "chunked" and "checkpoint", with the light or the authors' discriminator.
 
 Usage:
     python benchmarks/bench_train_step.py [--batch-size 8] [--num-samples 20] [--size 128] [--threads 2]
