@@ -1,8 +1,10 @@
-"""``python -m car_med.predict``: CAR samples for a new patient's CT, from a DICOM series and nodule positions.
+"""``python -m car_med.predict``: CAR samples for a new patient's CT, from a DICOM series or a NIfTI volume and
+nodule positions or regions.
 
 A radiologist's new scan has no LIDC annotations, so it has no crops in any ``datalist.json``. This command
-reads the series with the library's CT reader (:mod:`car_med.ct`, the one preprocessing uses), takes every
-axial slice within ``diameter_mm / 2`` of each nodule's centre, cuts the 180x180 crop at 0.5 mm centred on the
+reads the CT with the library's CT reader (:mod:`car_med.ct`, the one preprocessing uses), takes every
+axial slice within ``diameter_mm / 2`` of each nodule's centre (with ``--roi``: every slice its mask touches,
+centred on the mask's centroid), cuts the 180x180 crop at 0.5 mm centred on the
 nodule's (x, y) on each slice (:func:`car_med.ct.crop_grid`, :func:`car_med.ct.resample_image`: the crop
 preprocessing would cut at that centre, -1024 HU outside the slice), and exports them as the review export does
 (:func:`car_med.export.export_items`): per crop NIfTI and a montage, the samples on the CT grid, one DICOM SEG
@@ -13,7 +15,9 @@ seed), so volume m of ``samples_ct.nii.gz`` and segment m of ``seg.dcm`` are one
 ``--independent-slices`` draws every slice's noise on its own, as the export of a datalist does.
 
 The nodule CSV has one row per nodule, ``nodule_id,x,y,z[,diameter_mm]``, in DICOM patient coordinates (LPS,
-millimetres), as PACS viewers and CAD tools report them; ``diameter_mm`` defaults to 10.
+millimetres), as PACS viewers and CAD tools report them; ``diameter_mm`` defaults to 10. ``--roi`` takes a NIfTI
+label map on the CT's grid (one positive label per nodule) or a DICOM SEG of the series (one segment per
+nodule). A NIfTI CT gets no DICOM SEG: a SEG must reference the DICOM instances it was drawn on.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import shlex
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +40,16 @@ import numpy as np
 import pydicom
 
 from car_med.ct import (
-    DicomSlice,
+    LPS_TO_RAS,
+    CTSeries,
+    SliceGeometry,
     consistent_slices,
     crop_grid,
     decode_hu,
     lps_to_pixel,
+    read_ct_series,
+    read_nifti_ct,
+    read_nodule_roi,
     read_series_headers,
     resample_image,
     slice_by_z,
@@ -48,7 +58,16 @@ from car_med.ct import (
 from car_med.data.lidc import DEFAULT_HU_WINDOW
 from car_med.export.files import safe_path_part
 
-__all__ = ["DEFAULT_DIAMETER_MM", "NodulePoint", "SeriesSlices", "main", "predict_nodules", "read_nodule_csv"]
+__all__ = [
+    "DEFAULT_DIAMETER_MM",
+    "CTPlane",
+    "NodulePoint",
+    "PredictionCT",
+    "main",
+    "predict_nodules",
+    "read_nodule_csv",
+    "roi_nodules",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,26 +80,65 @@ _Z_TOLERANCE_MM = 0.01
 
 @dataclass(frozen=True)
 class NodulePoint:
-    """One row of the nodule CSV: an id, the centre in LPS mm and the diameter that sets the slab of slices."""
+    """One nodule: an id, the centre in LPS mm, and the slices to take.
+
+    Attributes:
+        nodule_id: the CSV's ``nodule_id``, or the ROI's label or segment number.
+        centre: ``(x, y, z)`` in LPS mm; every crop is centred on ``(x, y)``.
+        diameter_mm: the slab of slices around ``z`` (CSV rows).
+        where: the CSV row or ROI label, for error messages.
+        slice_zs: the z of every slice an ROI mask touches; ``None`` for CSV rows (the slab is used).
+    """
 
     nodule_id: str
     centre: tuple[float, float, float]
     diameter_mm: float
-    row: int
+    where: str
+    slice_zs: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class CTPlane:
+    """One axial slice of the CT: where it lies, where it came from, and how to read its HU ``[row, column]``."""
+
+    geometry: SliceGeometry
+    z: float
+    source_file: str
+    sop_instance_uid: str
+    read_hu: Callable[[], np.ndarray] = field(repr=False, compare=False)
 
 
 @dataclass
-class SeriesSlices:
-    """The series' slices, one per z, sorted by z, with the folder they were read from."""
+class PredictionCT:
+    """The CT to predict on: its axial slices sorted by z and, once read, the whole volume.
 
-    folder: Path
+    Attributes:
+        source: the DICOM folder or the NIfTI file.
+        series_uid: SeriesInstanceUID, or the NIfTI file's name without extension.
+        patient_id: PatientID, or the NIfTI file's name.
+        planes: the axial slices, sorted by z.
+        volume: the whole CT (the NIfTI's, or the DICOM series read as one volume when an ROI or the export
+            needs it).
+    """
+
+    source: Path
     series_uid: str
     patient_id: str
-    slices: list[DicomSlice]
+    planes: list[CTPlane]
+    volume: CTSeries | None = None
 
     @property
     def zs(self) -> np.ndarray:
-        return np.asarray([s.z for s in self.slices])
+        return np.asarray([p.z for p in self.planes])
+
+    @property
+    def is_dicom(self) -> bool:
+        return self.source.is_dir()
+
+    def whole_volume(self) -> CTSeries:
+        if self.volume is None:
+            self.volume = read_ct_series(self.source, self.series_uid)
+        return self.volume
 
 
 def _number(value: str | None, path: Path, row: int, column: str) -> float:
@@ -133,13 +191,13 @@ def read_nodule_csv(path: str | Path) -> list[NodulePoint]:
                 diameter = _number(row["diameter_mm"], path, row_number, "diameter_mm")
                 if diameter <= 0:
                     raise ValueError(f"{path} row {row_number}: column 'diameter_mm' must be > 0, got {diameter}.")
-            nodules.append(NodulePoint(nodule_id, centre, diameter, row_number))
+            nodules.append(NodulePoint(nodule_id, centre, diameter, f"{path} row {row_number}"))
     if not nodules:
         raise ValueError(f"{path} has a header but no nodule rows.")
     return nodules
 
 
-def read_series(folder: str | Path, series_uid: str | None = None) -> SeriesSlices:
+def read_dicom_ct(folder: str | Path, series_uid: str | None = None) -> PredictionCT:
     """The axial CT series in ``folder`` (any nesting), checked as preprocessing checks a series.
 
     Raises:
@@ -182,57 +240,102 @@ def read_series(folder: str | Path, series_uid: str | None = None) -> SeriesSlic
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         header = pydicom.dcmread(slices[0].path, stop_before_pixels=True, specific_tags=["PatientID"])
-    return SeriesSlices(folder, uid, str(header.get("PatientID", "") or "patient"), slices)
+    planes = [CTPlane(s.geometry, s.z, s.relative_path, s.sop_instance_uid, partial(decode_hu, s)) for s in slices]
+    return PredictionCT(folder, uid, str(header.get("PatientID", "") or "patient"), planes)
 
 
-def nodule_slices(series: SeriesSlices, nodule: NodulePoint, where: str) -> list[DicomSlice]:
-    """The slices within ``diameter_mm / 2`` of the nodule's z, after checking that the nodule lies in the volume.
+def read_volume_ct(path: str | Path) -> PredictionCT:
+    """An axial NIfTI CT (:func:`car_med.ct.read_nifti_ct`) as slices, each described as a DICOM slice would be.
+
+    Raises:
+        ValueError: as :func:`car_med.ct.read_nifti_ct`.
+    """
+    volume = read_nifti_ct(path)
+    planes = []
+    for k in range(volume.shape[2]):
+        geometry = volume.slice_geometry(k)
+        planes.append(CTPlane(geometry, float(geometry.position[2]), Path(path).name, "", partial(volume.plane, k)))
+    planes.sort(key=lambda p: p.z)
+    return PredictionCT(Path(path), volume.series_uid, volume.series_uid, planes, volume)
+
+
+def roi_nodules(ct: PredictionCT, roi: str | Path) -> list[NodulePoint]:
+    """One nodule per label (NIfTI) or segment (DICOM SEG) of ``roi``: its centre is the mask's centroid (LPS mm),
+    its slices every slice the mask touches.
+
+    Raises:
+        ValueError: as :func:`car_med.ct.read_nodule_roi`.
+    """
+    volume = ct.whole_volume()
+    lps = LPS_TO_RAS @ volume.affine
+    nodules = []
+    for nodule_id, mask in read_nodule_roi(roi, volume).items():
+        ijk = np.argwhere(mask).astype(np.float64)
+        centre = lps @ np.append(ijk.mean(axis=0), 1.0)
+        ks = np.unique(ijk[:, 2])
+        zs = tuple(float((lps @ np.array([0.0, 0.0, k, 1.0]))[2]) for k in ks)
+        extent = max(zs) - min(zs) + float(np.linalg.norm(lps[:3, 2]))
+        where = f"ROI {roi} nodule {nodule_id}"
+        nodules.append(NodulePoint(nodule_id, tuple(float(v) for v in centre[:3]), extent, where, tuple(sorted(zs))))
+    return nodules
+
+
+def nodule_slices(ct: PredictionCT, nodule: NodulePoint) -> list[int]:
+    """Indices into ``ct.planes`` of the nodule's slices, after checking that the nodule lies in the volume.
+
+    CSV rows take the slices within ``diameter_mm / 2`` of ``z``; ROI nodules the slices their mask touches.
 
     Raises:
         ValueError: the centre lies outside the slices' in-plane extent, or the slab runs past the series' first
-            or last slice; ``where`` names the CSV row.
+            or last slice; the message names the CSV row or the ROI label.
     """
     x, y, z = nodule.centre
-    half = nodule.diameter_mm / 2
-    zs = series.zs
-    if z - half < zs[0] - _Z_TOLERANCE_MM or z + half > zs[-1] + _Z_TOLERANCE_MM:
-        raise ValueError(
-            f"{where}: nodule {nodule.nodule_id!r} at z={z:g} mm with diameter {nodule.diameter_mm:g} mm needs slices "
-            f"from z={z - half:g} to {z + half:g} mm; the series runs from {zs[0]:g} to {zs[-1]:g} mm."
-        )
-    geometry = series.slices[int(np.abs(zs - z).argmin())].geometry
+    zs = ct.zs
+    if nodule.slice_zs is None:
+        half = nodule.diameter_mm / 2
+        if z - half < zs[0] - _Z_TOLERANCE_MM or z + half > zs[-1] + _Z_TOLERANCE_MM:
+            raise ValueError(
+                f"{nodule.where}: nodule {nodule.nodule_id!r} at z={z:g} mm with diameter {nodule.diameter_mm:g} mm "
+                f"needs slices from z={z - half:g} to {z + half:g} mm; the series runs from {zs[0]:g} to {zs[-1]:g} mm."
+            )
+        chosen = [k for k, plane_z in enumerate(zs) if abs(plane_z - z) <= half + _Z_TOLERANCE_MM]
+        if not chosen:
+            raise ValueError(
+                f"{nodule.where}: no slice lies within {half:g} mm of z={z:g} mm (slice spacing too large)."
+            )
+    else:
+        chosen = sorted(int(np.abs(zs - slice_z).argmin()) for slice_z in nodule.slice_zs)
+    geometry = ct.planes[int(np.abs(zs - z).argmin())].geometry
     row, column, _ = lps_to_pixel(geometry, (x, y, z))
     rows, columns = geometry.shape
     if not (-0.5 <= row <= rows - 0.5 and -0.5 <= column <= columns - 0.5):
         raise ValueError(
-            f"{where}: nodule {nodule.nodule_id!r} at (x, y) = ({x:g}, {y:g}) mm lies outside the slices (pixel row "
-            f"{row:.1f}, column {column:.1f} of {rows}x{columns}); coordinates must be DICOM patient (LPS) mm."
+            f"{nodule.where}: nodule {nodule.nodule_id!r} at (x, y) = ({x:g}, {y:g}) mm lies outside the slices "
+            f"(pixel row {row:.1f}, column {column:.1f} of {rows}x{columns}); coordinates must be DICOM patient (LPS) "
+            "mm."
         )
-    chosen = [s for s in series.slices if abs(s.z - z) <= half + _Z_TOLERANCE_MM]
-    if not chosen:
-        raise ValueError(f"{where}: no slice lies within {half:g} mm of z={z:g} mm (slice spacing too large).")
     return chosen
 
 
-def cut_crop(item: DicomSlice, centre_lps: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def cut_crop(plane: CTPlane, centre_lps: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """The 180x180 crop at 0.5 mm of one slice centred on an LPS point, as preprocessing cuts it: ``(int16 HU
     [row, column], RAS affine)``."""
-    row, column, _ = lps_to_pixel(item.geometry, centre_lps)
-    grid = crop_grid(item.geometry, (row, column))
-    return resample_image(decode_hu(item), grid), grid.affine
+    row, column, _ = lps_to_pixel(plane.geometry, centre_lps)
+    grid = crop_grid(plane.geometry, (row, column))
+    return resample_image(plane.read_hu(), grid), grid.affine
 
 
 def crop_items(
-    series: SeriesSlices, nodules: Sequence[NodulePoint], crop_dir: Path, csv_path: Path, independent: bool
+    ct: PredictionCT, nodules: Sequence[NodulePoint], crop_dir: Path, independent: bool
 ) -> list[dict[str, Any]]:
     """Cut every nodule's crops into ``crop_dir`` and describe each as a datalist item for the export."""
-    plans = [(n, nodule_slices(series, n, f"{csv_path} row {n.row}")) for n in nodules]  # every check first
+    plans = [(n, nodule_slices(ct, n)) for n in nodules]  # every check first
     items: list[dict[str, Any]] = []
-    for position, (nodule, slices) in enumerate(plans):
+    for position, (nodule, ks) in enumerate(plans):
         nodule_part = safe_path_part(nodule.nodule_id, "nodule_id")
-        for item in slices:
-            k = next(i for i, s in enumerate(series.slices) if s is item)
-            image, affine = cut_crop(item, (nodule.centre[0], nodule.centre[1], item.z))
+        for k in ks:
+            plane = ct.planes[k]
+            image, affine = cut_crop(plane, (nodule.centre[0], nodule.centre[1], plane.z))
             path = crop_dir / f"{nodule_part}_k{k:04d}_image.nii.gz"
             write_crop_nifti(path, image, affine)
             case_index = len(items)
@@ -241,28 +344,63 @@ def crop_items(
                     "image": str(path),
                     "label": [],
                     "intensity": "hu",
-                    "patient_id": series.patient_id,
-                    "series_uid": series.series_uid,
+                    "patient_id": ct.patient_id,
+                    "series_uid": ct.series_uid,
                     "nodule_id": nodule.nodule_id,
                     "slice_index": k,
-                    "slice_z": item.z,
-                    "source_file": item.relative_path,
-                    "sop_instance_uid": item.sop_instance_uid,
+                    "slice_z": plane.z,
+                    "source_file": plane.source_file,
+                    "sop_instance_uid": plane.sop_instance_uid,
                     "case_index": case_index,
                     "case_id": f"{nodule_part}_k{k:04d}",
                     "noise_index": case_index if independent else position,
-                    "centre_lps": [float(v) for v in (nodule.centre[0], nodule.centre[1], item.z)],
+                    "centre_lps": [float(v) for v in (nodule.centre[0], nodule.centre[1], plane.z)],
                 }
             )
     return items
 
 
+def read_prediction_inputs(
+    dicom: str | Path | None,
+    image: str | Path | None,
+    nodules_csv: str | Path | None,
+    roi: str | Path | None,
+    series_uid: str | None = None,
+) -> tuple[PredictionCT, list[NodulePoint]]:
+    """Read and check the CT (one of ``dicom``, ``image``) and the nodules (one of ``nodules_csv``, ``roi``).
+
+    Raises:
+        ValueError: not exactly one CT or one nodule source is given, or any check of the readers fails.
+    """
+    if (dicom is None) == (image is None):
+        raise ValueError(
+            "give the CT as exactly one of a DICOM series folder (--dicom, bundle key predict_dicom) or a NIfTI "
+            f"volume (--image, predict_image); got dicom={dicom!r}, image={image!r}."
+        )
+    if (nodules_csv is None) == (roi is None):
+        raise ValueError(
+            "give the nodules as exactly one of a CSV (--nodules, bundle key predict_nodules) or a label map / "
+            f"DICOM SEG (--roi, predict_roi); got nodules={nodules_csv!r}, roi={roi!r}."
+        )
+    if image is not None and series_uid is not None:
+        raise ValueError("--series-uid chooses a series in a DICOM folder; a NIfTI --image holds one volume.")
+    nodules = read_nodule_csv(nodules_csv) if nodules_csv is not None else None
+    ct = read_dicom_ct(dicom, series_uid) if dicom is not None else read_volume_ct(image)
+    if nodules is None:
+        nodules = roi_nodules(ct, roi)
+    for nodule in nodules:
+        nodule_slices(ct, nodule)
+    return ct, nodules
+
+
 def predict_nodules(
     model: str | Path,
-    dicom: str | Path,
-    nodules_csv: str | Path,
+    dicom: str | Path | None,
+    nodules_csv: str | Path | None,
     output_dir: str | Path,
     *,
+    image: str | Path | None = None,
+    roi: str | Path | None = None,
     num_samples: int = 16,
     seed: int = 0,
     series_uid: str | None = None,
@@ -276,38 +414,34 @@ def predict_nodules(
     progress: bool = True,
     command: str | None = None,
 ):
-    """Predict on every nodule of the CSV and write the review export into ``output_dir``.
+    """Predict on every nodule and write the review export into ``output_dir``.
 
-    Every input is checked before anything is written. Returns the export's
+    The CT is a DICOM series folder (``dicom``) or a NIfTI volume (``image``); the nodules are a CSV
+    (``nodules_csv``) or a label map / DICOM SEG (``roi``). Every input is checked before anything is written.
+    A NIfTI CT gets no DICOM SEG (it has no instances to reference). Returns the export's
     :class:`~car_med.export.run.ExportSummary`.
     """
     from car_med.export.run import export_items
 
-    if dicom is None or nodules_csv is None:
-        raise ValueError(
-            "prediction needs the CT series folder and the nodule CSV (bundle keys predict_dicom and "
-            "predict_nodules, or --dicom and --nodules)."
-        )
-    nodules = read_nodule_csv(nodules_csv)
-    series = read_series(dicom, series_uid)
-    for nodule in nodules:
-        nodule_slices(series, nodule, f"{nodules_csv} row {nodule.row}")
+    ct, nodules = read_prediction_inputs(dicom, image, nodules_csv, roi, series_uid)
+    if dicom_seg and not ct.is_dicom:
+        logger.info("no DICOM SEG: the CT %s is a NIfTI volume, and a SEG must reference DICOM instances", image)
+        dicom_seg = False
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     noise = "independent per slice" if independent_slices else "shared by the slices of a nodule"
+    inputs: dict[str, Any] = {"dicom" if ct.is_dicom else "image": str(ct.source.resolve())}
+    inputs.update({"series_uid": ct.series_uid, "noise": noise})
+    inputs["nodules_csv" if nodules_csv is not None else "roi"] = str(Path(nodules_csv or roi).resolve())
     origin = {
-        "prediction": {
-            "dicom": str(Path(dicom).resolve()),
-            "series_uid": series.series_uid,
-            "nodules_csv": str(Path(nodules_csv).resolve()),
-            "noise": noise,
-        },
+        "prediction": inputs,
         "case_seed": "seed * 1000003 + noise_index: "
-        + ("the crop's position in the run" if independent_slices else "the nodule's row position in the CSV"),
+        + ("the crop's position in the run" if independent_slices else "the nodule's position in the input"),
     }
+    volumes: Mapping[str, CTSeries] = {} if ct.volume is None else {ct.series_uid: ct.volume}
     # the crops are inputs of the export, which copies each into its case folder; they need not stay
     with tempfile.TemporaryDirectory(prefix="car-predict-crops-") as crop_dir:
-        items = crop_items(series, nodules, Path(crop_dir), Path(nodules_csv), independent_slices)
+        items = crop_items(ct, nodules, Path(crop_dir), independent_slices)
         return export_items(
             model,
             items,
@@ -315,7 +449,8 @@ def predict_nodules(
             origin,
             num_samples=num_samples,
             seed=seed,
-            dicom_root=series.folder,
+            dicom_root=ct.source if ct.is_dicom else None,
+            volumes=volumes,
             full_volume=True,
             dicom_seg=dicom_seg,
             overwrite=overwrite,
@@ -331,13 +466,18 @@ def predict_nodules(
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m car_med.predict",
-        description="CAR samples for a new patient: a DICOM series and nodule positions in, review files out "
-        "(crop NIfTI, samples on the CT grid, DICOM SEG per nodule, index.html).",
+        description="CAR samples for a new patient: a CT (DICOM series or NIfTI) and nodule positions or regions "
+        "in, review files out (crop NIfTI, samples on the CT grid, DICOM SEG per nodule, index.html).",
     )
     parser.add_argument("--model", required=True, help="models:/NAME/VERSION or @ALIAS, runs:/..., a model folder, "
                         "or a bundle output folder")  # fmt: skip
-    parser.add_argument("--dicom", required=True, help="the CT series folder (any nesting)")
-    parser.add_argument("--nodules", required=True, help="CSV nodule_id,x,y,z[,diameter_mm] in LPS mm")
+    ct = parser.add_mutually_exclusive_group(required=True)
+    ct.add_argument("--dicom", help="the CT series folder (any nesting)")
+    ct.add_argument("--image", help="the CT as an axial NIfTI volume in HU (e.g. dcm2niix's output)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--nodules", help="CSV nodule_id,x,y,z[,diameter_mm] in LPS mm")
+    where.add_argument("--roi", help="NIfTI label map on the CT's grid (one label per nodule) or a DICOM SEG of "
+                       "the series (one segment per nodule)")  # fmt: skip
     parser.add_argument("--output-dir", required=True, help="the review folder")
     parser.add_argument("--num-samples", type=int, default=16, help="samples per nodule, M (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
@@ -368,6 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.dicom,
             args.nodules,
             args.output_dir,
+            image=args.image,
+            roi=args.roi,
             num_samples=args.num_samples,
             seed=args.seed,
             series_uid=args.series_uid,

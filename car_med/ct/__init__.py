@@ -3,7 +3,8 @@
 - :mod:`car_med.ct.dicom`: a DICOM series' files, headers, geometry checks, pixel-data checks, HU decoding.
 - :mod:`car_med.ct.geometry`: the 0.5 mm crop grid of a slice, resampling onto it, its scanner-frame affine.
 - :mod:`car_med.ct.volume`: a whole series as one volume, and crop-grid maps pasted back onto it.
-- :mod:`car_med.ct.nifti`: crops as NIfTI files.
+- :mod:`car_med.ct.nifti`: a CT volume from NIfTI, and crops as NIfTI files.
+- :mod:`car_med.ct.roi`: nodule regions (a NIfTI label map or a DICOM SEG) on a CT's voxel grid.
 
 Preprocessing, the review export and prediction all read and cut through these functions, so a crop cut
 for training and one cut for a new patient at the same centre are the same voxels.
@@ -37,7 +38,8 @@ from car_med.ct.geometry import (
     resample_image,
     resample_mask,
 )
-from car_med.ct.nifti import write_crop_nifti
+from car_med.ct.nifti import read_nifti_ct, write_crop_nifti
+from car_med.ct.roi import read_nodule_roi
 from car_med.ct.volume import CTSeries, PastedPlane, paste_plane, read_ct_series
 
 __all__ = [
@@ -62,6 +64,8 @@ __all__ = [
     "paste_plane",
     "pixel_data_problem",
     "read_ct_series",
+    "read_nifti_ct",
+    "read_nodule_roi",
     "read_series_headers",
     "resample_image",
     "resample_mask",

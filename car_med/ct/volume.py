@@ -21,7 +21,7 @@ import pydicom
 from scipy.ndimage import map_coordinates
 
 from car_med.ct.dicom import Skip, consistent_slices, decode_hu, read_series_headers, slice_by_z
-from car_med.ct.geometry import LPS_TO_RAS
+from car_med.ct.geometry import LPS_TO_RAS, SliceGeometry
 
 __all__ = ["PLANE_TOLERANCE_MM", "CTSeries", "PastedPlane", "paste_plane", "read_ct_series"]
 
@@ -59,6 +59,25 @@ class CTSeries:
             return self.sop_instance_uids.index(str(sop_instance_uid))
         except ValueError:
             return None
+
+    def slice_geometry(self, k: int) -> SliceGeometry:
+        """Slice ``k`` as a DICOM slice would describe it (position of its first voxel, direction cosines and
+        spacings in LPS), so crops are cut from a volume as from the series' files."""
+        lps = LPS_TO_RAS @ self.affine
+        column_step, row_step, slice_step = (lps[:3, axis] for axis in range(3))
+        return SliceGeometry(
+            position=(lps @ np.array([0.0, 0.0, float(k), 1.0]))[:3],
+            row_cosine=column_step / np.linalg.norm(column_step),
+            column_cosine=row_step / np.linalg.norm(row_step),
+            row_spacing=float(np.linalg.norm(row_step)),
+            column_spacing=float(np.linalg.norm(column_step)),
+            slice_spacing=float(np.linalg.norm(slice_step)),
+            shape=(self.shape[1], self.shape[0]),
+        )
+
+    def plane(self, k: int) -> np.ndarray:
+        """Slice ``k``'s HU as ``[row, column]``, the layout of a DICOM slice's pixels."""
+        return np.asarray(self.hu[:, :, k]).T
 
     def datasets(self, indices: Sequence[int]) -> list[pydicom.Dataset]:
         """The full DICOM datasets of slices ``indices`` (for DICOM SEG, which copies their attributes)."""

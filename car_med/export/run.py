@@ -329,6 +329,7 @@ def export_items(
     num_samples: int = 16,
     seed: int = 0,
     dicom_root: str | os.PathLike | None = None,
+    volumes: Mapping[str, CTSeries] | None = None,
     full_volume: bool = False,
     dicom_seg: bool = False,
     overwrite: bool = False,
@@ -345,9 +346,11 @@ def export_items(
     patient's CT (no readers' masks). An item's ``noise_index`` (default its ``case_index``) sets its noise
     seed, ``seed * 1000003 + noise_index``: items with one ``noise_index`` get the same M noise vectors, so
     sample m of a nodule's slices is one hypothesis. ``origin`` goes into ``export.json`` (where the items came
-    from, and how the case seeds are made). Other arguments as in :func:`export_cases`.
+    from, and how the case seeds are made). ``volumes`` holds CT volumes already read, by series UID (a NIfTI
+    CT, which has no DICOM folder); other series are read from ``dicom_root``. Other arguments as in
+    :func:`export_cases`.
     """
-    _check_arguments(num_samples, full_volume, dicom_seg, dicom_root)
+    _check_arguments(num_samples, full_volume, dicom_seg, dicom_root, volumes)
     out = Path(output_dir)
     files = ExportFiles(out)
     if files.clear_staging():
@@ -359,7 +362,7 @@ def export_items(
     run = _ExportRun(out, files, source, ExportSummary(output_dir=out), num_samples, seed, overwrite, progress)
     crops = _export_crops(run, items, device, roi_size, hu_window)
     if full_volume or dicom_seg:
-        _export_full_volumes(run, crops, Path(dicom_root), dicom_seg)
+        _export_full_volumes(run, crops, dicom_root, dicom_seg, volumes or {})
     _write_case_records(run, crops)
     _write_strips(run, hu_window)
     settings = _export_settings(run, previous, origin, dicom_root, roi_size, command)
@@ -368,10 +371,12 @@ def export_items(
     return run.summary
 
 
-def _check_arguments(num_samples: int, full_volume: bool, dicom_seg: bool, dicom_root: Any) -> None:
+def _check_arguments(
+    num_samples: int, full_volume: bool, dicom_seg: bool, dicom_root: Any, volumes: Mapping[str, CTSeries] | None = None
+) -> None:
     if num_samples < 2:
         raise ValueError(f"num_samples must be at least 2 (the ambiguity score compares samples), got {num_samples}.")
-    if (full_volume or dicom_seg) and dicom_root is None:
+    if (full_volume or dicom_seg) and dicom_root is None and not volumes:
         raise ValueError("--full-volume and --dicom-seg need --dicom-root, the DICOM folder the crops were made from.")
     if dicom_root is not None and not Path(dicom_root).is_dir():
         raise ValueError(f"--dicom-root {dicom_root} is not a folder.")
@@ -471,7 +476,13 @@ def _export_crops(
     return crops
 
 
-def _export_full_volumes(run: _ExportRun, crops: _Crops, dicom_root: Path, dicom_seg: bool) -> None:
+def _export_full_volumes(
+    run: _ExportRun,
+    crops: _Crops,
+    dicom_root: str | os.PathLike | None,
+    dicom_seg: bool,
+    volumes: Mapping[str, CTSeries],
+) -> None:
     """Per series: the CT volume, the cases' maps pasted onto it and the DICOM SEG; a failure marks its cases."""
     from tqdm.auto import tqdm
 
@@ -483,10 +494,14 @@ def _export_full_volumes(run: _ExportRun, crops: _Crops, dicom_root: Path, dicom
     ):
         series_dir = run.out / safe_path_part(patient_id, "patient id") / f"series_{safe_path_part(series_uid, 'uid')}"
         try:
-            source_file = members[0][2].get("source_file")
-            if not source_file:
-                raise ValueError("the datalist item has no source_file (made by an older preprocessing?)")
-            series = read_ct_series((dicom_root / source_file).parent, series_uid)
+            series = volumes.get(series_uid)
+            if series is None:
+                source_file = members[0][2].get("source_file")
+                if not source_file:
+                    raise ValueError("the datalist item has no source_file (made by an older preprocessing?)")
+                if dicom_root is None:
+                    raise ValueError("no DICOM root to read the series from (--dicom-root)")
+                series = read_ct_series((Path(dicom_root) / source_file).parent, series_uid)
             rewrite = {n for (p, s, n) in crops.written_nodules if p == patient_id and s == series_uid}
             _export_series(
                 series,

@@ -195,3 +195,19 @@ def run_bundle_raw(args):
         [sys.executable, "-m", "monai.bundle", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, timeout=300,
     )  # fmt: skip
+
+
+def test_training_with_f_on_the_readers_shares_runs_end_to_end(tmp_path, clean_run):
+    """The fidelity benchmark's F (benchmarks/lidc_quality.json): readers' shares as target, instance norm."""
+    out = tmp_path / "run"
+    result = run_bundle(
+        "training", ["train.json", "demo.json"], tmp_path / "home", dataset_dir=clean_run, output_dir=out,
+        f_target="readers_mean", **{"calibration_network_spec#norm": "instance"}, register_model="False",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:]
+    with sqlite3.connect(out / "mlflow.db") as db:
+        params = dict(db.execute("select key, value from params").fetchall())
+    assert params["f_target"] == "readers_mean" and params["f_norm"] == "instance"
+    bad = run_bundle("training", ["train.json", "demo.json"], tmp_path / "home", dataset_dir=clean_run,
+                     output_dir=tmp_path / "bad", f_target="mean")  # fmt: skip
+    assert bad.returncode != 0 and "f_target must be one of ['one_reader', 'readers_mean']" in bad.stdout
