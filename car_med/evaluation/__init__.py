@@ -13,10 +13,12 @@ from .sample_metrics import (
     sample_cases,
     with_case_index,
 )
+from .volumes import NOISE_MODES, with_nodule_noise
 
 __all__ = [
     "CASE_INDEX_KEY",
     "METRIC_DEFINITIONS",
+    "NOISE_MODES",
     "PREDICTION_KEYS",
     "SampleMetricSuite",
     "case_generator",
@@ -25,5 +27,6 @@ __all__ = [
     "evaluate_samples",
     "sample_cases",
     "with_case_index",
+    "with_nodule_noise",
     "write_case_predictions",
 ]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shutil
 import subprocess
 
 import pytest
+from conftest import NUM_SAMPLES
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -81,10 +83,6 @@ def test_a_missing_montage_shows_as_missing_not_as_a_broken_image(exported, tmp_
 
 
 def test_each_nodule_is_a_strip_per_sample_with_its_slices_in_z_order(exported, tmp_path):
-    import json
-
-    from conftest import NUM_SAMPLES
-
     browser = _chromium()
     page = (exported["dir"] / "index.html").as_uri()
     dom = subprocess.run(
