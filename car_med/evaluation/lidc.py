@@ -24,8 +24,8 @@ from car_med.evaluation.report import (
     write_per_case_csv,
     write_report,
 )
-from car_med.evaluation.sample_metrics import SampleMetricSuite, evaluate_samples
-from car_med.evaluation.volumes import NoduleVolumes, with_nodule_noise
+from car_med.evaluation.sample_metrics import SampleMetricSuite, evaluate_samples, sample_cases
+from car_med.evaluation.volumes import NOISE_MODES, NoduleVolumes, with_nodule_noise
 from car_med.metrics import plot_reliability_diagram
 from car_med.metrics.presence import DEFAULT_MIN_AREA, DEFAULT_SPECKLE_SIZE, plot_presence_reliability
 from car_med.sampling import CARSampler
@@ -108,10 +108,11 @@ def evaluate_lidc(
         reference_rows: the rows of :mod:`car_med.evaluation.references` to score (all four by default).
         presence_min_area: maps with fewer foreground pixels count as empty in the presence gap.
         speckle_size: components under this many pixels are speckle.
-        noise: ``"nodule"`` (default): the crops of one nodule share their M noise vectors, so sample m of a
-            nodule is one 3D hypothesis (as ``car_med.predict`` draws them); ``"case"``: every crop draws its own.
-            Each crop's samples have the same distribution either way, so the 2D metrics' expected values do
-            not depend on it.
+        noise: the noise of the 3D metrics. ``"nodule"`` (default): the crops of one nodule share their noise
+            vectors, so sample m of a nodule is one 3D hypothesis (as ``car_med.predict`` and the export draw
+            them); ``"case"``: every crop draws its own (slices of a sample are independent draws). The 2D
+            metrics always draw per crop, seeded by its case index (the literature's protocol); with
+            ``"nodule"`` the 3D metrics come from a second draw of ``volume_samples`` per crop.
         volume_samples: samples per nodule of the 3D metrics (``volumes`` in ``metrics.json``,
             ``per_nodule.csv``): each nodule's crops stacked into one volume, 3D GED and HM-IoU against the
             readers' stacked masks, and the mean Dice between adjacent slices of a sample and of a reader.
@@ -119,19 +120,16 @@ def evaluate_lidc(
     """
     from car_med.visualize.lidc import plot_lidc_montage
 
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}.")
     networks = (calibration_network, refinement_network)
     found = load_lidc_datalist(datalist, split)
     out, items = start_evaluation(
         *networks, checkpoint, device, output_dir, found, max_cases, f"{datalist}: split {split!r}"
     )
-    items = with_nodule_noise(items, noise)
     volumes = NoduleVolumes(volume_samples)
-    loader = DataLoader(
-        Dataset(items, lidc_transforms("eval", roi_size=roi_size, hu_window=hu_window)),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-    )
+    transform = lidc_transforms("eval", roi_size=roi_size, hu_window=hu_window)
+    loader = DataLoader(Dataset(items, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     sampler = CARSampler(calibration_network, refinement_network, max_batch=max_batch, noise_std=noise_std)
     suite = SampleMetricSuite(
         ged_counts,
@@ -150,11 +148,16 @@ def evaluate_lidc(
     rows: list[dict[str, Any]] = []
     kept: list = []
 
-    def collect(batch, drawn) -> None:
+    def add_volumes(batch, samples) -> None:
         affines = batch["image"].affine.reshape(-1, 4, 4)
+        for i in range(samples.shape[0]):
+            volumes.add(case_row(batch, i, CASE_FIELDS), samples[i], torch.as_tensor(batch["label"][i]), affines[i])
+
+    def collect(batch, drawn) -> None:
+        if noise == "case":
+            add_volumes(batch, drawn.samples)
         for i in range(drawn.samples.shape[0]):
             rows.append(case_row(batch, i, CASE_FIELDS))
-            volumes.add(rows[-1], drawn.samples[i], torch.as_tensor(batch["label"][i]), affines[i])
             if len(kept) < montage_cases:
                 kept.append(
                     (batch["image"][i], batch["label"][i], drawn.calibration[i], drawn.mean[i], drawn.samples[i])
@@ -163,6 +166,17 @@ def evaluate_lidc(
     metrics = evaluate_samples(
         sampler, loader, suite, seed, device, on_batch=collect, progress=progress, references=references
     )
+    if noise == "nodule":
+        # the 2D metrics keep the literature's protocol (every crop its own draw: more independent draws, less
+        # variance); the 3D metrics need sample m to be one hypothesis on all of a nodule's crops, a second draw
+        nodule_loader = DataLoader(
+            Dataset(with_nodule_noise(items, "nodule"), transform),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+        )
+        for batch, drawn in sample_cases(sampler, nodule_loader, volume_samples, seed, device, progress=progress):
+            add_volumes(batch, drawn.samples)
     reference_metrics = references.aggregate() if references is not None else {}
     per_case = {**suite.per_case(), **(references.per_case() if references is not None else {})}
     write_per_case_csv(out / "per_case.csv", rows, CASE_FIELDS, per_case)

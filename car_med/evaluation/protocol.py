@@ -36,10 +36,10 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "speckle": "share of the samples' foreground pixels that lie in 4-connected components of fewer than "
     "speckle_size pixels, pooled over the first n samples of every case (readers' masks: near 0, only a "
     "reader's own mark of fewer pixels counts)",
-    "samples": "per case, noise from torch.Generator seeded seed * 1000003 + noise index; the noise index is the "
-    "position of the nodule's first crop in the split (noise 'nodule': a nodule's crops share their noise, so "
-    "sample m is one 3D hypothesis) or the case index (noise 'case'); the n-sample metrics use the first n of "
-    "one draw",
+    "samples": "2D metrics: per case, noise from torch.Generator seeded seed * 1000003 + case index (every crop "
+    "its own draw); the n-sample metrics use the first n of one draw. 3D metrics (noise 'nodule'): a second draw "
+    "seeded seed * 1000003 + the position of the nodule's first crop in the split, shared by the nodule's crops, "
+    "so sample m is one 3D hypothesis; with noise 'case' the 3D metrics stack the 2D draws",
     "ged<n>_3d": "per nodule, its crops placed by their affines on one canvas and stacked by slice z; GED of the "
     "n sample volumes against the R reader-slot volumes (slot r is the same annotation on every slice); "
     "averaged over nodules",

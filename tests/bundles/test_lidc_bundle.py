@@ -151,6 +151,47 @@ def test_evaluate_writes_metrics_with_protocol_card_and_per_case_rows(trained_li
     )
 
 
+def test_2d_metrics_draw_per_crop_whatever_the_3d_noise(trained_lidc_run, tmp_path):
+    """The 2D metrics keep the literature's per-crop draw; only the 3D metrics take a nodule's shared draw."""
+    from car_med.evaluation import evaluate_lidc
+    from car_med.networks import build_network
+
+    bundle = json.loads((BUNDLE / "train.json").read_text())
+    demo = json.loads((BUNDLE / "demo.json").read_text())
+    specs = {}
+    for name in ("calibration_network_spec", "refinement_network_spec"):
+        specs[name] = {**bundle[name], **{k.split("#")[1]: v for k, v in demo.items() if k.startswith(name + "#")}}
+    reports = {
+        noise: evaluate_lidc(
+            build_network(specs["calibration_network_spec"]),
+            build_network(specs["refinement_network_spec"]),
+            trained_lidc_run["dataset_dir"] / "datalist.json",
+            tmp_path / noise,
+            checkpoint=trained_lidc_run["output_dir"] / "checkpoints" / "best_stage2.pt",
+            ged_counts=(4,),
+            hm_iou_counts=(4,),
+            diversity_count=4,
+            roi_size=ROI,
+            progress=False,
+            noise=noise,
+        )
+        for noise in ("case", "nodule")
+    }
+    assert reports["case"]["metrics"] == pytest.approx(reports["nodule"]["metrics"], abs=1e-12)
+    assert reports["case"]["references"] == reports["nodule"]["references"]
+    assert [r["protocol"]["noise"] for r in reports.values()] == ["case", "nodule"]
+    assert reports["case"]["volumes"]["num_nodules"] == reports["nodule"]["volumes"]["num_nodules"] > 0
+    with pytest.raises(ValueError, match="noise must be one of"):
+        evaluate_lidc(
+            build_network(specs["calibration_network_spec"]),
+            build_network(specs["refinement_network_spec"]),
+            trained_lidc_run["dataset_dir"] / "datalist.json",
+            tmp_path / "bad",
+            noise="slice",
+            progress=False,
+        )
+
+
 def test_inference_writes_one_npz_per_case_in_the_scanner_frame(trained_lidc_run):
     out, data = trained_lidc_run["output_dir"], trained_lidc_run["dataset_dir"]
     result = run_bundle(
