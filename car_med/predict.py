@@ -26,7 +26,6 @@ import argparse
 import csv
 import logging
 import math
-import shlex
 import sys
 import tempfile
 import warnings
@@ -56,6 +55,7 @@ from car_med.ct import (
     write_crop_nifti,
 )
 from car_med.data.lidc import DEFAULT_HU_WINDOW
+from car_med.export.cli import add_sampling_arguments, run_export_command, sampling_options
 from car_med.export.files import safe_path_part
 
 __all__ = [
@@ -469,8 +469,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="CAR samples for a new patient: a CT (DICOM series or NIfTI) and nodule positions or regions "
         "in, review files out (crop NIfTI, samples on the CT grid, DICOM SEG per nodule, index.html).",
     )
-    parser.add_argument("--model", required=True, help="models:/NAME/VERSION or @ALIAS, runs:/..., a model folder, "
-                        "or a bundle output folder")  # fmt: skip
     ct = parser.add_mutually_exclusive_group(required=True)
     ct.add_argument("--dicom", help="the CT series folder (any nesting)")
     ct.add_argument("--image", help="the CT as an axial NIfTI volume in HU (e.g. dcm2niix's output)")
@@ -478,54 +476,30 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     where.add_argument("--nodules", help="CSV nodule_id,x,y,z[,diameter_mm] in LPS mm")
     where.add_argument("--roi", help="NIfTI label map on the CT's grid (one label per nodule) or a DICOM SEG of "
                        "the series (one segment per nodule)")  # fmt: skip
-    parser.add_argument("--output-dir", required=True, help="the review folder")
-    parser.add_argument("--num-samples", type=int, default=16, help="samples per nodule, M (default 16)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--series-uid", help="the series to use when the folder holds several")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier prediction in the folder")
-    parser.add_argument("--independent-slices", action="store_true",
-                        help="draw each slice's noise on its own (default: shared by a nodule's slices)")  # fmt: skip
     parser.add_argument("--no-dicom-seg", action="store_true", help="skip the DICOM SEG files")
-    parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default MLFLOW_TRACKING_URI)")
-    parser.add_argument("--roi-size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"),
-                        help="model input window (the training roi_size; default 128 128)")  # fmt: skip
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_sampling_arguments(parser, unit="nodule")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code (2 for bad input, 1 when a nodule failed)."""
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
-    from car_med.export.run import print_summary
 
-    words = ["python", "-m", "car_med.predict", *(sys.argv[1:] if argv is None else argv)]
-    try:
-        summary = predict_nodules(
+    def predict(words: list[str]):
+        return predict_nodules(
             args.model,
             args.dicom,
             args.nodules,
             args.output_dir,
             image=args.image,
             roi=args.roi,
-            num_samples=args.num_samples,
-            seed=args.seed,
             series_uid=args.series_uid,
-            overwrite=args.overwrite,
-            independent_slices=args.independent_slices,
             dicom_seg=not args.no_dicom_seg,
-            tracking_uri=args.tracking_uri,
-            device=args.device,
-            roi_size=tuple(args.roi_size),
-            progress=not args.no_progress,
-            command=shlex.join(words),
+            **sampling_options(args, words),
         )
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return print_summary(summary)
+
+    return run_export_command("car_med.predict", argv, predict)
 
 
 if __name__ == "__main__":
