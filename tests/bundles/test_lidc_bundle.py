@@ -171,6 +171,7 @@ def test_2d_metrics_draw_per_crop_whatever_the_3d_noise(trained_lidc_run, tmp_pa
             ged_counts=(4,),
             hm_iou_counts=(4,),
             diversity_count=4,
+            volume_samples=4,
             roi_size=ROI,
             progress=False,
             noise=noise,

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-#: 0611: one 1-annotator nodule; 0983: a 2-annotator nodule at the image border (padded crops)
-EXPORT_PATIENTS = ("LIDC-IDRI-0611", "LIDC-IDRI-0983")
-NUM_SAMPLES = 4
-
-
-def split_of(datalist: Path, patient_id: str) -> str:
-    content = json.loads(datalist.read_text())
-    for split in ("training", "validation", "test"):
-        if any(item["patient_id"] == patient_id for item in content.get(split, [])):
-            return split
-    raise AssertionError(f"{patient_id} is in no split of {datalist}")
+from export_cohort import EXPORT_PATIENTS, NUM_SAMPLES, split_of  # noqa: E402
 
 
 @pytest.fixture(scope="session")

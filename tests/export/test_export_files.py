@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import EXPORT_PATIENTS, NUM_SAMPLES, split_of
+from export_cohort import EXPORT_PATIENTS, NUM_SAMPLES, split_of
 
 from car_med.data.lidc import load_lidc_datalist
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import EXPORT_PATIENTS, NUM_SAMPLES, split_of
+from export_cohort import EXPORT_PATIENTS, NUM_SAMPLES, split_of
 
 from car_med.export import export_cases
 from car_med.export.__main__ import main

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import NUM_SAMPLES, split_of
+from export_cohort import NUM_SAMPLES, split_of
 from scipy.ndimage import map_coordinates
 
 from car_med.predict import main as predict_main

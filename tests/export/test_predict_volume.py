@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import NUM_SAMPLES
+from export_cohort import NUM_SAMPLES
 from scipy.ndimage import map_coordinates
 from test_predict import PATIENT, _digests, _nodule_rows, _series_folder
 

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import NUM_SAMPLES
+from export_cohort import NUM_SAMPLES
 
 CHROMIUM_FLAGS = [
     "--headless",
