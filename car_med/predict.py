@@ -421,7 +421,7 @@ def predict_nodules(
     A NIfTI CT gets no DICOM SEG (it has no instances to reference). Returns the export's
     :class:`~car_med.export.run.ExportSummary`.
     """
-    from car_med.export.run import export_items
+    from car_med.export.run import ExportOptions, export_items
 
     ct, nodules = read_prediction_inputs(dicom, image, nodules_csv, roi, series_uid)
     if dicom_seg and not ct.is_dicom:
@@ -439,28 +439,15 @@ def predict_nodules(
         + ("the crop's position in the run" if independent_slices else "the nodule's position in the input"),
     }
     volumes: Mapping[str, CTSeries] = {} if ct.volume is None else {ct.series_uid: ct.volume}
+    options = ExportOptions.of(locals())
+    dicom_root = ct.source if ct.is_dicom else None
     # the crops are inputs of the export, which copies each into its case folder; they need not stay
     with tempfile.TemporaryDirectory(prefix="car-predict-crops-") as crop_dir:
         items = crop_items(ct, nodules, Path(crop_dir), independent_slices)
         return export_items(
-            model,
-            items,
-            out,
-            origin,
-            num_samples=num_samples,
-            seed=seed,
-            dicom_root=ct.source if ct.is_dicom else None,
-            volumes=volumes,
-            full_volume=True,
+            model, items, out, origin, options, dicom_root=dicom_root, volumes=volumes, full_volume=True,
             dicom_seg=dicom_seg,
-            overwrite=overwrite,
-            tracking_uri=tracking_uri,
-            device=device,
-            roi_size=roi_size,
-            hu_window=hu_window,
-            progress=progress,
-            command=command,
-        )
+        )  # fmt: skip
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

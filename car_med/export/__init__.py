@@ -9,10 +9,11 @@ from __future__ import annotations
 from car_med.ct.volume import CTSeries, paste_plane, read_ct_series
 from car_med.export.files import safe_path_part
 from car_med.export.model_source import ModelSource, load_export_model, resolve_model_source
-from car_med.export.run import ExportSummary, export_cases, export_items, raise_if_failed
+from car_med.export.run import ExportOptions, ExportSummary, export_cases, export_items, raise_if_failed
 
 __all__ = [
     "CTSeries",
+    "ExportOptions",
     "ExportSummary",
     "ModelSource",
     "export_cases",

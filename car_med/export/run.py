@@ -8,7 +8,7 @@ import os
 import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from car_med.export.model_source import ModelSource, load_export_model, resolve_
 from car_med.export.review import manifest_csv, review_index_html
 from car_med.visualize.review import sample_strip_png
 
-__all__ = ["ExportSummary", "export_cases", "export_items", "print_summary", "raise_if_failed"]
+__all__ = ["ExportOptions", "ExportSummary", "export_cases", "export_items", "print_summary", "raise_if_failed"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,29 @@ class ExportSummary:
         if self.failed:
             parts.append(f"{len(self.failed)} failed (errors in manifest.csv)")
         return "; ".join(parts) + f"; review queue: {self.output_dir / 'index.html'}"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How an export samples and writes, the same for a datalist split and a new patient's crops.
+
+    Attributes as the arguments of :func:`export_cases`.
+    """
+
+    num_samples: int = 16
+    seed: int = 0
+    overwrite: bool = False
+    tracking_uri: str | None = None
+    device: str = "cpu"
+    roi_size: Sequence[int] = (128, 128)
+    hu_window: Sequence[float] = DEFAULT_HU_WINDOW
+    progress: bool = True
+    command: str | None = None
+
+    @classmethod
+    def of(cls, arguments: Mapping[str, Any]) -> ExportOptions:
+        """The options among ``arguments`` (a caller's ``locals()``); the others are left out."""
+        return cls(**{f.name: arguments[f.name] for f in fields(cls) if f.name in arguments})
 
 
 def _plain(value: Any) -> Any:
@@ -300,23 +323,9 @@ def export_cases(
             else "the position of the nodule's first crop in its split: a nodule's crops share their noise"
         ),
     }
+    options = ExportOptions.of(locals())
     return export_items(
-        model,
-        items,
-        output_dir,
-        origin,
-        num_samples=num_samples,
-        seed=seed,
-        dicom_root=dicom_root,
-        full_volume=full_volume,
-        dicom_seg=dicom_seg,
-        overwrite=overwrite,
-        tracking_uri=tracking_uri,
-        device=device,
-        roi_size=roi_size,
-        hu_window=hu_window,
-        progress=progress,
-        command=command,
+        model, items, output_dir, origin, options, dicom_root=dicom_root, full_volume=full_volume, dicom_seg=dicom_seg
     )
 
 
@@ -325,20 +334,12 @@ def export_items(
     items: Sequence[dict[str, Any]],
     output_dir: str | os.PathLike,
     origin: Mapping[str, Any],
+    options: ExportOptions = ExportOptions(),
     *,
-    num_samples: int = 16,
-    seed: int = 0,
     dicom_root: str | os.PathLike | None = None,
     volumes: Mapping[str, CTSeries] | None = None,
     full_volume: bool = False,
     dicom_seg: bool = False,
-    overwrite: bool = False,
-    tracking_uri: str | None = None,
-    device: str = "cpu",
-    roi_size: Sequence[int] = (128, 128),
-    hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
-    progress: bool = True,
-    command: str | None = None,
 ) -> ExportSummary:
     """Export crop items (datalist-style dicts with absolute paths, a ``case_index`` and a ``case_id``).
 
@@ -347,25 +348,28 @@ def export_items(
     seed, ``seed * 1000003 + noise_index``: items with one ``noise_index`` get the same M noise vectors, so
     sample m of a nodule's slices is one hypothesis. ``origin`` goes into ``export.json`` (where the items came
     from, and how the case seeds are made). ``volumes`` holds CT volumes already read, by series UID (a NIfTI
-    CT, which has no DICOM folder); other series are read from ``dicom_root``. Other arguments as in
-    :func:`export_cases`.
+    CT, which has no DICOM folder); other series are read from ``dicom_root``. ``options``: sampling and
+    writing, as the arguments of :func:`export_cases`; the other arguments as there.
     """
-    _check_arguments(num_samples, full_volume, dicom_seg, dicom_root, volumes)
+    _check_arguments(options.num_samples, full_volume, dicom_seg, dicom_root, volumes)
     out = Path(output_dir)
     files = ExportFiles(out)
     if files.clear_staging():
         logger.warning("removed the partial files an interrupted export left in %s", files.staging)
-    source = resolve_model_source(model, tracking_uri)
+    source = resolve_model_source(model, options.tracking_uri)
     previous = _settings_of(out / EXPORT_RECORD)
-    if not overwrite:
-        _check_same_settings(previous, source, num_samples, seed)
-    run = _ExportRun(out, files, source, ExportSummary(output_dir=out), num_samples, seed, overwrite, progress)
-    crops = _export_crops(run, items, device, roi_size, hu_window)
+    if not options.overwrite:
+        _check_same_settings(previous, source, options.num_samples, options.seed)
+    run = _ExportRun(
+        out, files, source, ExportSummary(output_dir=out), options.num_samples, options.seed, options.overwrite,
+        options.progress,
+    )  # fmt: skip
+    crops = _export_crops(run, items, options.device, options.roi_size, options.hu_window)
     if full_volume or dicom_seg:
         _export_full_volumes(run, crops, dicom_root, dicom_seg, volumes or {})
     _write_case_records(run, crops)
-    _write_strips(run, hu_window)
-    settings = _export_settings(run, previous, origin, dicom_root, roi_size, command)
+    _write_strips(run, options.hu_window)
+    settings = _export_settings(run, previous, origin, dicom_root, options.roi_size, options.command)
     _write_queue(run, settings)
     logger.info(run.summary.message())
     return run.summary
