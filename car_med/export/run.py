@@ -360,16 +360,13 @@ def export_items(
     previous = _settings_of(out / EXPORT_RECORD)
     if not options.overwrite:
         _check_same_settings(previous, source, options.num_samples, options.seed)
-    run = _ExportRun(
-        out, files, source, ExportSummary(output_dir=out), options.num_samples, options.seed, options.overwrite,
-        options.progress,
-    )  # fmt: skip
-    crops = _export_crops(run, items, options.device, options.roi_size, options.hu_window)
+    run = _ExportRun(out, files, source, ExportSummary(output_dir=out), options)
+    crops = _export_crops(run, items)
     if full_volume or dicom_seg:
         _export_full_volumes(run, crops, dicom_root, dicom_seg, volumes or {})
     _write_case_records(run, crops)
-    _write_strips(run, options.hu_window)
-    settings = _export_settings(run, previous, origin, dicom_root, options.roi_size, options.command)
+    _write_strips(run)
+    settings = _export_settings(run, previous, origin, dicom_root)
     _write_queue(run, settings)
     logger.info(run.summary.message())
     return run.summary
@@ -411,10 +408,7 @@ class _ExportRun:
     files: ExportFiles
     source: ModelSource
     summary: ExportSummary
-    num_samples: int
-    seed: int
-    overwrite: bool
-    progress: bool
+    options: ExportOptions
 
 
 @dataclass
@@ -430,15 +424,12 @@ class _Crops:
 def _export_crops(
     run: _ExportRun,
     items: Sequence[dict[str, Any]],
-    device: str,
-    roi_size: Sequence[int],
-    hu_window: Sequence[float],
 ) -> _Crops:
     """Write every case's crop-grid files (or keep a finished case); a failed case is recorded, not raised."""
     from tqdm.auto import tqdm
 
     out, summary, crops, loaded = run.out, run.summary, _Crops(), None
-    for item in tqdm(items, desc="export", unit="case", disable=not run.progress):
+    for item in tqdm(items, desc="export", unit="case", disable=not run.options.progress):
         patient = safe_path_part(item.get("patient_id", "unknown"), "patient id")
         case_dir = out / patient / item["case_id"]
         base = {
@@ -449,23 +440,23 @@ def _export_crops(
         }
         base["patient_id"] = str(item.get("patient_id", "unknown"))
         done_record = case_dir / CASE_RECORD
-        if done_record.is_file() and not run.overwrite:
+        if done_record.is_file() and not run.options.overwrite:
             record = json.loads(done_record.read_text())
             summary.existing.append(item["case_id"])
         else:
             try:
                 if loaded is None:
-                    loaded = load_export_model(run.source, device=device)
+                    loaded = load_export_model(run.source, device=run.options.device)
                 record = export_case(
                     loaded,
                     item,
                     case_dir,
                     run.files,
-                    run.num_samples,
-                    case_seed(run.seed, item.get("noise_index", item["case_index"])),
+                    run.options.num_samples,
+                    case_seed(run.options.seed, item.get("noise_index", item["case_index"])),
                     base,
-                    hu_window=hu_window,
-                    roi_size=roi_size,
+                    hu_window=run.options.hu_window,
+                    roi_size=run.options.roi_size,
                 )
             except (ValueError, OSError) as err:
                 record = {**base, "status": "error", "error": str(err)}
@@ -494,7 +485,7 @@ def _export_full_volumes(
     for record, case_dir, item in crops.located:
         by_series[(record["patient_id"], str(item.get("series_uid")))].append((record, case_dir, item))
     for (patient_id, series_uid), members in tqdm(
-        sorted(by_series.items()), desc="full volume", unit="series", disable=not run.progress
+        sorted(by_series.items()), desc="full volume", unit="series", disable=not run.options.progress
     ):
         series_dir = run.out / safe_path_part(patient_id, "patient id") / f"series_{safe_path_part(series_uid, 'uid')}"
         try:
@@ -513,10 +504,10 @@ def _export_full_volumes(
                 series_dir,
                 run.files,
                 run.source,
-                run.seed,
-                write_ct=run.overwrite or not (series_dir / "ct.nii.gz").is_file(),
+                run.options.seed,
+                write_ct=run.options.overwrite or not (series_dir / "ct.nii.gz").is_file(),
                 dicom_seg=dicom_seg,
-                rewrite_nodules=rewrite if not run.overwrite else {r.get("nodule_id") for r, _, _ in members},
+                rewrite_nodules=rewrite if not run.options.overwrite else {r.get("nodule_id") for r, _, _ in members},
             )
         except (ValueError, OSError) as err:
             message = f"full volume of series {series_uid}: {err}"
@@ -550,7 +541,7 @@ def nodule_folder(record: Mapping[str, Any]) -> str:
     )
 
 
-def _write_strips(run: _ExportRun, hu_window: Sequence[float]) -> None:
+def _write_strips(run: _ExportRun) -> None:
     """Per nodule and sample, ``strip_mNN.png``: the sample's outline on each of the nodule's slices, in z order.
 
     With shared noise (the default) a strip is one 3D hypothesis; the page shows a nodule as its M strips.
@@ -572,7 +563,8 @@ def _write_strips(run: _ExportRun, hu_window: Sequence[float]) -> None:
         labels = [f"z {float(r.get('slice_z') or 0.0):.1f}" for r in members]
         names = []
         for m in range(min(s.shape[-1] for s in samples)):
-            png = sample_strip_png(images, [s[..., m] for s in samples], labels, f"sample {m + 1}", hu_window)
+            strip = [s[..., m] for s in samples]
+            png = sample_strip_png(images, strip, labels, f"sample {m + 1}", run.options.hu_window)
             run.files.write_if_changed(run.out / folder / f"strip_m{m:02d}.png", png)
             names.append(f"{folder}/strip_m{m:02d}.png")
         for record in members:
@@ -585,19 +577,18 @@ def _export_settings(
     previous: Mapping[str, Any] | None,
     origin: Mapping[str, Any],
     dicom_root: str | os.PathLike | None,
-    roi_size: Sequence[int],
-    command: str | None,
 ) -> dict[str, Any]:
     """The content of ``export.json``: the model, M, the seeds, the inputs, every command that wrote the folder."""
     series_uids = sorted({str(r.get("series_uid")) for r in run.summary.records if r.get("series_uid")})
-    commands = list((previous or {}).get("commands", [])) if not run.overwrite else []
+    commands = list((previous or {}).get("commands", [])) if not run.options.overwrite else []
+    command, roi_size = run.options.command, run.options.roi_size
     if command and command not in commands:
         commands.append(command)
     return {
         "car_med_version": car_med.__version__,
         "model": run.source.to_json(),
-        "num_samples": int(run.num_samples),
-        "seed": int(run.seed),
+        "num_samples": int(run.options.num_samples),
+        "seed": int(run.options.seed),
         **origin,
         "dicom_root": None if dicom_root is None else str(Path(dicom_root).resolve()),
         "commands": commands,
