@@ -182,6 +182,14 @@ def test_2d_metrics_draw_per_crop_whatever_the_3d_noise(trained_lidc_run, tmp_pa
     assert reports["case"]["references"] == reports["nodule"]["references"]
     assert [r["protocol"]["noise"] for r in reports.values()] == ["case", "nodule"]
     assert reports["case"]["volumes"]["num_nodules"] == reports["nodule"]["volumes"]["num_nodules"] > 0
+    # a nodule of several slices gets other noise on every slice but its first, so its 3D scores move
+    per_nodule = {}
+    for noise in reports:
+        with open(tmp_path / noise / "per_nodule.csv") as handle:
+            per_nodule[noise] = {(r["patient_id"], r["nodule_id"]): r for r in csv.DictReader(handle)}
+    several = [k for k, r in per_nodule["case"].items() if int(r["num_slices"]) > 1]
+    assert several
+    assert any(per_nodule["case"][k]["ged4_3d"] != per_nodule["nodule"][k]["ged4_3d"] for k in several)
     with pytest.raises(ValueError, match="noise must be one of"):
         evaluate_lidc(
             build_network(specs["calibration_network_spec"]),
