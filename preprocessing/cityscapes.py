@@ -65,7 +65,7 @@ from car_med.data.cityscapes_layout import (
 )
 from car_med.data.splits import SPLIT_NAMES
 from car_med.files import atomic_write_bytes, atomic_write_json
-from preprocessing.runs import run_jobs, write_run_outputs
+from preprocessing.runs import run_command, run_jobs, write_run_outputs
 
 __all__ = ["DEFAULT_SIZE", "FORMAT_VERSION", "main", "run"]
 
@@ -331,25 +331,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _describe_run(summary: dict[str, Any]) -> str:
+    counts = summary["counts"]
+    per_split = ", ".join(f"{k} {v}" for k, v in counts["images_per_split"].items())
+    return f"{per_split}; {counts['skipped']} skipped"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = run(
-        args.root,
-        args.output_dir,
-        blackbox_dir=args.blackbox_dir,
-        size=args.size,
-        workers=args.workers,
-        progress=not args.no_progress,
-    )
-    counts = summary["counts"]
-    logger.info(
-        "%s; %d skipped; outputs in %s",
-        ", ".join(f"{k} {v}" for k, v in counts["images_per_split"].items()),
-        counts["skipped"],
-        args.output_dir,
-    )
+    run_command(run, args, _describe_run, logger)
     return 0
 
 

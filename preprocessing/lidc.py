@@ -68,7 +68,7 @@ from car_med.files import atomic_write_json, replace_dir
 from preprocessing.lidc_annotations import MAX_ANNOTATORS, NoduleData, ScanData, extract_scan, import_pylidc, quiet
 from preprocessing.lidc_geometry import annotation_slice_mask, lesion_centre
 from preprocessing.lidc_io import find_patient_dirs
-from preprocessing.runs import run_jobs, write_run_outputs
+from preprocessing.runs import run_command, run_jobs, write_run_outputs
 
 __all__ = ["FORMAT_VERSION", "format_report", "main", "process_patient", "run", "split_patients"]
 
@@ -745,6 +745,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _describe_run(summary: dict[str, Any]) -> str:
+    counts = summary["counts"]
+    per_split = ", ".join(f"{k} {v}" for k, v in counts["crops_per_split"].items())
+    files = summary["files"]
+    return (
+        f"{counts['crops']} crops ({per_split}); {files['used']} of {files['found']} files used; "
+        f"{len(summary['skipped'])} skipped entries"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     args = _parse_args(argv)
@@ -755,26 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = run(
-        args.dicom_root,
-        args.output_dir,
-        workers=args.workers,
-        patients=args.patients,
-        split_seed=args.split_seed,
-        slice_location_filter=args.slice_location_filter,
-        progress=not args.no_progress,
-    )
-    counts = summary["counts"]
-    logger.info(
-        "%d crops (%s); %d of %d files used; %d skipped entries; outputs in %s",
-        counts["crops"],
-        ", ".join(f"{k} {v}" for k, v in counts["crops_per_split"].items()),
-        summary["files"]["used"],
-        summary["files"]["found"],
-        len(summary["skipped"]),
-        args.output_dir,
-    )
+    run_command(run, args, _describe_run, logger)
     if args.report is not None:
         print(report(args.output_dir))
     return 0

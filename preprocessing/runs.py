@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import inspect
+import logging
 import multiprocessing
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -13,7 +16,7 @@ from tqdm.auto import tqdm
 
 from car_med.files import atomic_write_bytes, atomic_write_json, json_bytes
 
-__all__ = ["run_jobs", "write_run_outputs"]
+__all__ = ["run_command", "run_jobs", "write_run_outputs"]
 
 
 def run_jobs(
@@ -45,3 +48,28 @@ def write_run_outputs(
         atomic_write_bytes(output_dir / name, payload)
     atomic_write_json(output_dir / "summary.json", summary)
     atomic_write_bytes(output_dir / "datalist.json", json_bytes(datalist))
+
+
+def run_command(
+    run: Callable[..., dict[str, Any]],
+    arguments: argparse.Namespace,
+    describe: Callable[[dict[str, Any]], str],
+    logger: logging.Logger,
+) -> dict[str, Any]:
+    """What a preprocessing CLI does once its arguments are parsed: log at INFO, call ``run`` and log its result.
+
+    Each of ``run``'s parameters takes the parsed argument of the same name (``--output-dir`` for ``output_dir``);
+    ``progress`` is the negation of ``--no-progress``. The final log line is ``describe(summary)`` followed by
+    the output folder.
+
+    Returns:
+        ``run``'s summary.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parameters = inspect.signature(run).parameters
+    values = {name: getattr(arguments, name) for name in parameters if hasattr(arguments, name)}
+    if "progress" in parameters:
+        values["progress"] = not arguments.no_progress
+    summary = run(**values)
+    logger.info("%s; outputs in %s", describe(summary), arguments.output_dir)
+    return summary
