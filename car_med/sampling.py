@@ -9,6 +9,8 @@ from monai.data import MetaTensor
 from monai.networks.utils import eval_mode
 from torch import nn
 
+from car_med.components import remove_small_components
+
 __all__ = ["SampleSet", "CARSampler", "calibration_output", "fold_for_sampling"]
 
 
@@ -63,6 +65,10 @@ class CARSampler:
         return_probs: keep every sample's probabilities in ``SampleSet.probs``.
         noise_std: standard deviation of the drawn noise; must be the ``noise_std`` G was trained with
             (1, a standard normal, by default as in the paper).
+        min_component_size: for two-class maps (background 0, foreground 1): foreground components of a hard
+            sample (4-connected) with fewer pixels than this become background, so a sample holding only
+            stray pixels is empty. 0 (the paper's plain argmax) keeps every pixel. Gbar, ``probs`` and F are
+            not changed. docs/lidc.md, section 11, measures it.
 
     Example::
 
@@ -81,6 +87,7 @@ class CARSampler:
         output_type: str = "categorical",
         return_probs: bool = True,
         noise_std: float = 1.0,
+        min_component_size: int = 0,
     ) -> None:
         if output_type not in ("categorical", "continuous"):
             raise ValueError(f"output_type must be 'categorical' or 'continuous', got {output_type!r}.")
@@ -91,6 +98,12 @@ class CARSampler:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}.")
         if noise_std <= 0:
             raise ValueError(f"noise_std must be > 0, got {noise_std}.")
+        if not isinstance(min_component_size, int) or min_component_size < 0:
+            raise ValueError(f"min_component_size must be an integer >= 0 pixels, got {min_component_size!r}.")
+        if min_component_size and output_type != "categorical":
+            raise ValueError(
+                "min_component_size removes components of class maps; use it with output_type='categorical'."
+            )
         self._check_num_samples(num_samples)
         self.calibration_network = calibration_network
         self.refinement_network = refinement_network
@@ -100,6 +113,7 @@ class CARSampler:
         self.output_type = output_type
         self.return_probs = return_probs
         self.noise_std = noise_std
+        self.min_component_size = min_component_size
 
     def _refine_in_chunks(self, image, calibration, noise_folded, num_samples):
         """Yield ``(first folded row, G output)`` over the B*M folded rows, at most ``max_batch`` at a time.
@@ -220,6 +234,13 @@ class CARSampler:
                     hard.append(out)
             samples = torch.cat(hard).reshape(batch, num_samples, *hard[0].shape[1:])
             if self.output_type == "categorical":
+                if self.min_component_size:
+                    if calibration.shape[1] != 2:
+                        raise ValueError(
+                            f"min_component_size needs two-class maps (background, foreground); this model has "
+                            f"{calibration.shape[1]} classes. Use min_component_size=0."
+                        )
+                    samples = remove_small_components(samples, self.min_component_size)
                 mean = mean / num_samples
                 probs = torch.cat(kept).reshape(batch, num_samples, *kept[0].shape[1:]) if self.return_probs else None
                 entropy = -(calibration * calibration.clamp_min(1e-12).log()).sum(dim=1)

@@ -45,11 +45,13 @@ def write_case_predictions(
     roi_size: Sequence[int] = (128, 128),
     hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
     progress: bool = True,
+    min_component_size: int = 0,
 ) -> str:
     """Write one ``case_<index>.npz`` per case (see :data:`PREDICTION_KEYS`) and ``manifest.csv``.
 
     Each case's noise comes from its own seeded generator (as in evaluation), so rerunning after a kill
     skips the cases already written (each file is written atomically) and gives the same files.
+    ``min_component_size`` is the sampler's (:class:`~car_med.sampling.CARSampler`); 0 keeps G's plain argmax.
 
     Returns:
         The path of ``manifest.csv`` (one row per case: its ids and its ``.npz`` file).
@@ -60,7 +62,14 @@ def write_case_predictions(
         *networks, checkpoint, device, output_dir, found, max_cases, f"{datalist}: split {split!r}"
     )
     todo = [item for item in items if not (out / _case_name(item["case_index"])).is_file()]
-    sampler = CARSampler(calibration_network, refinement_network, num_samples, max_batch=max_batch, noise_std=noise_std)
+    sampler = CARSampler(
+        calibration_network,
+        refinement_network,
+        num_samples,
+        max_batch=max_batch,
+        noise_std=noise_std,
+        min_component_size=min_component_size,
+    )
     if todo:
         loader = DataLoader(
             Dataset(todo, lidc_transforms("eval", roi_size=roi_size, hu_window=hu_window)), batch_size=1

@@ -68,6 +68,7 @@ def evaluate_lidc(
     speckle_size: int = DEFAULT_SPECKLE_SIZE,
     noise: str = "nodule",
     volume_samples: int = 16,
+    min_component_size: int = 0,
 ) -> dict[str, Any]:
     """Score G's samples and F's calibration on one split, beside the reference rows, and write the report.
 
@@ -116,6 +117,10 @@ def evaluate_lidc(
         volume_samples: samples per nodule of the 3D metrics (``volumes`` in ``metrics.json``,
             ``per_nodule.csv``): each nodule's crops stacked into one volume, 3D GED and HM-IoU against the
             readers' stacked masks, and the mean Dice between adjacent slices of a sample and of a reader.
+        min_component_size: the sampler's (:class:`~car_med.sampling.CARSampler`): foreground components of a
+            sample under this many pixels become background; 0 (default) keeps G's plain argmax.
+
+    Returns:
         The content of ``metrics.json``.
     """
     from car_med.visualize.lidc import plot_lidc_montage
@@ -130,7 +135,13 @@ def evaluate_lidc(
     volumes = NoduleVolumes(volume_samples)
     transform = lidc_transforms("eval", roi_size=roi_size, hu_window=hu_window)
     loader = DataLoader(Dataset(items, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    sampler = CARSampler(calibration_network, refinement_network, max_batch=max_batch, noise_std=noise_std)
+    sampler = CARSampler(
+        calibration_network,
+        refinement_network,
+        max_batch=max_batch,
+        noise_std=noise_std,
+        min_component_size=min_component_size,
+    )
     suite = SampleMetricSuite(
         ged_counts,
         hm_iou_counts,

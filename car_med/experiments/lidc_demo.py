@@ -49,7 +49,8 @@ def _run(command: list[str], env: dict[str, str]) -> None:
     print(f"  ({time.monotonic() - started:.0f} s)", flush=True)
 
 
-def _bundle(run_id: str, configs: list[str], overrides: list[str], env: dict[str, str]) -> None:
+def run_bundle(run_id: str, configs: list[str], overrides: list[str], env: dict[str, str]) -> None:
+    """``python -m monai.bundle run <run_id>`` with ``configs`` (names in ``bundles/lidc/`` or absolute paths)."""
     config_files = "[" + ",".join(f"'{BUNDLE_DIR / name}'" for name in configs) + "]"  # absolute names stay
     _run([sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_files, *overrides], env)
 
@@ -172,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not (target / checkpoint.name).exists():
                     shutil.copy2(checkpoint, target / checkpoint.name)
         configs = ["train.json", "demo.json", *[str(Path(o).resolve()) for o in args.overlay], *extra]
-        _bundle("training", configs, ["--output_dir", str(run_dir), *common], env)
-        _bundle("evaluating", [*configs, "evaluate.json"], ["--output_dir", str(run_dir), *common], env)
+        run_bundle("training", configs, ["--output_dir", str(run_dir), *common], env)
+        run_bundle("evaluating", [*configs, "evaluate.json"], ["--output_dir", str(run_dir), *common], env)
         reports[label] = json.loads((run_dir / "evaluation" / "test" / "metrics.json").read_text())
 
     # the radiologist's review files of the test split, from the registered CAR model (docs/review.md)

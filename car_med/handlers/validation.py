@@ -65,6 +65,9 @@ class SampleValidation:
         montage_dir: where montage PNGs go; ``None`` for none.
         montage_cases: cases per montage.
         history_file: JSON file with every validation's metrics and the best so far.
+        reference_rows: the reference rows scored on the same cases at the first validation.
+        min_component_size: the sampler's (:class:`~car_med.sampling.CARSampler`): the samples' foreground
+            components under this many pixels become background; 0 keeps G's plain argmax.
     """
 
     def __init__(
@@ -86,11 +89,17 @@ class SampleValidation:
         montage_cases: int = 4,
         history_file: str | os.PathLike | None = None,
         reference_rows: Sequence[str] = REFERENCE_ROWS,
+        min_component_size: int = 0,
     ) -> None:
         if interval < 1:
             raise ValueError(f"validation interval must be >= 1 iteration, got {interval}.")
         self.sampler = CARSampler(
-            calibration_network, refinement_network, num_samples, max_batch=max_batch, noise_std=noise_std
+            calibration_network,
+            refinement_network,
+            num_samples,
+            max_batch=max_batch,
+            noise_std=noise_std,
+            min_component_size=min_component_size,
         )
         self.suite = SampleMetricSuite(
             ged_counts=(num_samples,), hm_iou_counts=(num_samples,), diversity_count=num_samples

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
+from car_med.components import small_components
 from car_med.metrics.metric import PerImageMetric, reduce_per_image
 
 __all__ = [
@@ -45,7 +45,6 @@ __all__ = [
 
 DEFAULT_MIN_AREA = 5
 DEFAULT_SPECKLE_SIZE = 5
-_FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
 
 def _check_maps(maps: Any, name: str) -> torch.Tensor:
@@ -102,7 +101,7 @@ def speckle_pixels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, foreground pixels in 4-connected components under ``min_size`` pixels, and all foreground pixels.
 
-    scipy's ``ndimage.label`` does the component labelling (one call per map; a 128x128 map takes about 0.1 ms).
+    The components are found by :func:`car_med.components.small_components`.
 
     Returns:
         ``(speckle, total)``, each ``(B,)`` float64 pixel counts summed over the N samples.
@@ -110,17 +109,10 @@ def speckle_pixels(
     samples = _check_maps(samples, "samples")
     if min_size < 1:
         raise ValueError(f"min_size must be >= 1 pixel, got {min_size}.")
-    masks = (samples == foreground).cpu().numpy()
-    speckle = np.zeros(masks.shape[0])
-    total = masks.reshape(masks.shape[0], -1).sum(axis=1).astype(np.float64)
-    for b in range(masks.shape[0]):
-        for n in range(masks.shape[1]):
-            if not masks[b, n].any():
-                continue
-            components, count = ndimage.label(masks[b, n], structure=_FOUR_CONNECTED)
-            sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
-            speckle[b] += sizes[sizes < min_size].sum()
-    return torch.from_numpy(speckle), torch.from_numpy(total)
+    foreground_pixels = samples == foreground
+    speckle = small_components(samples, min_size, foreground).flatten(1).sum(dim=1).double().cpu()
+    total = foreground_pixels.flatten(1).sum(dim=1).double().cpu()
+    return speckle, total
 
 
 class PresenceGap(PerImageMetric):
