@@ -63,6 +63,7 @@ def register_trained_model(
     hu_window: Sequence[float] = (-1024.0, 400.0),
     noise_std: float = 1.0,
     dataset_dir: str | os.PathLike | None = None,
+    min_component_size: int = 0,
 ) -> dict[str, Any]:
     """Register F and G of the best validation checkpoint (else the last one) under ``model_name``.
 
@@ -103,6 +104,7 @@ def register_trained_model(
         hu_window=tuple(float(v) for v in hu_window),
         noise_dim=int(refinement_network_spec["noise_dim"]),
         noise_std=noise_std,
+        min_component_size=min_component_size,
         extra_metadata=metadata,
         work_dir=str(staging),
     )

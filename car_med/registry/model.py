@@ -132,7 +132,8 @@ def load_networks_from_model_dir(
     Returns:
         ``(calibration_network, refinement_network, config)``, the networks in eval mode and the content of
         ``car_model.json`` (``inference`` holds ``hu_window``, ``noise_dim``, ``noise_std``, ``num_classes``,
-        ``default_num_samples``, ``max_batch``, ``max_num_samples``; ``extra_metadata`` what the trainer added).
+        ``default_num_samples``, ``max_batch``, ``max_num_samples`` and, since it exists, ``min_component_size``;
+        ``extra_metadata`` what the trainer added).
 
     Raises:
         FileNotFoundError: the directory lacks the weights or the config file.
@@ -230,6 +231,8 @@ class CARPyfuncModel(mlflow.pyfunc.PythonModel):
             max_batch=int(self.settings["max_batch"]),
             return_probs=False,
             noise_std=float(self.settings["noise_std"]),
+            # models registered before the option existed sample G's plain argmax
+            min_component_size=int(self.settings.get("min_component_size", 0)),
         )
 
     def _read_params(self, params: Mapping[str, Any] | None) -> tuple[int, int]:
@@ -379,6 +382,7 @@ def inference_settings(
     default_num_samples: int,
     max_batch: int,
     max_num_samples: int,
+    min_component_size: int = 0,
 ) -> dict[str, Any]:
     """The ``inference`` block of ``car_model.json``, validated."""
     low, high = (_finite_float(v, "hu_window") for v in hu_window)
@@ -395,6 +399,8 @@ def inference_settings(
         )
     if _finite_float(noise_std, "noise_std") <= 0:
         raise ValueError(f"noise_std must be > 0, got {noise_std}.")
+    if int(min_component_size) < 0:
+        raise ValueError(f"min_component_size must be >= 0 pixels, got {min_component_size}.")
     return {
         "hu_window": [low, high],
         "num_classes": int(num_classes),
@@ -403,4 +409,5 @@ def inference_settings(
         "default_num_samples": int(default_num_samples),
         "max_batch": int(max_batch),
         "max_num_samples": int(max_num_samples),
+        "min_component_size": int(min_component_size),
     }

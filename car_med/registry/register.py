@@ -196,13 +196,21 @@ def _prepare(
     max_num_samples: int,
     extra_metadata: Mapping[str, Any] | None,
     pip_requirements: Sequence[str] | None,
+    min_component_size: int,
 ) -> dict[str, Any]:
     """The keyword arguments shared by ``mlflow.pyfunc.log_model`` and ``save_model``."""
     f = _unwrap(calibration_network, "calibration_network")
     g = _unwrap(refinement_network, "refinement_network")
     num_classes = _check_networks(f, g, noise_dim)
     settings = inference_settings(
-        num_classes, hu_window, noise_dim, noise_std, default_num_samples, max_batch, max_num_samples
+        num_classes,
+        hu_window,
+        noise_dim,
+        noise_std,
+        default_num_samples,
+        max_batch,
+        max_num_samples,
+        min_component_size,
     )
     extra = _jsonable(extra_metadata, "extra_metadata")
     artifacts = _write_model_files(
@@ -317,6 +325,7 @@ def save_car_model(
     work_dir: str | Path | None = None,
     max_num_samples: int = 1024,
     pip_requirements: Sequence[str] | None = None,
+    min_component_size: int = 0,
 ) -> None:
     """Write the CAR pyfunc model directory to ``path`` (must not exist) without a tracking server.
 
@@ -345,6 +354,7 @@ def register_car_model(
     artifact_location: str | None = None,
     max_num_samples: int = 1024,
     pip_requirements: Sequence[str] | None = None,
+    min_component_size: int = 0,
     await_registration_for: int = 300,
 ) -> ModelInfo:
     """Log F and G as the CAR pyfunc model (models-from-code) and register a new version of ``model_name``.
@@ -373,6 +383,8 @@ def register_car_model(
             otherwise default to ``./mlruns`` in the working directory).
         max_num_samples: the largest ``num_samples`` a caller may ask for (guards a served model's memory).
         pip_requirements: requirements recorded with the model; default :func:`default_pip_requirements`.
+        min_component_size: the sampler's (:class:`~car_med.sampling.CARSampler`): foreground components of a
+            sample under this many pixels become background; 0 (default) serves G's plain argmax.
         await_registration_for: seconds to wait for the new version to be READY.
 
     Returns:

@@ -248,16 +248,21 @@ def run_bundle_raw(args):
 
 
 def test_training_with_f_on_the_readers_shares_runs_end_to_end(tmp_path, clean_run):
-    """The fidelity benchmark's F (benchmarks/lidc_quality.json): readers' shares as target, instance norm."""
+    """The fidelity benchmark's settings (benchmarks/lidc_quality.json): F on the readers' shares with instance
+    norm, and the sampler's small-component cleanup in validation."""
     out = tmp_path / "run"
     result = run_bundle(
         "training", ["train.json", "demo.json"], tmp_path / "home", dataset_dir=clean_run, output_dir=out,
         f_target="readers_mean", **{"calibration_network_spec#norm": "instance"}, register_model="False",
+        sampler_min_component_size=5,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:]
     with sqlite3.connect(out / "mlflow.db") as db:
         params = dict(db.execute("select key, value from params").fetchall())
     assert params["f_target"] == "readers_mean" and params["f_norm"] == "instance"
+    assert params["sampler_min_component_size"] == "5"
+    # a G of 6 iterations draws speckle; validation scores the cleaned samples, which hold none
+    assert json.loads((out / "validation.json").read_text())["last"]["speckle"] == 0.0
     bad = run_bundle("training", ["train.json", "demo.json"], tmp_path / "home", dataset_dir=clean_run,
                      output_dir=tmp_path / "bad", f_target="mean")  # fmt: skip
     assert bad.returncode != 0 and "f_target must be one of ['one_reader', 'readers_mean']" in bad.stdout

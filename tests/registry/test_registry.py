@@ -16,6 +16,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from tiny_registry import NOISE_DIM, hu_batch, tiny_car_model, using_tracking_uri
 
+from car_med.components import remove_small_components, small_components
 from car_med.data.lidc import ScaleLIDCIntensityd
 from car_med.networks import NoiseInjectedUNet
 from car_med.registry import (
@@ -329,3 +330,24 @@ def test_noise_groups_make_the_rows_of_a_group_share_their_noise(registry):
     assert np.array_equal(grouped[0], model.predict(one, params=params)["samples"][0])
     with pytest.raises(Exception, match="noise_groups"):
         model.predict(x, params={**params, "noise_groups": [1, 2]})
+
+
+def test_a_saved_model_serves_samples_with_the_small_components_it_was_saved_with(tmp_path):
+    f, g, f_config, g_config = tiny_car_model(seed=1)
+    common = dict(noise_dim=NOISE_DIM, default_num_samples=4, work_dir=tmp_path)
+    save_car_model(tmp_path / "plain", f, g, f_config, g_config, **common)
+    save_car_model(tmp_path / "cleaned", f, g, f_config, g_config, min_component_size=5, **common)
+    batch = hu_batch(2, 16)
+    plain = mlflow.pyfunc.load_model(str(tmp_path / "plain")).predict(batch, params={"seed": 3})["samples"]
+    cleaned = mlflow.pyfunc.load_model(str(tmp_path / "cleaned")).predict(batch, params={"seed": 3})["samples"]
+    small = small_components(torch.as_tensor(plain).long(), 5)
+    assert small.any(), "the untrained G should leave some stray components to remove"
+    np.testing.assert_array_equal(cleaned, remove_small_components(torch.as_tensor(plain).long(), 5).numpy())
+    config_path = tmp_path / "cleaned" / "artifacts" / "car_model.json"
+    assert json.loads(config_path.read_text())["inference"]["min_component_size"] == 5
+    # a model saved before the option existed has no key, and serves G's plain argmax
+    config = json.loads(config_path.read_text())
+    del config["inference"]["min_component_size"]
+    config_path.write_text(json.dumps(config))
+    older = mlflow.pyfunc.load_model(str(tmp_path / "cleaned")).predict(batch, params={"seed": 3})["samples"]
+    np.testing.assert_array_equal(older, plain)
