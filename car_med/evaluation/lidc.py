@@ -231,6 +231,7 @@ def evaluate_lidc(
             "hu_window": list(hu_window),
             "presence_min_area": presence_min_area,
             "speckle_size": speckle_size,
+            "min_component_size": min_component_size,
             "metric_definitions": METRIC_DEFINITIONS,
             "reference_definitions": {row: REFERENCE_DEFINITIONS[row] for row in reference_metrics},
         },

@@ -39,7 +39,9 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "samples": "2D metrics: per case, noise from torch.Generator seeded seed * 1000003 + case index (every crop "
     "its own draw); the n-sample metrics use the first n of one draw. 3D metrics (noise 'nodule'): a second draw "
     "seeded seed * 1000003 + the position of the nodule's first crop in the split, shared by the nodule's crops, "
-    "so sample m is one 3D hypothesis; with noise 'case' the 3D metrics stack the 2D draws",
+    "so sample m is one 3D hypothesis; with noise 'case' the 3D metrics stack the 2D draws. A sample is G's "
+    "argmax; with min_component_size > 0 its 4-connected foreground components of fewer pixels are then set to "
+    "background (the reference rows are never cleaned)",
     "ged<n>_3d": "per nodule, its crops placed by their affines on one canvas and stacked by slice z; GED of the "
     "n sample volumes against the R reader-slot volumes (slot r is the same annotation on every slice); "
     "averaged over nodules",

@@ -44,18 +44,18 @@ def test_speckle_measure_counts_the_same_components():
     assert speckle.tolist() == [6.0] and total.tolist() == [15.0]
 
 
-def _stray_pixel_networks() -> tuple[torch.nn.Module, torch.nn.Module]:
-    """F, and a G whose argmax is one 4x4 lesion plus a stray pixel in every sample."""
+def _stray_pixel_networks(num_classes: int = 2) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """F, and a G whose argmax is one 4x4 lesion of class 1 plus a stray pixel in every sample."""
 
     class F(torch.nn.Module):
         def forward(self, image):
-            return torch.zeros(image.shape[0], 2, *image.shape[2:])
+            return torch.zeros(image.shape[0], num_classes, *image.shape[2:])
 
     class G(torch.nn.Module):
         noise_dim = 2
 
         def forward(self, image, calibration, noise):
-            logits = torch.zeros(image.shape[0], 2, *image.shape[2:])
+            logits = torch.zeros(image.shape[0], num_classes, *image.shape[2:])
             logits[:, 1] = -1.0
             logits[:, 1, 2:6, 2:6] = 1.0
             logits[:, 1, 12, 12] = 1.0
@@ -80,16 +80,5 @@ def test_sampler_rejects_component_removal_where_it_has_no_meaning():
         CARSampler(*_stray_pixel_networks(), min_component_size=-1)
     with pytest.raises(ValueError, match="output_type='categorical'"):
         CARSampler(ToyCalibrationMLP(), ToyRefinementMLP(), output_type="continuous", min_component_size=5)
-
-    class ThreeClassF(torch.nn.Module):
-        def forward(self, image):
-            return torch.zeros(image.shape[0], 3, *image.shape[2:])
-
-    class ThreeClassG(torch.nn.Module):
-        noise_dim = 2
-
-        def forward(self, image, calibration, noise):
-            return torch.full((image.shape[0], 3, *image.shape[2:]), 1 / 3)
-
     with pytest.raises(ValueError, match="two-class maps"):
-        CARSampler(ThreeClassF(), ThreeClassG(), min_component_size=5)(torch.zeros(1, 1, 8, 8))
+        CARSampler(*_stray_pixel_networks(num_classes=3), min_component_size=5)(torch.zeros(1, 1, 16, 16))
