@@ -132,8 +132,8 @@ def load_networks_from_model_dir(
     Returns:
         ``(calibration_network, refinement_network, config)``, the networks in eval mode and the content of
         ``car_model.json`` (``inference`` holds ``hu_window``, ``noise_dim``, ``noise_std``, ``num_classes``,
-        ``default_num_samples``, ``max_batch``, ``max_num_samples`` and, since it exists, ``min_component_size``;
-        ``extra_metadata`` what the trainer added).
+        ``default_num_samples``, ``max_batch``, ``max_num_samples`` and ``min_component_size``, which models
+        saved before it existed lack; ``extra_metadata`` what the trainer added).
 
     Raises:
         FileNotFoundError: the directory lacks the weights or the config file.
