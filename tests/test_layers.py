@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "car_med"
 LAYERS = {
     "files": 0,
     "ct": 0,
+    "components": 0,
     "data": 1,
     "visualize": 2,
     "losses": 2,
