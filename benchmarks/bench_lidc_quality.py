@@ -83,16 +83,16 @@ def fidelity_checks(summary: dict, plain_argmax: dict | None = None) -> list[tup
     ]
 
 
-def evaluate_plain_argmax(output_dir: Path, overlay: Path, device_override: str) -> dict:
+def evaluate_plain_argmax(output_dir: Path, overlay: Path, device_override: str, extra: list[str]) -> dict:
     """CAR's chosen checkpoint evaluated again with G's plain argmax (``sampler_min_component_size`` 0), when
-    the overlay removes small components: the table then shows what the cleanup changes. Resumes (reuses its
-    ``metrics.json``)."""
+    the overlay removes small components: the table then shows what the cleanup changes. ``extra`` holds the
+    run's own bundle overrides (network sizes must match the checkpoint). Resumes (reuses its ``metrics.json``)."""
     from car_med.experiments import lidc_demo
 
     report = output_dir / "car" / "evaluation" / "test_plain_argmax" / "metrics.json"
     if not report.is_file():
         env = dict(os.environ)
-        overrides = ["--output_dir", str(output_dir / "car"), "--dataset_dir", str(output_dir / "crops")]
+        overrides = [*extra, "--output_dir", str(output_dir / "car"), "--dataset_dir", str(output_dir / "crops")]
         overrides += ["--progress", "False", "--device", device_override, "--sampler_min_component_size", "0"]
         overrides += ["--eval_output_dir", str(report.parent), "--eval_model_label", "CAR, plain argmax"]
         configs = ["train.json", "demo.json", str(overlay), "evaluate.json"]
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     cleanup = json.loads(overlay.read_text()).get("sampler_min_component_size", 0)
     plain = None
     if cleanup and "--sampler_min_component_size" not in overrides:
-        plain = evaluate_plain_argmax(args.output_dir, overlay, device)["metrics"]
+        plain = evaluate_plain_argmax(args.output_dir, overlay, device, overrides)["metrics"]
         print(
             f"\nCAR's samples as G's plain argmax (the table's CAR removes foreground components under {cleanup} px), "
             "same checkpoint: " + ", ".join(f"{name} {plain[name]:.4f}" for name in lidc_demo.METRICS_SHOWN)
