@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Hashable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import CacheDataset, Dataset, PILReader
+from monai.data import Dataset, PILReader
 from monai.transforms import (
     AsDiscreted,
     CastToTyped,
@@ -37,7 +38,7 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 
 from car_med.data.cityscapes_layout import CITYSCAPES_NUM_TRAIN_IDS
-from car_med.data.datalist import read_datalist_split, resolve_item_path
+from car_med.data.datalist import check_item_fields, datalist_dataset, read_datalist_split, resolve_item_path
 from car_med.data.stochastic_classes import (
     CITYSCAPES_STOCHASTIC_CLASSES,
     check_stochastic_classes,
@@ -84,21 +85,10 @@ def load_cityscapes_datalist(
         path, split, "Cityscapes", "; make it with python -m preprocessing.cityscapes"
     )
     out = []
+    required = (*_REQUIRED_FIELDS, "blackbox") if require_blackbox else _REQUIRED_FIELDS
+    hint = "; rerun python -m preprocessing.cityscapes with --blackbox-dir" if require_blackbox else ""
     for index, item in enumerate(items):
-        where = f"{where_prefix} item {index}"
-        if not isinstance(item, Mapping):
-            raise ValueError(f"{where}: expected a dict, got {type(item).__name__}.")
-        if "stem" in item:
-            where += f" ({item['stem']})"
-        missing = [field for field in _REQUIRED_FIELDS if field not in item]
-        if require_blackbox and "blackbox" not in item:
-            missing.append("blackbox")
-        if missing:
-            raise ValueError(
-                f"{where}: missing field(s) {missing}"
-                + ("; rerun python -m preprocessing.cityscapes with --blackbox-dir" if "blackbox" in missing else "")
-                + "."
-            )
+        where = check_item_fields(item, index, where_prefix, required, ("stem",), hint)
         entry = dict(item)
         for field in ("image", "label", "blackbox"):
             if field in item:
@@ -298,26 +288,19 @@ def cityscapes_dataset(
     check_files: bool = True,
     **transform_kwargs: Any,
 ) -> Dataset:
-    """A MONAI ``Dataset`` (or ``CacheDataset``) over one split of a Cityscapes datalist.
+    """A MONAI ``Dataset`` over one split of a Cityscapes datalist, with :func:`cityscapes_transforms`.
 
-    Args:
-        datalist: path of ``datalist.json``, or items already returned by :func:`load_cityscapes_datalist`.
-        split: the split to read when ``datalist`` is a path.
-        mode: ``"train"`` or ``"eval"`` (see :func:`cityscapes_transforms`).
-        cache: use a ``CacheDataset`` (it caches everything before the random flip).
-        require_blackbox: every item must have a black-box prediction.
-        transform: a transform to use instead of :func:`cityscapes_transforms`.
-        check_files: check that the referenced files exist when reading the datalist.
-        transform_kwargs: passed to :func:`cityscapes_transforms`.
+    ``datalist`` is a ``datalist.json`` path (its ``split`` is read with :func:`load_cityscapes_datalist`,
+    which gets ``require_blackbox`` and ``check_files``) or items that function returned. ``mode`` and
+    ``transform_kwargs`` go to :func:`cityscapes_transforms` unless a ``transform`` replaces it. ``cache`` gives a
+    ``CacheDataset``, which holds everything before the random flip. Shared logic:
+    :func:`car_med.data.datalist.datalist_dataset`.
     """
-    if isinstance(datalist, (str, os.PathLike)):
-        items = load_cityscapes_datalist(datalist, split, require_blackbox=require_blackbox, check_files=check_files)
-    else:
-        items = [dict(item) for item in datalist]
-    if transform is None:
-        transform = cityscapes_transforms(mode, **transform_kwargs)
-    elif transform_kwargs:
-        raise ValueError(f"transform_kwargs {sorted(transform_kwargs)} are ignored when a transform is given.")
-    if cache:
-        return CacheDataset(items, transform, progress=False)
-    return Dataset(items, transform)
+    return datalist_dataset(
+        datalist,
+        partial(load_cityscapes_datalist, split=split, require_blackbox=require_blackbox, check_files=check_files),
+        transform,
+        partial(cityscapes_transforms, mode),
+        transform_kwargs,
+        cache,
+    )

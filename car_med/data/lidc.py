@@ -16,13 +16,14 @@ import json
 import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import CacheDataset, Dataset
+from monai.data import Dataset
 from monai.transforms import (
     CastToTyped,
     CenterSpatialCropd,
@@ -39,7 +40,7 @@ from monai.transforms import (
 )
 
 from car_med.data.annotators import ANNOTATOR_CHOICES, RandAnnotatord, ReaderSharesd
-from car_med.data.datalist import read_datalist_split, resolve_item_path
+from car_med.data.datalist import check_item_fields, datalist_dataset, read_datalist_split, resolve_item_path
 
 __all__ = [
     "ANNOTATOR_CHOICES",
@@ -85,18 +86,8 @@ def _is_number(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)) or isinstance(value, np.floating)
 
 
-def _describe(index: int, item: Mapping) -> str:
-    who = ", ".join(f"{k}={item[k]!r}" for k in ("patient_id", "nodule_id", "slice_z") if k in item)
-    return f"item {index}" + (f" ({who})" if who else "")
-
-
 def _validate_item(index: int, item: Any, base: Path, where_prefix: str, num_labels: int, check_files: bool) -> dict:
-    if not isinstance(item, Mapping):
-        raise ValueError(f"{where_prefix} item {index}: expected a dict, got {type(item).__name__}.")
-    where = f"{where_prefix} {_describe(index, item)}"
-    missing = [field for field in _REQUIRED_FIELDS if field not in item]
-    if missing:
-        raise ValueError(f"{where}: missing required field(s) {missing}; required fields are {list(_REQUIRED_FIELDS)}.")
+    where = check_item_fields(item, index, where_prefix, _REQUIRED_FIELDS, ("patient_id", "nodule_id", "slice_z"))
     out = dict(item)
 
     labels = item["label"]
@@ -359,14 +350,13 @@ def lidc_dataset(
         transform_kwargs: passed to :func:`lidc_transforms` (``roi_size``, ``hu_window``, ``clip``,
             ``annotator_choice``, ``label_dtype``, ...).
     """
-    if isinstance(datalist, (str, os.PathLike)):
-        items = load_lidc_datalist(datalist, split, check_files=check_files)
-    else:
-        items = [dict(item) for item in datalist]
-    if transform is None:
-        transform = lidc_transforms(mode, **transform_kwargs)
-    elif transform_kwargs:
-        raise ValueError(f"transform_kwargs {sorted(transform_kwargs)} are ignored when a transform is given.")
-    if cache:
-        return CacheDataset(items, transform, cache_rate=cache_rate, num_workers=cache_num_workers, progress=False)
-    return Dataset(items, transform)
+    return datalist_dataset(
+        datalist,
+        partial(load_lidc_datalist, split=split, check_files=check_files),
+        transform,
+        partial(lidc_transforms, mode),
+        transform_kwargs,
+        cache,
+        cache_rate=cache_rate,
+        num_workers=cache_num_workers,
+    )

@@ -30,7 +30,8 @@ def test_loader_resolves_paths_and_checks_fields(prepared):
     del content["training"][0]["blackbox"]
     bad = prepared / "bad_datalist.json"  # beside the real one, so relative paths resolve
     bad.write_text(json.dumps(content))
-    with pytest.raises(ValueError, match=r"item 0 \(aachen_000000_000019\): missing field\(s\) \['blackbox'\]"):
+    missing = r"item 0 \(stem='aachen_000000_000019'\): missing required field\(s\) \['blackbox'\].*--blackbox-dir"
+    with pytest.raises(ValueError, match=missing):
         load_cityscapes_datalist(bad, "training", require_blackbox=True)
     content["training"][0]["label"] = "training/aachen/nope.png"
     bad.write_text(json.dumps(content))
