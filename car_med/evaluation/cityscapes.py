@@ -19,6 +19,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from car_med.data.stochastic_classes import check_stochastic_classes
 from car_med.evaluation.report import (
     case_row,
     reliability_record,
+    report_head,
     start_evaluation,
     write_per_case_csv,
     write_report,
@@ -55,7 +57,6 @@ from car_med.metrics.calibration import calibration_result_from_sums
 from car_med.metrics.noise_response import class_sample_spread_statistics, noise_response_from_sums, reference_spread
 from car_med.metrics.pairwise import PairwiseIoU
 from car_med.networks.conditioned import analytic_label_distribution
-from car_med.sampling import CARSampler
 
 __all__ = [
     "ABSENT_CLASS_CONVENTIONS",
@@ -482,14 +483,11 @@ def evaluate_cityscapes(
     Returns:
         The content of ``metrics.json``.
     """
-    networks = (calibration_network, refinement_network)
-    found = load_cityscapes_datalist(datalist, split, require_blackbox=conditioning == "blackbox")
-    out, items = start_evaluation(
-        *networks, checkpoint, device, output_dir, found, max_cases, f"{datalist}: split {split!r}"
+    out, items, sampler = start_evaluation(
+        locals(), partial(load_cityscapes_datalist, require_blackbox=conditioning == "blackbox")
     )
     transform = cityscapes_packed_transforms("eval", conditioning=conditioning, spatial_size=spatial_size)
     loader = DataLoader(Dataset(items, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    sampler = CARSampler(calibration_network, refinement_network, max_batch=max_batch, noise_std=noise_std)
     suite = CityscapesMetricSuite(ged_counts, calibration_count, ece_bins, absent_class, f_calibration_pixels)
     rows: list[dict[str, Any]] = []
     for batch, drawn in sample_cases(sampler, loader, suite.max_samples, seed, device, progress=progress):
@@ -510,11 +508,7 @@ def evaluate_cityscapes(
     table = suite.calibration_table()
     plot_class_calibration(table, out / "class_calibration.png", title=f"{model_label} on Cityscapes {split}")
     report = {
-        "model": model_label,
-        "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
-        "split": split,
-        "num_cases": len(rows),
-        "metrics": metrics,
+        **report_head(model_label, checkpoint, split, len(rows), metrics),
         "class_calibration": table,
         "protocol": {
             "dataset": cityscapes_dataset_card(datalist),

@@ -15,7 +15,6 @@ from car_med.data.lidc import DEFAULT_HU_WINDOW, lidc_transforms, load_lidc_data
 from car_med.evaluation.lidc import CASE_FIELDS
 from car_med.evaluation.report import start_evaluation
 from car_med.evaluation.sample_metrics import sample_cases
-from car_med.sampling import CARSampler
 
 __all__ = ["PREDICTION_KEYS", "write_case_predictions"]
 
@@ -56,20 +55,8 @@ def write_case_predictions(
     Returns:
         The path of ``manifest.csv`` (one row per case: its ids and its ``.npz`` file).
     """
-    networks = (calibration_network, refinement_network)
-    found = load_lidc_datalist(datalist, split)
-    out, items = start_evaluation(
-        *networks, checkpoint, device, output_dir, found, max_cases, f"{datalist}: split {split!r}"
-    )
+    out, items, sampler = start_evaluation(locals(), load_lidc_datalist)
     todo = [item for item in items if not (out / _case_name(item["case_index"])).is_file()]
-    sampler = CARSampler(
-        calibration_network,
-        refinement_network,
-        num_samples,
-        max_batch=max_batch,
-        noise_std=noise_std,
-        min_component_size=min_component_size,
-    )
     if todo:
         loader = DataLoader(
             Dataset(todo, lidc_transforms("eval", roi_size=roi_size, hu_window=hu_window)), batch_size=1

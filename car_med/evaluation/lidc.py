@@ -8,7 +8,6 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from car_med.evaluation.references import REFERENCE_LABELS, REFERENCE_ROWS, Refe
 from car_med.evaluation.report import (
     case_row,
     reliability_record,
+    report_head,
     start_evaluation,
     write_per_case_csv,
     write_report,
@@ -28,7 +28,6 @@ from car_med.evaluation.sample_metrics import SampleMetricSuite, evaluate_sample
 from car_med.evaluation.volumes import NOISE_MODES, NoduleVolumes, with_nodule_noise
 from car_med.metrics import plot_reliability_diagram
 from car_med.metrics.presence import DEFAULT_MIN_AREA, DEFAULT_SPECKLE_SIZE, plot_presence_reliability
-from car_med.sampling import CARSampler
 
 __all__ = ["CASE_FIELDS", "evaluate_lidc"]
 
@@ -127,21 +126,10 @@ def evaluate_lidc(
 
     if noise not in NOISE_MODES:
         raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}.")
-    networks = (calibration_network, refinement_network)
-    found = load_lidc_datalist(datalist, split)
-    out, items = start_evaluation(
-        *networks, checkpoint, device, output_dir, found, max_cases, f"{datalist}: split {split!r}"
-    )
+    out, items, sampler = start_evaluation(locals(), load_lidc_datalist)
     volumes = NoduleVolumes(volume_samples)
     transform = lidc_transforms("eval", roi_size=roi_size, hu_window=hu_window)
     loader = DataLoader(Dataset(items, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    sampler = CARSampler(
-        calibration_network,
-        refinement_network,
-        max_batch=max_batch,
-        noise_std=noise_std,
-        min_component_size=min_component_size,
-    )
     suite = SampleMetricSuite(
         ged_counts,
         hm_iou_counts,
@@ -213,11 +201,7 @@ def evaluate_lidc(
     plot_lidc_montage(images, labels, calibration, mean, samples, out / "montage.png", titles=titles)
 
     report = {
-        "model": model_label,
-        "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
-        "split": split,
-        "num_cases": len(rows),
-        "metrics": metrics,
+        **report_head(model_label, checkpoint, split, len(rows), metrics),
         "references": reference_metrics,
         "volumes": volume_metrics,
         "protocol": {

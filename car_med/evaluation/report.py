@@ -7,9 +7,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -17,37 +17,73 @@ from car_med.engines.checkpoints import load_car_networks
 from car_med.evaluation.sample_metrics import with_case_index
 from car_med.evaluation.tracking import log_evaluation_run
 from car_med.metrics.calibration import ReliabilityData
+from car_med.sampling import CARSampler
 
-__all__ = ["case_row", "reliability_record", "start_evaluation", "write_per_case_csv", "write_report"]
+__all__ = [
+    "SAMPLER_OPTIONS",
+    "StartedEvaluation",
+    "case_row",
+    "reliability_record",
+    "report_head",
+    "start_evaluation",
+    "write_per_case_csv",
+    "write_report",
+]
 
 logger = logging.getLogger("car_med.evaluation")
 
 
-def start_evaluation(
-    calibration_network: torch.nn.Module,
-    refinement_network: torch.nn.Module,
-    checkpoint: str | os.PathLike | None,
-    device: str | torch.device,
-    output_dir: str | os.PathLike,
-    items: Sequence[Mapping[str, Any]],
-    max_cases: int | None,
-    where: str,
-) -> tuple[Path, list[dict]]:
-    """The output folder (created), F and G loaded from ``checkpoint`` if given, and the cases to evaluate.
+SAMPLER_OPTIONS = ("num_samples", "max_batch", "noise_std", "min_component_size")
+"""The :class:`~car_med.sampling.CARSampler` options an evaluation passes on when it has a parameter of that name."""
 
-    The cases are the first ``max_cases`` of ``items`` (all with ``None``), each with its ``case_index``.
+
+class StartedEvaluation(NamedTuple):
+    """What :func:`start_evaluation` gives: the output folder, the cases and the sampler over the loaded F and G."""
+
+    output_dir: Path
+    cases: list[dict]
+    sampler: CARSampler
+
+
+def start_evaluation(
+    arguments: Mapping[str, Any], read_split: Callable[[str | os.PathLike, str], list[dict]]
+) -> StartedEvaluation:
+    """The output folder (created), F and G loaded from the checkpoint if one is given, the cases and the sampler.
+
+    ``arguments`` are the calling evaluation's own (its ``locals()`` on entry), so that every evaluation
+    starts the same way from parameters of the same names: ``calibration_network``, ``refinement_network``,
+    ``datalist`` and ``split`` (read with ``read_split(datalist, split)``), ``output_dir``, ``checkpoint``,
+    ``device``, ``max_cases`` (the first cases only; ``None`` for all) and whichever of the sampler's options
+    (:data:`SAMPLER_OPTIONS`) the evaluation takes. Each case gets its ``case_index``.
 
     Raises:
-        ValueError: no case is left; the message names ``where`` (the datalist and split).
+        ValueError: no case is left; the message names the datalist and the split.
     """
-    out = Path(output_dir)
+    datalist, split = arguments["datalist"], arguments["split"]
+    networks = arguments["calibration_network"], arguments["refinement_network"]
+    items = read_split(datalist, split)
+    out = Path(arguments["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    if checkpoint is not None:
-        load_car_networks(calibration_network, refinement_network, checkpoint, map_location=device)
-    cases = with_case_index(items)[:max_cases]
+    if arguments["checkpoint"] is not None:
+        load_car_networks(*networks, arguments["checkpoint"], map_location=arguments["device"])
+    cases = with_case_index(items)[: arguments["max_cases"]]
     if not cases:
-        raise ValueError(f"{where} has no cases to evaluate.")
-    return out, cases
+        raise ValueError(f"{datalist}: split {split!r} has no cases to evaluate.")
+    options = {name: arguments[name] for name in SAMPLER_OPTIONS if name in arguments}
+    return StartedEvaluation(out, cases, CARSampler(*networks, **options))
+
+
+def report_head(
+    model_label: str, checkpoint: str | os.PathLike | None, split: str, num_cases: int, metrics: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The first keys of every ``metrics.json``: the model, its checkpoint (absolute), the split, N, the metrics."""
+    return {
+        "model": model_label,
+        "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+        "split": split,
+        "num_cases": num_cases,
+        "metrics": metrics,
+    }
 
 
 def _scalar(value: Any) -> Any:
