@@ -188,30 +188,20 @@ def _prepare(
     refinement_network: nn.Module,
     calibration_network_config: Any,
     refinement_network_config: Any,
-    hu_window: Sequence[float],
-    noise_dim: int,
-    noise_std: float,
-    default_num_samples: int,
-    max_batch: int,
-    max_num_samples: int,
     extra_metadata: Mapping[str, Any] | None,
     pip_requirements: Sequence[str] | None,
-    min_component_size: int,
+    **inference: Any,
 ) -> dict[str, Any]:
-    """The keyword arguments shared by ``mlflow.pyfunc.log_model`` and ``save_model``."""
+    """The keyword arguments shared by ``mlflow.pyfunc.log_model`` and ``save_model``.
+
+    ``inference`` holds the model options of :func:`~car_med.registry.model.inference_settings` (``hu_window``,
+    ``noise_dim``, ...), the ``inference`` block of ``car_model.json``.
+    """
     f = _unwrap(calibration_network, "calibration_network")
     g = _unwrap(refinement_network, "refinement_network")
-    num_classes = _check_networks(f, g, noise_dim)
-    settings = inference_settings(
-        num_classes,
-        hu_window,
-        noise_dim,
-        noise_std,
-        default_num_samples,
-        max_batch,
-        max_num_samples,
-        min_component_size,
-    )
+    num_classes = _check_networks(f, g, inference["noise_dim"])
+    settings = inference_settings(num_classes, **inference)
+    default_num_samples = settings["default_num_samples"]
     extra = _jsonable(extra_metadata, "extra_metadata")
     artifacts = _write_model_files(
         directory, f, g, calibration_network_config, refinement_network_config, settings, extra
@@ -298,14 +288,40 @@ def _run_to_log_into(
         mlflow.end_run(status=prior_status or status)
 
 
+_NETWORK_ARGUMENTS = (
+    "calibration_network",
+    "refinement_network",
+    "calibration_network_config",
+    "refinement_network_config",
+)
+
+
+def _model_options() -> dict[str, inspect.Parameter]:
+    """The model options, defined once by :func:`save_car_model`'s signature: all but the path and networks."""
+    parameters = inspect.signature(save_car_model).parameters
+    return {name: p for name, p in parameters.items() if name != "path" and name not in _NETWORK_ARGUMENTS}
+
+
+def _with_model_option_defaults(model_options: Mapping[str, Any]) -> dict[str, Any]:
+    """``register_car_model``'s ``**model_options``, checked by name and completed with the defaults."""
+    options = _model_options()
+    unknown = sorted(set(model_options) - set(options))
+    if unknown:
+        raise TypeError(
+            f"register_car_model() got unexpected keyword argument(s) {unknown}; its model options are those of "
+            f"save_car_model: {sorted(options)}."
+        )
+    return {name: model_options.get(name, p.default) for name, p in options.items()}
+
+
 @contextmanager
 def _model_files(arguments: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     """Write F's and G's weights and configs to a temporary folder and yield mlflow's keyword arguments.
 
-    ``arguments`` are the caller's own (``locals()`` of :func:`save_car_model` or :func:`register_car_model`,
-    which share these parameters), so that the two entry points cannot drift apart.
+    ``arguments`` hold the networks, their configs and every model option (:func:`save_car_model`'s
+    parameters), so that the two entry points cannot drift apart.
     """
-    names = list(inspect.signature(_prepare).parameters)[1:]
+    names = (*_NETWORK_ARGUMENTS, *(name for name in _model_options() if name != "work_dir"))
     with tempfile.TemporaryDirectory(prefix="car-model-", dir=arguments["work_dir"]) as tmp:
         yield _prepare(Path(tmp), **{name: arguments[name] for name in names})
 
@@ -329,7 +345,32 @@ def save_car_model(
 ) -> None:
     """Write the CAR pyfunc model directory to ``path`` (must not exist) without a tracking server.
 
-    Arguments as in :func:`register_car_model`. Load it with ``mlflow.pyfunc.load_model(path)``.
+    Load it with ``mlflow.pyfunc.load_model(path)``. Its parameters after the networks' configs are the model
+    options, which :func:`register_car_model` takes too.
+
+    Args:
+        path: the model directory to create.
+        calibration_network: F, returning logits ``(B, C, H, W)`` (a ``DataParallel``/DDP wrapper is unwrapped).
+        refinement_network: G, called ``G(image, calibration_probs, noise)``.
+        calibration_network_config: ``{"_target_": "car_med.networks.SegNetCalibrationNet", **kwargs}`` that
+            rebuilds F (only ``car_med.*`` classes; values must be resolved, not ``"@ref"``), or a
+            ``functools.partial`` of the class, as a bundle component with ``"_mode_": "callable"`` gives.
+        refinement_network_config: the same for G.
+        hu_window: ``(low, high)`` HU window of the training transforms (``ScaleLIDCIntensityd``).
+        noise_dim: length of G's noise vector; must equal ``refinement_network.noise_dim``.
+        noise_std: std of the noise G was trained with.
+        default_num_samples: M when the caller gives no ``num_samples`` param.
+        max_batch: folded image-sample rows per G forward pass (bounds memory for any M).
+        extra_metadata: JSON-able facts to keep with the model (dataset source, split seed, metrics, ...),
+            stored in the MLmodel metadata (``extra_metadata``) and in ``car_model.json``.
+        work_dir: parent folder of the temporary weight and config files; default the system temp dir.
+        max_num_samples: the largest ``num_samples`` a caller may ask for (guards a served model's memory).
+        pip_requirements: requirements recorded with the model; default :func:`default_pip_requirements`.
+        min_component_size: the sampler's (:class:`~car_med.sampling.CARSampler`): foreground components of a
+            sample under this many pixels become background; 0 (default) serves G's plain argmax.
+
+    Raises:
+        ValueError: as :func:`register_car_model`.
     """
     with _model_files(locals()) as kwargs, _no_input_example_warning():
         mlflow.pyfunc.save_model(path=str(path), **kwargs)
@@ -344,48 +385,28 @@ def register_car_model(
     tracking_uri: str | None = None,
     run_id: str | None = None,
     experiment_name: str = "car_lidc",
-    hu_window: tuple[float, float] = DEFAULT_HU_WINDOW,
-    noise_dim: int = 8,
-    noise_std: float = 1.0,
-    default_num_samples: int = 16,
-    max_batch: int = 8,
-    extra_metadata: Mapping[str, Any] | None = None,
-    work_dir: str | Path | None = None,
     artifact_location: str | None = None,
-    max_num_samples: int = 1024,
-    pip_requirements: Sequence[str] | None = None,
-    min_component_size: int = 0,
     await_registration_for: int = 300,
+    **model_options: Any,
 ) -> ModelInfo:
     """Log F and G as the CAR pyfunc model (models-from-code) and register a new version of ``model_name``.
 
     Args:
-        calibration_network: F, returning logits ``(B, C, H, W)`` (a ``DataParallel``/DDP wrapper is unwrapped).
-        refinement_network: G, called ``G(image, calibration_probs, noise)``.
-        calibration_network_config: ``{"_target_": "car_med.networks.SegNetCalibrationNet", **kwargs}`` that
-            rebuilds F (only ``car_med.*`` classes; values must be resolved, not ``"@ref"``), or a
-            ``functools.partial`` of the class, as a bundle component with ``"_mode_": "callable"`` gives.
-        refinement_network_config: the same for G.
+        calibration_network: F (see :func:`save_car_model` for the networks and their configs).
+        refinement_network: G.
+        calibration_network_config: the config that rebuilds F.
+        refinement_network_config: the config that rebuilds G.
         model_name: registered model name; each call adds a version.
         tracking_uri: tracking (and, unless set apart, registry) URI; ``None`` uses the current one.
         run_id: log into this existing run (e.g. the training run); it keeps its status. ``None`` starts a new
             run in ``experiment_name`` (nested if a run is active).
         experiment_name: experiment of the new run; created (at ``artifact_location``) if missing.
-        hu_window: ``(low, high)`` HU window of the training transforms (``ScaleLIDCIntensityd``).
-        noise_dim: length of G's noise vector; must equal ``refinement_network.noise_dim``.
-        noise_std: std of the noise G was trained with.
-        default_num_samples: M when the caller gives no ``num_samples`` param.
-        max_batch: folded image-sample rows per G forward pass (bounds memory for any M).
-        extra_metadata: JSON-able facts to keep with the model (dataset source, split seed, metrics, ...),
-            stored in the MLmodel metadata (``extra_metadata``) and in ``car_model.json``.
-        work_dir: parent folder of the temporary weight and config files; default the system temp dir.
         artifact_location: artifact root of ``experiment_name`` if it has to be created (a SQLite store would
             otherwise default to ``./mlruns`` in the working directory).
-        max_num_samples: the largest ``num_samples`` a caller may ask for (guards a served model's memory).
-        pip_requirements: requirements recorded with the model; default :func:`default_pip_requirements`.
-        min_component_size: the sampler's (:class:`~car_med.sampling.CARSampler`): foreground components of a
-            sample under this many pixels become background; 0 (default) serves G's plain argmax.
         await_registration_for: seconds to wait for the new version to be READY.
+        model_options: the model options of :func:`save_car_model`, by name, with its defaults: ``hu_window``,
+            ``noise_dim``, ``noise_std``, ``default_num_samples``, ``max_batch``, ``extra_metadata``,
+            ``work_dir``, ``max_num_samples``, ``pip_requirements``, ``min_component_size``.
 
     Returns:
         MLflow's ``ModelInfo``: ``registered_model_version`` (the new version number, an int), ``model_uri``
@@ -400,9 +421,10 @@ def register_car_model(
     Raises:
         ValueError: a config names a target outside ``car_med`` or does not rebuild the given network, the
             networks disagree with ``noise_dim`` or are not single-channel, or a setting is out of range.
+        TypeError: a keyword argument that is neither one of the above nor a model option.
     """
     with (
-        _model_files(locals()) as kwargs,
+        _model_files({**locals(), **_with_model_option_defaults(model_options)}) as kwargs,
         using_tracking_uri(tracking_uri),
         _run_to_log_into(run_id, experiment_name, artifact_location, model_name),
         _no_input_example_warning(),

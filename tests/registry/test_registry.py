@@ -284,6 +284,9 @@ def test_register_refuses_configs_that_do_not_rebuild_the_trained_networks(tmp_p
         register_car_model(
             f, g, f_config, g_config, noise_dim=NOISE_DIM, tracking_uri=uri, extra_metadata={"x": object()}
         )
+    # the model options are save_car_model's: a misspelt one is named, with the options there are
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['noise_dims'\].*'noise_dim'"):
+        register_car_model(f, g, f_config, g_config, noise_dims=NOISE_DIM, tracking_uri=uri)
     assert not (tmp_path / "mlflow.db").exists()  # refused before anything was logged
 
 
