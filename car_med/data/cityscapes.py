@@ -290,11 +290,15 @@ def cityscapes_dataset(
 ) -> Dataset:
     """A MONAI ``Dataset`` over one split of a Cityscapes datalist, with :func:`cityscapes_transforms`.
 
-    ``datalist`` is a ``datalist.json`` path (its ``split`` is read with :func:`load_cityscapes_datalist`,
-    which gets ``require_blackbox`` and ``check_files``) or items that function returned. ``mode`` and
-    ``transform_kwargs`` go to :func:`cityscapes_transforms` unless a ``transform`` replaces it. ``cache`` gives a
-    ``CacheDataset``, which holds everything before the random flip. Shared logic:
-    :func:`car_med.data.datalist.datalist_dataset`.
+    Args:
+        datalist: a ``datalist.json`` (read with :func:`load_cityscapes_datalist`) or the items it returned.
+        split: which split of a ``datalist.json`` to read.
+        mode: ``"train"`` (random class flips) or ``"eval"``.
+        cache: a ``CacheDataset``, which holds everything before the random flip.
+        require_blackbox: every item must have a black-box prediction.
+        transform: replaces :func:`cityscapes_transforms` (then ``transform_kwargs`` must be empty).
+        check_files: check that every file the datalist names exists.
+        transform_kwargs: for :func:`cityscapes_transforms`.
     """
     return datalist_dataset(
         datalist,
