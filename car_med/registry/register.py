@@ -385,6 +385,7 @@ def register_car_model(
     tracking_uri: str | None = None,
     run_id: str | None = None,
     experiment_name: str = "car_lidc",
+    *,
     artifact_location: str | None = None,
     await_registration_for: int = 300,
     **model_options: Any,

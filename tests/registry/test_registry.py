@@ -287,6 +287,9 @@ def test_register_refuses_configs_that_do_not_rebuild_the_trained_networks(tmp_p
     # the model options are save_car_model's: a misspelt one is named, with the options there are
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['noise_dims'\].*'noise_dim'"):
         register_car_model(f, g, f_config, g_config, noise_dims=NOISE_DIM, tracking_uri=uri)
+    # a ninth positional argument (hu_window, in the old order) is refused, never taken as another option
+    with pytest.raises(TypeError, match="positional argument"):
+        register_car_model(f, g, f_config, g_config, "car-lidc", uri, None, "car_lidc", (-1000.0, 400.0))
     assert not (tmp_path / "mlflow.db").exists()  # refused before anything was logged
 
 
