@@ -12,6 +12,7 @@ LAYERS = {
     "files": 0,
     "ct": 0,
     "components": 0,
+    "hypotheses": 0,
     "data": 1,
     "visualize": 2,
     "losses": 2,
