@@ -114,11 +114,35 @@ def wilson_interval(successes: int, trials: int, confidence: float = DEFAULT_CON
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _as_array(value: object) -> object:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+
+
+def _stacked(samples: Sequence[object]) -> np.ndarray:
+    """One array from a sequence of per-sample masks, e.g. sample volumes read one file at a time."""
+    masks = [_as_array(mask) for mask in samples]
+    for index, mask in enumerate(masks):
+        if not isinstance(mask, np.ndarray):
+            raise TypeError(f"sample {index} must be a boolean numpy array or torch tensor, got {type(mask)}.")
+        if mask.shape != masks[0].shape:
+            raise ValueError(
+                f"spatial shape mismatch: sample {index} has shape {tuple(mask.shape)}, sample 0 has "
+                f"{tuple(masks[0].shape)}; all samples of one lesion must be on one grid."
+            )
+    if not masks:
+        raise ValueError("samples must hold at least one sample (M >= 1), got an empty sequence.")
+    return np.stack(masks)
+
+
 def _as_masks(samples: object) -> np.ndarray:
-    if isinstance(samples, torch.Tensor):
-        samples = samples.detach().cpu().numpy()
+    if isinstance(samples, (list, tuple)) and not (samples and isinstance(samples[0], (bool, list, tuple))):
+        samples = _stacked(samples)
+    samples = _as_array(samples)
     if not isinstance(samples, np.ndarray):
-        raise TypeError(f"samples must be a boolean numpy array or torch tensor (M, *spatial), got {type(samples)}.")
+        raise TypeError(
+            f"samples must be a boolean numpy array or torch tensor (M, *spatial), or a sequence of per-sample "
+            f"arrays, got {type(samples)}."
+        )
     if samples.dtype != np.bool_:
         raise TypeError(
             f"samples must be boolean masks (M, *spatial), got dtype {samples.dtype} with shape "
@@ -172,7 +196,7 @@ def group_samples(
 
     Args:
         samples: boolean masks ``(M, H, W)`` (a crop's samples) or ``(M, D, H, W)`` (a nodule's sample
-            volumes), numpy or torch.
+            volumes), numpy or torch; or a sequence of M per-sample masks of one shape.
         min_iou: every two members of one hypothesis overlap with at least this IoU; in (0, 1]. What counts as
             "distinct" depends on the task; the default 0.5 is the LIDC choice (docs/metrics.md).
         confidence: the confidence of each probability's Wilson interval, in (0, 1).
@@ -185,8 +209,8 @@ def group_samples(
 
     Raises:
         TypeError: when ``samples`` is not a boolean array or tensor.
-        ValueError: on M = 0, a shape that is neither 2D nor 3D per sample, ``min_iou`` outside (0, 1],
-            ``confidence`` outside (0, 1), or ``spacing`` of the wrong length or not positive.
+        ValueError: on M = 0, per-sample masks of different shapes, a shape that is neither 2D nor 3D per
+            sample, ``min_iou`` outside (0, 1], ``confidence`` outside (0, 1), or ``spacing`` of the wrong length or not positive.
     """
     masks = _as_masks(samples)
     if not 0 < min_iou <= 1:
