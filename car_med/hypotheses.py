@@ -210,7 +210,8 @@ def group_samples(
     Raises:
         TypeError: when ``samples`` is not a boolean array or tensor.
         ValueError: on M = 0, per-sample masks of different shapes, a shape that is neither 2D nor 3D per
-            sample, ``min_iou`` outside (0, 1], ``confidence`` outside (0, 1), or ``spacing`` of the wrong length or not positive.
+            sample, ``min_iou`` outside (0, 1], ``confidence`` outside (0, 1), or ``spacing`` of the wrong
+            length or not positive.
     """
     masks = _as_masks(samples)
     if not 0 < min_iou <= 1:
