@@ -31,12 +31,13 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from car_med.data.ambiguous_tail import AmbiguousTailDataset, tail_mode_statistics
 from car_med.engines import CARTrainer, NonFiniteLossGuard
+from car_med.hypotheses import group_samples, wilson_interval
 from car_med.losses import PixelwiseCrossEntropyLoss
 from car_med.metrics import sample_diversity
 from car_med.networks import Discriminator, NoiseInjectedUNet, SegNetCalibrationNet
 from car_med.sampling import CARSampler
 
-__all__ = ["TailCheckConfig", "VARIANTS", "run_tail_check", "format_table"]
+__all__ = ["TailCheckConfig", "VARIANTS", "run_tail_check", "format_table", "mode_iou", "tail_hypotheses"]
 
 # name -> CARTrainer overrides; lambda_cal=None keeps the config's lambda
 VARIANTS: dict[str, dict] = {
@@ -168,6 +169,63 @@ def evaluate_samples(
     tail_probs = out.probs[:, :, 1].movedim(1, -1)[tail]
     stats["undecided_tail_probabilities"] = float(((tail_probs > 0.1) & (tail_probs < 0.9)).float().mean())
     return stats, out.samples
+
+
+def mode_iou(tail: torch.Tensor, disc: torch.Tensor) -> float:
+    """The smallest IoU between an image's two label modes, the disc and the disc with its whole tail.
+
+    It is ``|disc| / |disc + tail|``, fixed by the geometry; a ``min_iou`` above it keeps the modes apart.
+    """
+    disc_pixels = disc.flatten(1).sum(-1).double()
+    return float((disc_pixels / (disc_pixels + (tail & ~disc).flatten(1).sum(-1).double())).min())
+
+
+def tail_hypotheses(
+    samples: torch.Tensor, tail: torch.Tensor, *, true_probability: float, min_iou: float, confidence: float = 0.95
+) -> dict[str, float]:
+    """Group each image's samples into hypotheses and compare the mass that draws the tail with the truth.
+
+    A hypothesis *draws the tail* when its representative covers more than half of the tail pixels.
+
+    Args:
+        samples: hard samples ``(B, M, S, S)`` (class 1 is foreground).
+        tail: ``(B, S, S)`` bool tail masks.
+        true_probability: the chance that an annotator draws the tail (the dataset's ``tail_probability``).
+        min_iou: the grouping's ``min_iou`` (see :func:`mode_iou` for where it must lie).
+        confidence: the Wilson intervals' confidence.
+
+    Returns:
+        ``tail_probability`` (mean over images of the total probability of the hypotheses that draw the tail),
+        ``per_image_std`` (its spread over images), ``hypotheses_per_image`` (mean count), ``fragment_mass`` (mean
+        probability outside each image's two largest hypotheses), ``interval_coverage`` (share of images where
+        the Wilson interval of the tail-drawing samples' share holds ``true_probability``; about
+        ``confidence`` for a calibrated sampler), ``max_partition_error`` (the largest |sum of probabilities - 1|
+        over images, or 1 where the members do not partition the samples; 0 when all is well).
+    """
+    foreground = (samples == 1).cpu().numpy()
+    tails = tail.cpu().numpy()
+    per_image, counts, fragments, partition_error, covered = [], [], [], 0.0, []
+    for masks, tail_mask in zip(foreground, tails):
+        hypotheses = group_samples(masks, min_iou=min_iou, confidence=confidence)
+        members = sorted(i for h in hypotheses for i in h.members)
+        if members != list(range(len(masks))):
+            partition_error = max(partition_error, 1.0)
+        partition_error = max(partition_error, abs(sum(h.probability for h in hypotheses) - 1.0))
+        drawing = [h for h in hypotheses if masks[h.representative][tail_mask].mean() > 0.5]
+        per_image.append(sum(h.probability for h in drawing))
+        low, high = wilson_interval(sum(h.count for h in drawing), len(masks), confidence)
+        covered.append(low <= true_probability <= high)
+        counts.append(len(hypotheses))
+        fragments.append(sum(h.probability for h in hypotheses[2:]))
+    per_image_t = torch.tensor(per_image, dtype=torch.float64)
+    return {
+        "tail_probability": float(per_image_t.mean()),
+        "per_image_std": float(per_image_t.std()) if len(per_image) > 1 else 0.0,
+        "hypotheses_per_image": float(sum(counts) / len(counts)),
+        "fragment_mass": float(sum(fragments) / len(fragments)),
+        "interval_coverage": float(sum(covered) / len(covered)),
+        "max_partition_error": partition_error,
+    }
 
 
 def _report_during_training(

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from car_med.experiments.tail_calibration import TailCheckConfig, run_tail_check
+from car_med.data.ambiguous_tail import AmbiguousTailDataset
+from car_med.experiments.tail_calibration import TailCheckConfig, mode_iou, run_tail_check, tail_hypotheses
 
 SHORT = TailCheckConfig(
     size=24,
@@ -64,3 +65,38 @@ def test_samples_are_returned_per_variant_for_the_figure(short_check):
     assert set(samples) == {"CAR", "cGAN+L_ce"}
     assert samples["CAR"].shape == (SHORT.num_test_images, SHORT.eval_samples, SHORT.size, SHORT.size)
     assert len(test) == SHORT.num_test_images
+
+
+def test_car_hypotheses_partition_each_images_samples_and_find_the_tail(short_check):
+    _, samples, test = short_check
+    batch = test.batch()
+    between = (mode_iou(batch["tail"], batch["disc"]) + 1) / 2
+    out = tail_hypotheses(samples["CAR"], batch["tail"], true_probability=0.3, min_iou=between)
+    assert out["max_partition_error"] < 1e-12
+    assert 0.1 <= out["tail_probability"] <= 0.5
+    assert 1 <= out["hypotheses_per_image"] <= SHORT.eval_samples
+
+
+def test_tail_hypotheses_count_the_mass_whose_representative_draws_the_tail():
+    data = AmbiguousTailDataset(2, 24, 0.3, seed=0, radius=3.0, tail_length=5, tail_width=3)
+    batch = data.batch()
+    disc, tail = batch["disc"], batch["tail"]
+    # image 0: 3 of 10 samples draw disc + tail, 7 the disc; image 1: 5 of 10 draw it, 4 the disc, 1 a far speck
+    samples = disc[:, None].repeat(1, 10, 1, 1).long()
+    samples[0, :3] |= tail[0].long()
+    samples[1, :5] |= tail[1].long()
+    samples[1, 9] = 0
+    samples[1, 9, 0, 0] = 1
+    assert mode_iou(tail, disc) == pytest.approx(
+        min(float(disc[i].sum() / (disc[i] | tail[i]).sum()) for i in range(2))
+    )
+    out = tail_hypotheses(samples, tail, true_probability=0.3, min_iou=(mode_iou(tail, disc) + 1) / 2)
+    assert out["tail_probability"] == pytest.approx((0.3 + 0.5) / 2)
+    assert out["hypotheses_per_image"] == pytest.approx((2 + 3) / 2)
+    assert out["fragment_mass"] == pytest.approx((0 + 0.1) / 2)
+    assert out["max_partition_error"] == 0.0
+    # 0.3 lies in the Wilson interval of 3/10 and of 5/10 (0.24..0.76)
+    assert out["interval_coverage"] == 1.0
+    # below the modes' IoU the disc and disc + tail merge: the tail is no longer a hypothesis of its own
+    merged = tail_hypotheses(samples, tail, true_probability=0.3, min_iou=mode_iou(tail, disc) / 2)
+    assert merged["hypotheses_per_image"] < out["hypotheses_per_image"]
