@@ -1,6 +1,6 @@
 """Table-1 evaluation of a CAR model on an LIDC split: metrics.json with its protocol card and the reference
-rows, a per-case CSV, F's reliability diagram, the presence-calibration plot, a sample montage, and the same
-numbers in MLflow."""
+rows, a per-case CSV, F's reliability diagram, the presence-calibration plot, the hypotheses' reliability
+diagram, a sample montage, and the same numbers in MLflow."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from monai.data import DataLoader, Dataset
 
 from car_med.data.lidc import DEFAULT_HU_WINDOW, lidc_transforms, load_lidc_datalist
+from car_med.evaluation.hypotheses import HYPOTHESIS_REFERENCE_ROWS, NoduleHypotheses, hypothesis_metrics
 from car_med.evaluation.protocol import METRIC_DEFINITIONS, REFERENCE_DEFINITIONS, dataset_card
 from car_med.evaluation.references import REFERENCE_LABELS, REFERENCE_ROWS, ReferenceRows, flatten_references
 from car_med.evaluation.report import (
@@ -26,7 +27,9 @@ from car_med.evaluation.report import (
 )
 from car_med.evaluation.sample_metrics import SampleMetricSuite, evaluate_samples, sample_cases
 from car_med.evaluation.volumes import NOISE_MODES, NoduleVolumes, with_nodule_noise
-from car_med.metrics import plot_reliability_diagram
+from car_med.hypotheses import DEFAULT_MIN_IOU
+from car_med.metrics import plot_hypothesis_reliability, plot_reliability_diagram
+from car_med.metrics.hypotheses import DEFAULT_COVERAGE_PROBABILITY, DEFAULT_HYPOTHESIS_BINS
 from car_med.metrics.presence import DEFAULT_MIN_AREA, DEFAULT_SPECKLE_SIZE, plot_presence_reliability
 
 __all__ = ["CASE_FIELDS", "evaluate_lidc"]
@@ -68,6 +71,8 @@ def evaluate_lidc(
     noise: str = "nodule",
     volume_samples: int = 16,
     min_component_size: int = 0,
+    hypothesis_min_iou: float = DEFAULT_MIN_IOU,
+    hypothesis_reference_rows: Sequence[str] = HYPOTHESIS_REFERENCE_ROWS,
 ) -> dict[str, Any]:
     """Score G's samples and F's calibration on one split, beside the reference rows, and write the report.
 
@@ -75,9 +80,18 @@ def evaluate_lidc(
     numbers under ``references`` and the protocol card: dataset source, split seed and counts, sample counts,
     noise seed and every metric's and reference row's definition, including the empty-empty rule),
     ``per_case.csv`` (one row per case with its ids, per-case metrics and each reference row's, as
-    ``<row>_<metric>``), ``reliability.png`` (F's reliability diagram), ``presence.png`` (presence calibration
-    of the model and the rows) and ``montage.png`` (the first cases' readers, F, Gbar and samples). With
+    ``<row>_<metric>``), ``per_nodule.csv`` (one row per nodule: its 3D metrics, the model's number of
+    hypotheses and the reader slots they cover), ``reliability.png`` (F's reliability diagram), ``presence.png``
+    (presence calibration of the model and the rows), ``hypotheses_reliability.png`` (the nodules' hypotheses
+    binned by probability against the share of readers assigned to them: the model, the majority vote and the
+    readers' leave-one-out) and ``montage.png`` (the first cases' readers, F, Gbar and samples). With
     ``tracking_uri`` the metrics (the rows' as ``ref_<row>_<metric>``) and files also go to a new MLflow run.
+
+    The hypothesis numbers (:mod:`car_med.evaluation.hypotheses`, docs/metrics.md) are taken on the 3D draw:
+    each nodule's ``volume_samples`` sample volumes grouped into hypotheses, each reader slot's volume assigned
+    to the one it matches; they go into ``metrics`` and into the rows of ``references`` as ``hypothesis_ece``,
+    ``hypothesis_coverage``, ``hypothesis_uncovered``, ``hypothesis_unmatched`` and ``hypotheses_per_nodule``,
+    with the per-bin tables under ``hypothesis_reliability``.
 
     Args:
         calibration_network: F (weights from ``checkpoint`` if given).
@@ -118,6 +132,12 @@ def evaluate_lidc(
             readers' stacked masks, and the mean Dice between adjacent slices of a sample and of a reader.
         min_component_size: the sampler's (:class:`~car_med.sampling.CARSampler`): foreground components of a
             sample under this many pixels become background; 0 (default) keeps G's plain argmax.
+        hypothesis_min_iou: the IoU every two members of a nodule's hypothesis share at least
+            (:func:`car_med.hypotheses.group_samples`), and that a reader's volume needs with a hypothesis's
+            representative to be assigned to it.
+        hypothesis_reference_rows: the reference rows scored as hypotheses, from
+            :data:`~car_med.evaluation.hypotheses.HYPOTHESIS_REFERENCE_ROWS` (both by default): the majority vote
+            (one hypothesis, p = 1) and the readers' leave-one-out.
 
     Returns:
         The content of ``metrics.json``.
@@ -126,6 +146,8 @@ def evaluate_lidc(
 
     if noise not in NOISE_MODES:
         raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}.")
+    # checked before any sampling: a bad min_iou or row would otherwise fail after the whole split was drawn
+    hypotheses = NoduleHypotheses(min_iou=hypothesis_min_iou, rows=hypothesis_reference_rows)
     out, items, sampler = start_evaluation(locals(), load_lidc_datalist)
     volumes = NoduleVolumes(volume_samples)
     transform = lidc_transforms("eval", roi_size=roi_size, hu_window=hu_window)
@@ -180,10 +202,28 @@ def evaluate_lidc(
     per_case = {**suite.per_case(), **(references.per_case() if references is not None else {})}
     write_per_case_csv(out / "per_case.csv", rows, CASE_FIELDS, per_case)
     per_nodule = volumes.per_nodule()
+    for row, (key, _, samples, labels) in zip(per_nodule, volumes.stacks()):
+        if (row["patient_id"], row["series_uid"], row["nodule_id"]) != key:
+            raise RuntimeError(f"nodule {key}: per_nodule and stacks() disagree on the order of the nodules.")
+        row.update(hypotheses.add(samples, labels))
     nodule_fields = ("patient_id", "series_uid", "nodule_id", "num_slices")
     nodule_metrics = {k: [r[k] for r in per_nodule] for k in per_nodule[0] if k not in nodule_fields}
     write_per_case_csv(out / "per_nodule.csv", per_nodule, nodule_fields, nodule_metrics)
-    volume_metrics = volumes.aggregate()
+    volume_metrics = volumes.aggregate(per_nodule)
+    # added to the 2D metrics and to the rows, not in place of anything: every earlier number stays as it was
+    model_hypotheses, row_hypotheses = hypotheses.reliability()
+    metrics.update(hypothesis_metrics(model_hypotheses))
+    for row, curve in row_hypotheses.items():
+        reference_metrics.setdefault(row, {}).update(hypothesis_metrics(curve))
+    hypothesis_curves = {
+        model_label: model_hypotheses,
+        **{REFERENCE_LABELS[row]: curve for row, curve in row_hypotheses.items()},
+    }
+    plot_hypothesis_reliability(
+        hypothesis_curves,
+        out / "hypotheses_reliability.png",
+        title=f"hypotheses, LIDC {split} ({model_hypotheses.num_lesions} nodules, min IoU {hypothesis_min_iou:g})",
+    )
     reliability = suite.reliability()
     plot_reliability_diagram(reliability, out / "reliability.png", title=f"F on LIDC {split}")
     presence_curves = {model_label: suite.presence_reliability()}
@@ -216,6 +256,9 @@ def evaluate_lidc(
             "presence_min_area": presence_min_area,
             "speckle_size": speckle_size,
             "min_component_size": min_component_size,
+            "hypothesis_min_iou": hypothesis_min_iou,
+            "hypothesis_bins": DEFAULT_HYPOTHESIS_BINS,
+            "hypothesis_coverage_min_probability": DEFAULT_COVERAGE_PROBABILITY,
             "metric_definitions": METRIC_DEFINITIONS,
             "reference_definitions": {row: REFERENCE_DEFINITIONS[row] for row in reference_metrics},
         },
@@ -229,6 +272,7 @@ def evaluate_lidc(
             for label, curve in presence_curves.items()
         },
         "reliability": reliability_record(reliability),
+        "hypothesis_reliability": {label: curve.to_dict() for label, curve in hypothesis_curves.items()},
     }
     return write_report(
         out,
@@ -239,6 +283,14 @@ def evaluate_lidc(
         run_name,
         {},
         {**metrics, **flatten_references(reference_metrics), **{f"vol_{k}": v for k, v in volume_metrics.items()}},
-        ("metrics.json", "per_case.csv", "per_nodule.csv", "reliability.png", "presence.png", "montage.png"),
+        (
+            "metrics.json",
+            "per_case.csv",
+            "per_nodule.csv",
+            "reliability.png",
+            "presence.png",
+            "hypotheses_reliability.png",
+            "montage.png",
+        ),
         logger,
     )

@@ -50,6 +50,20 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "both are empty left out); averaged over a nodule's samples, then over nodules of two or more slices",
     "readers_adjacent_dice": "the same for the reader-slot volumes: how coherent the readers' own outlines are "
     "from slice to slice",
+    "hypotheses": "per nodule, on the 3D draw's n sample volumes: car_med.hypotheses.group_samples groups them "
+    "(complete linkage on 1 - IoU, cut at 1 - hypothesis_min_iou), each hypothesis with its share q of the n "
+    "samples and a representative sample; each of the R reader-slot volumes is assigned to the hypothesis whose "
+    "representative it overlaps most among those with IoU >= hypothesis_min_iou (ties: the more probable), or to "
+    "none (unmatched); two empty masks have IoU 1, so an empty slot matches a 'no lesion' hypothesis",
+    "hypothesis_ece": "the hypotheses of all nodules binned by q into hypothesis_bins equal-width right-closed "
+    "bins; per bin the mean q and the observed frequency = readers assigned to the bin's hypotheses / (R x its "
+    "hypotheses); sum over bins of (its hypotheses / all hypotheses) x |mean q - observed frequency|",
+    "hypothesis_coverage": "the share of all reader-slot volumes assigned to a hypothesis with q >= "
+    "hypothesis_coverage_min_probability (0.1)",
+    "hypothesis_uncovered": "1 - hypothesis_coverage: readers matched to a rarer hypothesis or to none",
+    "hypothesis_unmatched": "the share of reader-slot volumes assigned to no hypothesis",
+    "hypotheses_per_nodule": "the mean number of hypotheses per nodule (readers_leave_one_out: per nodule and "
+    "held-out reader)",
 }
 
 
@@ -57,10 +71,14 @@ REFERENCE_DEFINITIONS: dict[str, str] = {
     "readers_oracle": "each of the n samples is one of the case's R reader slots drawn uniformly at random "
     "(an empty slot counts), from a generator per case seeded seed * 1000003 + case index + 2**40",
     "majority_vote": "one fixed mask for all n samples: foreground where at least half of the R reader slots "
-    "mark the pixel (it sees the labels)",
+    "mark the pixel (it sees the labels); as hypotheses, one per nodule with q = 1: the voxelwise majority of "
+    "the R reader-slot volumes",
     "f_threshold": "one fixed mask for all n samples: F(x) > 0.5",
     "f_bernoulli": "each pixel of each sample drawn independently with probability F(x) (same generator as "
     "readers_oracle)",
+    "readers_leave_one_out": "hypotheses only: per nodule and reader slot r, the other R - 1 reader-slot volumes "
+    "grouped by group_samples at hypothesis_min_iou (each hypothesis with its share of the R - 1), and slot r "
+    "alone assigned to them; pooled over every nodule and held-out slot",
 }
 
 

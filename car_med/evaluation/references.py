@@ -12,6 +12,10 @@ every LIDC evaluation also scores, on the same cases, sample counts and seed:
 - ``f_bernoulli``: each pixel drawn independently from F(x): the naive stochastic baseline, calibrated per
   pixel but incoherent (speckled).
 
+The nodules' hypotheses are scored against two rows of their own (:mod:`car_med.evaluation.hypotheses`): the
+majority vote as one hypothesis of probability 1, and ``readers_leave_one_out``, each reader scored against the
+hypotheses the other readers form.
+
 The rows use the model's own :class:`~car_med.evaluation.sample_metrics.SampleMetricSuite` definitions. Their
 randomness comes from a generator per case seeded ``case_seed(seed, case) + 2**40``, a stream apart from the
 model's noise.
@@ -40,6 +44,8 @@ REFERENCE_LABELS = {
     "majority_vote": "majority vote",
     "f_threshold": "F > 0.5",
     "f_bernoulli": "F Bernoulli",
+    # scored on the nodules' hypotheses only (car_med.evaluation.hypotheses), not on the crops
+    "readers_leave_one_out": "readers' leave-one-out",
 }
 _REFERENCE_STREAM = 2**40
 

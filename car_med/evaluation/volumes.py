@@ -11,7 +11,7 @@ its slices share their noise (``noise="nodule"``).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -105,29 +105,35 @@ class NoduleVolumes:
             labels[:, s, i : i + h, j : j + w] = masks
         return samples, labels
 
-    def per_nodule(self) -> list[dict[str, Any]]:
-        """Per nodule: its key, slice count, 3D GED and HM-IoU at ``num_samples``, and the mean adjacent-slice
-        Dice of the samples and of the readers (NaN for a one-slice nodule)."""
-        rows = []
+    def stacks(self) -> Iterator[tuple[tuple[str, str, str], int, torch.Tensor, torch.Tensor]]:
+        """Per nodule, in key order: its key, slice count, sample volumes ``(N, S, H', W')`` and reader-slot
+        volumes ``(R, S, H', W')`` (uint8), the crops placed by their affines and stacked by slice z."""
         for key, slices in sorted(self._slices.items()):
             slices = sorted(slices, key=lambda s: s[0])
             if len({tuple(s[1].shape[1:]) for s in slices}) != 1 or len({s[2].shape[0] for s in slices}) != 1:
                 raise ValueError(f"nodule {key}: its crops differ in size or reader count; they cannot be stacked.")
             samples, labels = self._canvas(slices)
+            yield key, len(slices), samples, labels
+
+    def per_nodule(self) -> list[dict[str, Any]]:
+        """Per nodule: its key, slice count, 3D GED and HM-IoU at ``num_samples``, and the mean adjacent-slice
+        Dice of the samples and of the readers (NaN for a one-slice nodule)."""
+        rows = []
+        for key, num_slices, samples, labels in self.stacks():
             ged = float(generalized_energy_distance(samples[None], labels[None])[0])
             hm = (
                 float(hungarian_matched_iou(samples[None], labels[None])[0])
                 if samples.shape[0] % labels.shape[0] == 0
                 else float("nan")
             )
-            many = len(slices) > 1
+            many = num_slices > 1
             nan = float("nan")
             rows.append(
                 {
                     "patient_id": key[0],
                     "series_uid": key[1],
                     "nodule_id": key[2],
-                    "num_slices": len(slices),
+                    "num_slices": num_slices,
                     f"ged{self.num_samples}_3d": ged,
                     f"hm_iou{self.num_samples}_3d": hm,
                     "adjacent_dice": float(adjacent_slice_dice(samples).nanmean()) if many else nan,
@@ -136,9 +142,10 @@ class NoduleVolumes:
             )
         return rows
 
-    def aggregate(self) -> dict[str, float]:
-        """Means over nodules (adjacent-slice Dice over nodules of two or more slices)."""
-        rows = self.per_nodule()
+    def aggregate(self, rows: Sequence[Mapping[str, Any]] | None = None) -> dict[str, float]:
+        """Means over nodules (adjacent-slice Dice over nodules of two or more slices), of :meth:`per_nodule`'s
+        rows (pass them when already computed, to stack the volumes only once)."""
+        rows = self.per_nodule() if rows is None else rows
         if not rows:
             raise ValueError("NoduleVolumes.aggregate() called before any crop was added.")
         out = {}

@@ -10,11 +10,15 @@ Steps, each the command a user would type (printed before it runs):
    so both models refine one calibration net and differ only in the stage-2 regulariser);
 5. ``run evaluating`` with ``evaluate.json`` on the test split for both; then a table of GED16, HM-IoU16,
    sample diversity, presence gap and speckle is printed, with the reference rows (readers' oracle, majority
-   vote, F > 0.5, F Bernoulli) scored on the same cases, and written to ``demo_summary.json``;
+   vote, F > 0.5, F Bernoulli) scored on the same cases, and a second one of the nodules' hypotheses
+   (hypothesis ECE, the readers' coverage and uncovered share, hypotheses per nodule) beside the majority vote
+   and the readers' leave-one-out; both are written to ``demo_summary.json``;
 6. ``python -m car_med.export`` on the test split with the registered CAR model: the review files (NIfTI in the
    scanner frame, CT overlays, DICOM SEG, ``review/index.html``; docs/review.md).
 
-Every step resumes: rerunning after a kill continues where it stopped.
+Every step resumes: rerunning after a kill continues where it stopped. Training resumes from its checkpoints
+(a finished stage is loaded, not retrained); the evaluations are always run again (about a minute each), so
+a rerun after a change to the evaluation reports the new numbers without retraining.
 
 Usage:
     python -m car_med.experiments.lidc_demo --output-dir lidc_demo [--num-patients 24] [--overlay JSON]
@@ -33,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+from car_med.evaluation.hypotheses import HYPOTHESIS_REFERENCE_ROWS
 from car_med.evaluation.references import REFERENCE_LABELS
 
 BUNDLE_DIR = Path(__file__).resolve().parents[2] / "bundles" / "lidc"
@@ -40,6 +45,7 @@ BUNDLE_DIR = Path(__file__).resolve().parents[2] / "bundles" / "lidc"
 # what it draws, so an old cohort is not mixed with new models
 COHORT_MARKER = "done: synthetic cohort v3, nodules in a lung pocket, contrast = share of the 4 reader slots\n"
 METRICS_SHOWN = ("ged16", "hm_iou16", "diversity16", "presence_gap", "speckle")
+HYPOTHESIS_SHOWN = ("hypothesis_ece", "hypothesis_coverage", "hypothesis_uncovered", "hypotheses_per_nodule")
 
 
 def _run(command: list[str], env: dict[str, str]) -> None:
@@ -69,10 +75,36 @@ def format_table(reports: dict[str, dict]) -> str:
     for label, report in reports.items():
         lines.append(row(label, report["metrics"], report["num_cases"]))
     first = next(iter(reports.values()), {})
-    if first.get("references"):
+    # the rows scored on the crops; the readers' leave-one-out is scored on the nodules' hypotheses only
+    crop_rows = {n: m for n, m in first.get("references", {}).items() if all(k in m for k in METRICS_SHOWN)}
+    if crop_rows:
         lines.append("- reference rows " + "-" * (len(header) - 17))
-        for name, metrics in first["references"].items():
+        for name, metrics in crop_rows.items():
             lines.append(row(REFERENCE_LABELS.get(name, name), metrics, first["num_cases"]))
+    return "\n".join(lines)
+
+
+def hypothesis_rows(reports: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """``{predictor: {key: value}}`` of :data:`HYPOTHESIS_SHOWN` for each model, then the majority vote and the
+    readers' leave-one-out of the first report (they depend only on the readers)."""
+    rows = {label: {k: report["metrics"][k] for k in HYPOTHESIS_SHOWN} for label, report in reports.items()}
+    references = next(iter(reports.values()), {}).get("references", {})
+    for name in HYPOTHESIS_REFERENCE_ROWS:
+        if name in references:
+            rows[REFERENCE_LABELS[name]] = {k: references[name][k] for k in HYPOTHESIS_SHOWN}
+    return rows
+
+
+def format_hypothesis_table(rows: dict[str, dict[str, float]]) -> str:
+    """The nodules' hypotheses against the readers, from :func:`hypothesis_rows`: per model and reference row,
+    the hypothesis ECE (lower is better), the share of reader masks matched to a hypothesis with p >= 0.1
+    (coverage) and the rest (uncovered), and the mean number of hypotheses per nodule (per nodule and held-out
+    reader for the leave-one-out)."""
+    names = ("hypothesis ECE", "coverage", "uncovered", "per nodule")
+    header = f"{'predictor':<24}" + "".join(f"{name:>16}" for name in names)
+    lines = [header, "-" * len(header)]
+    for label, values in rows.items():
+        lines.append(f"{label:<24}" + "".join(f"{values[k]:>16.4f}" for k in HYPOTHESIS_SHOWN))
     return "\n".join(lines)
 
 
@@ -185,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(reports)
     summary = {
         "table": {label: {k: r["metrics"][k] for k in METRICS_SHOWN} for label, r in reports.items()},
+        "hypothesis_table": hypothesis_rows(reports),
         "references": next(iter(reports.values())).get("references", {}),
         "metrics": {label: r["metrics"] for label, r in reports.items()},
         "num_test_cases": next(iter(reports.values()))["num_cases"],
@@ -195,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "\nSynthetic LIDC test split (GED, presence gap, speckle: lower is better; HM-IoU: higher is better;"
         " diversity: the oracle's is the readers'):\n" + table
+    )
+    print(
+        "\nThe test nodules' hypotheses against the readers (each reader's 3D mask assigned to the hypothesis it"
+        " matches; ECE, uncovered: lower is better):\n" + format_hypothesis_table(summary["hypothesis_table"])
     )
     print(f"\nmontages: {out / 'car' / 'evaluation' / 'test' / 'montage.png'}")
     record = summary["registered"]

@@ -1,4 +1,5 @@
-"""car_med.metrics: GED, Hungarian-matched IoU, ECE, stochastic-class calibration and G's noise response.
+"""car_med.metrics: GED, Hungarian-matched IoU, ECE, stochastic-class calibration, G's noise response and
+hypothesis calibration.
 
 Conventions (SPEC section 2, docs/metrics.md): hard samples are integer argmax maps ``(B, N, *spatial)``, labels are
 integer maps ``(B, R, *spatial)``, d(a, b) = 1 - IoU(a, b), a class absent from both maps is skipped and a pair with
@@ -36,6 +37,14 @@ from car_med.metrics.energy_distance import (
     sample_diversity,
 )
 from car_med.metrics.hungarian_iou import HungarianMatchedIoU, hungarian_matched_iou, matched_iou_from_matrix
+from car_med.metrics.hypotheses import (
+    HypothesisReliability,
+    ScoredHypotheses,
+    hypothesis_reliability,
+    match_readers,
+    plot_hypothesis_reliability,
+    score_hypotheses,
+)
 from car_med.metrics.noise_response import (
     class_sample_spread_statistics,
     noise_response_from_sums,
@@ -52,9 +61,11 @@ __all__ = [
     "ExpectedCalibrationError",
     "GeneralizedEnergyDistance",
     "HungarianMatchedIoU",
+    "HypothesisReliability",
     "PairwiseIoU",
     "ReliabilityData",
     "SampleDiversity",
+    "ScoredHypotheses",
     "StochasticClassCalibration",
     "calibration_bin_statistics",
     "calibration_result_from_sums",
@@ -66,11 +77,15 @@ __all__ = [
     "generalized_energy_distance",
     "noise_response_from_sums",
     "hungarian_matched_iou",
+    "hypothesis_reliability",
+    "match_readers",
     "matched_iou_from_matrix",
     "pairwise_iou",
+    "plot_hypothesis_reliability",
     "plot_reliability_diagram",
     "reference_spread",
     "sample_diversity",
+    "score_hypotheses",
     "stochastic_label_modes",
     "stochastic_mode_flips",
     "stochastic_mode_weights",

@@ -12,6 +12,7 @@ import pytest
 from lidc_bundle_runs import BUNDLE, REPO_ROOT, run_bundle
 
 from car_med.data.lidc import load_lidc_datalist
+from car_med.evaluation.hypotheses import HYPOTHESIS_METRICS, HYPOTHESIS_REFERENCE_ROWS
 
 ROI = tuple(json.loads((BUNDLE / "demo.json").read_text())["roi_size"])  # the demo trains on smaller crops
 
@@ -112,10 +113,21 @@ def test_evaluate_writes_metrics_with_protocol_card_and_per_case_rows(trained_li
     report = json.loads((report_dir / "metrics.json").read_text())
     test_cases = load_lidc_datalist(data / "datalist.json", "test")
     assert report["num_cases"] == len(test_cases) and report["split"] == "test" and report["model"] == "CAR"
-    assert set(report["metrics"]) == {"ged4", "ged8", "hm_iou4", "diversity4", "presence_gap", "speckle", "ece"}
+    hypothesis_keys = set(HYPOTHESIS_METRICS)
+    crop_metrics = {"ged4", "ged8", "hm_iou4", "diversity4", "presence_gap", "speckle", "ece"}
+    assert set(report["metrics"]) == crop_metrics | hypothesis_keys
     rows_metrics = {"ged4", "ged8", "hm_iou4", "diversity4", "presence_gap", "speckle"}
-    assert set(report["references"]) == {"readers_oracle", "majority_vote", "f_threshold", "f_bernoulli"}
-    assert all(set(values) == rows_metrics for values in report["references"].values())
+    assert set(report["references"]) == {
+        "readers_oracle",
+        "majority_vote",
+        "f_threshold",
+        "f_bernoulli",
+        "readers_leave_one_out",
+    }
+    for row in ("readers_oracle", "f_threshold", "f_bernoulli"):
+        assert set(report["references"][row]) == rows_metrics
+    assert set(report["references"]["majority_vote"]) == rows_metrics | hypothesis_keys
+    assert set(report["references"]["readers_leave_one_out"]) == hypothesis_keys
     assert set(report["protocol"]["reference_definitions"]) == set(report["references"])
     assert report["protocol"]["presence_min_area"] == 5 and report["protocol"]["speckle_size"] == 5
     card = report["protocol"]
@@ -142,9 +154,45 @@ def test_evaluate_writes_metrics_with_protocol_card_and_per_case_rows(trained_li
         == len({(r["patient_id"], r["series_uid"], r["nodule_id"]) for r in rows})
     )
     assert sum(int(n["num_slices"]) for n in nodules) == len(rows)
+    # the nodules' hypotheses against the readers (issue 28): the model's, the majority vote's, the leave-one-out's
+    assert card["hypothesis_min_iou"] == 0.5 and card["hypothesis_bins"] == 10
+    assert {"hypothesis_ece", "hypotheses", "readers_leave_one_out"} <= set(card["metric_definitions"]) | set(
+        card["reference_definitions"]
+    )
+    scored = {"CAR": report["metrics"], **{row: report["references"][row] for row in HYPOTHESIS_REFERENCE_ROWS}}
+    for values in scored.values():
+        shares = ("hypothesis_ece", "hypothesis_coverage", "hypothesis_uncovered", "hypothesis_unmatched")
+        assert all(0.0 <= values[k] <= 1.0 for k in shares)
+        assert values["hypothesis_coverage"] + values["hypothesis_uncovered"] == pytest.approx(1.0)
+        assert values["hypothesis_unmatched"] <= values["hypothesis_uncovered"] + 1e-12
+    assert report["references"]["majority_vote"]["hypotheses_per_nodule"] == 1.0
+    assert 1.0 <= report["metrics"]["hypotheses_per_nodule"] <= card["volume_samples"]
+    curves = report["hypothesis_reliability"]
+    assert set(curves) == {"CAR", "majority vote", "readers' leave-one-out"}
+    num_nodules = report["volumes"]["num_nodules"]
+    assert curves["CAR"]["num_lesions"] == curves["majority vote"]["num_lesions"] == num_nodules
+    # one trial per nodule and held-out reader slot, each scoring that slot alone against the other slots' shares
+    slots = len(test_cases[0]["label"])  # R reader slots per crop (an empty slot counts as a reader)
+    loo = curves["readers' leave-one-out"]
+    assert loo["num_lesions"] == loo["num_readers"] == slots * num_nodules
+    assert curves["CAR"]["num_readers"] == slots * num_nodules
+    # with R - 1 = 3 slots grouped, every probability is 1/3, 2/3 or 1: only the bins holding those are filled
+    filled = {i for i, c in enumerate(loo["count"]) if c}
+    assert filled <= {3, 6, 9}
+    assert sum(loo["count"]) == pytest.approx(loo["hypotheses_per_lesion"] * loo["num_lesions"])
+    # the per-nodule rows add up to the coverage
+    covered = sum(float(n["readers_covered"]) for n in nodules)
+    assert covered / (slots * num_nodules) == pytest.approx(report["metrics"]["hypothesis_coverage"])
+    assert np.mean([float(n["hypotheses"]) for n in nodules]) == pytest.approx(
+        report["metrics"]["hypotheses_per_nodule"]
+    )
+    assert (report_dir / "hypotheses_reliability.png").stat().st_size > 0
     with sqlite3.connect(out / "mlflow.db") as db:
         logged = {k for (k,) in db.execute("select distinct key from metrics")}
     assert {"presence_gap", "ref_majority_vote_ged8", "ref_readers_oracle_hm_iou4", "ref_f_bernoulli_speckle"} <= logged
+    assert {"hypothesis_ece", "ref_majority_vote_hypothesis_uncovered", "ref_readers_leave_one_out_hypothesis_ece"} <= (
+        logged
+    )
     assert set(report["presence_reliability"]) == {"CAR", "readers' oracle", "majority vote", "F > 0.5", "F Bernoulli"}
     assert len(report["reliability"]["count"]) == 10 and sum(report["reliability"]["count"]) == len(rows) * int(
         np.prod(card["roi_size"])
@@ -178,8 +226,13 @@ def test_2d_metrics_draw_per_crop_whatever_the_3d_noise(trained_lidc_run, tmp_pa
         )
         for noise in ("case", "nodule")
     }
-    assert reports["case"]["metrics"] == pytest.approx(reports["nodule"]["metrics"], abs=1e-12)
-    assert reports["case"]["references"] == reports["nodule"]["references"]
+    # the hypothesis numbers are taken on the 3D draw, like the volumes; every 2D number is the same
+    two_d = {
+        noise: {k: v for k, v in r["metrics"].items() if k not in HYPOTHESIS_METRICS} for noise, r in reports.items()
+    }
+    assert len(two_d["case"]) == len(reports["case"]["metrics"]) - len(HYPOTHESIS_METRICS)
+    assert two_d["case"] == pytest.approx(two_d["nodule"], abs=1e-12)
+    assert reports["case"]["references"] == reports["nodule"]["references"]  # the readers' rows need no draw
     assert [r["protocol"]["noise"] for r in reports.values()] == ["case", "nodule"]
     assert reports["case"]["volumes"]["num_nodules"] == reports["nodule"]["volumes"]["num_nodules"] > 0
     # a nodule of several slices gets other noise on every slice but its first, so its 3D scores move
