@@ -18,16 +18,21 @@ Input and output of :meth:`CARPyfuncModel.predict` (the sample axis is dim 1, as
 - params: ``num_samples`` (M) and ``seed``: the noise comes from a CPU ``torch.Generator`` seeded with ``seed``,
   so the same batch and seed give the same samples on any device; ``noise_groups``, one id per row, makes the
   rows of a group (the slices of one nodule) share their noise, so sample m of the group is one 3D hypothesis;
+  ``hypotheses`` (default false), ``min_iou`` and ``confidence`` ask for the samples grouped into distinct
+  outlines (:func:`car_med.hypotheses.group_samples`), per noise group or per row;
 - output: a dict of numpy arrays, ``samples`` uint8 ``(B, M, H, W)`` (class maps), ``mean`` float32
   ``(B, C, H, W)`` (Gbar), ``calibration`` float32 ``(B, C, H, W)`` (F's softmax) and ``entropy`` float32
-  ``(B, H, W)`` (H(F(x)) in nats).
+  ``(B, H, W)`` (H(F(x)) in nats); with ``hypotheses`` true also ``hypotheses``, a list of plain-JSON dicts (see
+  :meth:`CARPyfuncModel.predict`), which MLflow's scoring server returns as it is.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +45,14 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 from torch import nn
 
 from car_med.data.lidc import DEFAULT_HU_WINDOW, ScaleLIDCIntensityd
+from car_med.hypotheses import DEFAULT_CONFIDENCE, DEFAULT_MIN_IOU, group_samples, hypotheses_json
 from car_med.networks.factory import build_network, check_network_config
 from car_med.sampling import CARSampler
 
 __all__ = [
     "CONFIG_ARTIFACT",
+    "FOREGROUND_CLASS",
+    "PARAM_NAMES",
     "WEIGHTS_ARTIFACT",
     "CARPyfuncModel",
     "build_network",
@@ -67,6 +75,13 @@ CONFIG_FORMAT_VERSION = 1
 MAX_CLASSES = 256
 
 _NETWORK_KEYS = ("calibration_network", "refinement_network")
+#: the params :meth:`CARPyfuncModel.predict` reads, in signature order; called directly it refuses any other name,
+#: and MLflow drops a name that is not in the model's stored signature (with a warning)
+PARAM_NAMES = ("num_samples", "seed", "noise_groups", "hypotheses", "min_iou", "confidence")
+#: the class whose masks ``hypotheses`` groups: the lesion of a two-class (background, lesion) model
+FOREGROUND_CLASS = 1
+
+_logger = logging.getLogger(__name__)
 
 
 def car_model_signature(num_classes: int = -1, default_num_samples: int = 16, default_seed: int = 0) -> ModelSignature:
@@ -79,15 +94,25 @@ def car_model_signature(num_classes: int = -1, default_num_samples: int = 16, de
 
     Returns:
         a signature with one unnamed float32 tensor input ``(-1, 1, -1, -1)`` (HU), the named tensor outputs
-        ``samples`` (uint8), ``mean``, ``calibration`` and ``entropy`` (float32), and the params
-        ``num_samples`` (integer), ``seed`` (long) and ``noise_groups`` (a list of longs, default empty: one
-        group id per input row; rows with one id share their M noise vectors, e.g. the slices of one nodule, so
-        sample m of the group is one 3D hypothesis).
+        ``samples`` (uint8), ``mean``, ``calibration`` and ``entropy`` (float32), and the params (:data:`PARAM_NAMES`):
+
+        - ``num_samples`` (integer) and ``seed`` (long);
+        - ``noise_groups`` (a list of longs, default empty): one group id per input row; rows with one id share
+          their M noise vectors, e.g. the slices of one nodule, so sample m of the group is one 3D hypothesis;
+        - ``hypotheses`` (boolean, default false): also return the samples grouped into hypotheses;
+        - ``min_iou`` (double, default :data:`car_med.hypotheses.DEFAULT_MIN_IOU`) and ``confidence`` (double,
+          default :data:`car_med.hypotheses.DEFAULT_CONFIDENCE`): the grouping's IoU threshold and the confidence
+          of each probability's Wilson interval.
+
+        The ``hypotheses`` output (a list of dicts, present only on request) is not in the output schema: MLflow's
+        tensor schemas cannot describe it and a schema may not mix tensors and columns. The output schema is not
+        enforced, so the scoring server returns it all the same.
 
     Example::
 
         sig = car_model_signature(num_classes=2)
-        [p.name for p in sig.params.params]  # ['num_samples', 'seed', 'noise_groups']
+        [p.name for p in sig.params.params]
+        # ['num_samples', 'seed', 'noise_groups', 'hypotheses', 'min_iou', 'confidence']
     """
     inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))])
     outputs = Schema(
@@ -103,6 +128,9 @@ def car_model_signature(num_classes: int = -1, default_num_samples: int = 16, de
             ParamSpec("num_samples", "integer", int(default_num_samples)),
             ParamSpec("seed", "long", int(default_seed)),
             ParamSpec("noise_groups", "long", [], shape=(-1,)),
+            ParamSpec("hypotheses", "boolean", False),
+            ParamSpec("min_iou", "double", float(DEFAULT_MIN_IOU)),
+            ParamSpec("confidence", "double", float(DEFAULT_CONFIDENCE)),
         ]
     )
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
@@ -181,6 +209,30 @@ def _resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+@dataclass(frozen=True)
+class _PredictParams:
+    """The checked scalar params of one ``predict`` call (``noise_groups`` is checked against the batch)."""
+
+    num_samples: int
+    seed: int
+    hypotheses: bool
+    min_iou: float
+    confidence: float
+
+
+def _stale_signature_params(model_dir: Path) -> tuple[list[str], str]:
+    """The :data:`PARAM_NAMES` missing from the signature stored in ``model_dir`` (none when it cannot be read),
+    and the URI that ``mlflow.models.set_signature`` takes for the model: ``models:/<model_id>`` or the folder."""
+    try:
+        model = mlflow.models.Model.load(str(model_dir))
+    except (OSError, MlflowException):
+        return [], str(model_dir)
+    signature = model.signature
+    stored = set() if signature is None or signature.params is None else {p.name for p in signature.params.params}
+    model_id = getattr(model, "model_id", None)
+    return [name for name in PARAM_NAMES if name not in stored], f"models:/{model_id}" if model_id else str(model_dir)
+
+
 class CARPyfuncModel(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc model of a trained CAR model: HU images in, M samples and F's and G's maps out.
 
@@ -207,6 +259,22 @@ class CARPyfuncModel(mlflow.pyfunc.PythonModel):
             context.artifacts[CONFIG_ARTIFACT], context.artifacts[WEIGHTS_ARTIFACT], device=device
         )
         self._setup(f, g, config["inference"], device)
+        # the code is the installed car_med, but the signature is the one stored when the model was saved: MLflow
+        # drops every param it does not list before predict sees it, so say so once, where the server logs it
+        model_dir = Path(context.artifacts[CONFIG_ARTIFACT]).parents[1]
+        missing, model_uri = _stale_signature_params(model_dir)
+        if missing:
+            _logger.warning(
+                "The CAR model at %s was saved with a signature that lacks the params %s: MLflow drops them from "
+                "every request ('Unrecognized params ... are ignored'), so e.g. params={'hypotheses': true} returns "
+                "no hypotheses. Give the model the current signature with mlflow.models.set_signature('%s', "
+                "car_med.registry.car_model_signature(num_classes=%d, default_num_samples=%d)), or register it again.",
+                model_dir,
+                missing,
+                model_uri,
+                int(self.settings["num_classes"]),
+                int(self.settings["default_num_samples"]),
+            )
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, device: str | None = "cpu") -> CARPyfuncModel:
@@ -235,11 +303,12 @@ class CARPyfuncModel(mlflow.pyfunc.PythonModel):
             min_component_size=int(self.settings.get("min_component_size", 0)),
         )
 
-    def _read_params(self, params: Mapping[str, Any] | None) -> tuple[int, int]:
+    def _read_params(self, params: Mapping[str, Any] | None) -> _PredictParams:
         params = dict(params or {})
-        unknown = sorted(set(params) - {"num_samples", "seed", "noise_groups"})
+        unknown = sorted(set(params) - set(PARAM_NAMES))
         if unknown:
-            raise ValueError(f"CAR model params are 'num_samples', 'seed' and 'noise_groups'; got unknown {unknown}.")
+            names = ", ".join(repr(name) for name in PARAM_NAMES)
+            raise ValueError(f"CAR model params are {names}; got unknown {unknown}.")
         values = {}
         defaults = {"num_samples": self.settings["default_num_samples"], "seed": 0}
         for name, default in defaults.items():
@@ -257,7 +326,40 @@ class CARPyfuncModel(mlflow.pyfunc.PythonModel):
             )
         if not 0 <= seed < 2**63:
             raise ValueError(f"CAR model param 'seed' must be in [0, 2**63), got {seed}.")
-        return num_samples, seed
+        hypotheses = params.get("hypotheses")
+        hypotheses = False if hypotheses is None else hypotheses
+        if not isinstance(hypotheses, (bool, np.bool_)):
+            raise ValueError(f"CAR model param 'hypotheses' must be a boolean (JSON true/false), got {hypotheses!r}.")
+        min_iou = self._float_param(params, "min_iou", DEFAULT_MIN_IOU)
+        if not 0 < min_iou <= 1:
+            raise ValueError(
+                f"CAR model param 'min_iou' must lie in (0, 1] (every two samples of one hypothesis overlap with at "
+                f"least this IoU), got {min_iou}."
+            )
+        confidence = self._float_param(params, "confidence", DEFAULT_CONFIDENCE)
+        if not 0 < confidence < 1:
+            raise ValueError(
+                f"CAR model param 'confidence' must lie in (0, 1) (of each probability's Wilson interval), got "
+                f"{confidence}."
+            )
+        num_classes = int(self.settings.get("num_classes", 2))
+        if hypotheses and num_classes != 2:
+            raise ValueError(
+                f"CAR model param 'hypotheses' groups the lesion masks (class {FOREGROUND_CLASS}) of a two-class "
+                f"(background, lesion) model; this model has {num_classes} classes. Group its 'samples' per class "
+                "yourself with car_med.hypotheses.group_samples(samples == c)."
+            )
+        return _PredictParams(
+            num_samples=num_samples, seed=seed, hypotheses=bool(hypotheses), min_iou=min_iou, confidence=confidence
+        )
+
+    @staticmethod
+    def _float_param(params: Mapping[str, Any], name: str, default: float) -> float:
+        value = params.get(name)
+        value = default if value is None else value
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"CAR model param '{name}' must be a number, got {value!r}.")
+        return float(value)
 
     @staticmethod
     def _noise_groups(params: Mapping[str, Any] | None, rows: int) -> np.ndarray | None:
@@ -315,39 +417,91 @@ class CARPyfuncModel(mlflow.pyfunc.PythonModel):
             )
         return x
 
+    @staticmethod
+    def _group_hypotheses(samples: np.ndarray, groups: np.ndarray | None, options: _PredictParams) -> list[dict]:
+        """The samples of each noise group (one 3D volume, its rows in input order) or each row, as hypotheses."""
+        foreground = samples == FOREGROUND_CLASS  # (B, M, H, W)
+        if groups is None:
+            units = [(None, [row]) for row in range(len(samples))]
+        else:
+            _, first = np.unique(groups, return_index=True)
+            ids = groups[np.sort(first)]  # in order of first appearance, as the noise is drawn
+            units = [(int(group), np.flatnonzero(groups == group).tolist()) for group in ids]
+        entries = []
+        for group, rows in units:
+            # a group's rows are the slices of one volume: sample m of the group is the stack of its rows' sample m
+            masks = foreground[rows[0]] if group is None else np.moveaxis(foreground[rows], 0, 1)
+            hypotheses = group_samples(masks, min_iou=options.min_iou, confidence=options.confidence)
+            entries.append(
+                {
+                    "group": group,
+                    "rows": rows,
+                    "num_samples": options.num_samples,
+                    "min_iou": options.min_iou,
+                    "confidence": options.confidence,
+                    "hypotheses": hypotheses_json(hypotheses),
+                }
+            )
+        return entries
+
     # the np.ndarray hint tells MLflow not to wrap predict with its own type-hint validation (the signature
     # already checks the input); called directly, a torch tensor or a nested list works too
-    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-        """Sample the model.
+    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Sample the model, and on request group the samples into hypotheses.
 
         Args:
             context: MLflow's context (unused here; ``None`` when called directly).
             model_input: float32 HU ``(B, 1, H, W)``: a numpy array, a torch tensor or a nested list.
-            params: ``num_samples`` (M, default set at registration), ``seed`` (default 0) and ``noise_groups``
-                (default none: every row draws its own noise; else one group id per row, and the rows of a group,
-                e.g. the slices of one nodule, share their M noise vectors).
+            params: any of :data:`PARAM_NAMES` (another name is refused):
+
+                - ``num_samples``: M, default set at registration;
+                - ``seed``: default 0;
+                - ``noise_groups``: default none, every row draws its own noise; else one group id per row, and the
+                  rows of a group, e.g. the slices of one nodule, share their M noise vectors;
+                - ``hypotheses``: default false; true adds the ``hypotheses`` output;
+                - ``min_iou``: in (0, 1], default :data:`car_med.hypotheses.DEFAULT_MIN_IOU`: every two samples of
+                  one hypothesis overlap with at least this IoU;
+                - ``confidence``: in (0, 1), default :data:`car_med.hypotheses.DEFAULT_CONFIDENCE`, of each
+                  probability's Wilson interval.
 
         Returns:
-            a dict of numpy arrays:
+            a dict:
 
             - ``samples``: uint8 class maps ``(B, M, H, W)``;
             - ``mean``: float32 Gbar ``(B, C, H, W)``, the mean of G's softmax over the M samples;
             - ``calibration``: float32 F's softmax ``(B, C, H, W)``;
-            - ``entropy``: float32 H(F(x)) in nats ``(B, H, W)``.
+            - ``entropy``: float32 H(F(x)) in nats ``(B, H, W)``;
+            - ``hypotheses`` (only with ``hypotheses`` true): a list of plain-JSON dicts, one per noise group in
+              order of first appearance, or one per row without ``noise_groups``. The masks grouped are the lesion
+              (class :data:`FOREGROUND_CLASS`) of ``samples``; a group's rows, in input order, are the slices of one
+              volume, so its hypotheses are 3D outlines. Each dict holds ``group`` (the id; ``None`` per row),
+              ``rows`` (the input rows), ``num_samples``, ``min_iou``, ``confidence`` and ``hypotheses``: the
+              hypotheses most probable first, each as :func:`car_med.hypotheses.hypotheses_json` writes it
+              (``rank``, ``label``, ``no_lesion``, ``probability``, ``interval`` ``[low, high]``, ``count``,
+              ``members`` and ``representative``: sample indices m into ``samples[row, m]``, ``mean_iou``,
+              ``voxels``, the representative's lesion pixels over the group's rows; ``volume_mm3`` and
+              ``area_mm2`` are ``None``, the model knows no spacing). Their probabilities sum to 1 per group.
 
         Raises:
-            ValueError: wrong type, dtype, shape or non-finite values, or params out of range.
+            ValueError: wrong type, dtype, shape or non-finite values, unknown params, params out of range, or
+                ``hypotheses`` asked of a model with more than two classes.
+
+        Example::
+
+            out = model.predict(hu, params={"noise_groups": [4, 4, 4, 9], "hypotheses": True})
+            best = out["hypotheses"][0]["hypotheses"][0]  # nodule 4's most probable outline
+            out["samples"][0, best["representative"]]     # its first slice
         """
         if self.sampler is None:
             raise RuntimeError("CARPyfuncModel has no networks: load it with mlflow.pyfunc.load_model.")
-        num_samples, seed = self._read_params(params)
+        options = self._read_params(params)
         hu = self._as_hu_batch(model_input)
         image = self.scale({"image": hu})["image"]
         image = image.as_tensor() if hasattr(image, "as_tensor") else image
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(options.seed)
         groups = self._noise_groups(params, hu.shape[0])
         if groups is None:
-            out = self.sampler(image.to(self.device), num_samples=num_samples, generator=generator)
+            out = self.sampler(image.to(self.device), num_samples=options.num_samples, generator=generator)
         else:
             # one draw of (groups, M) noise vectors, in order of first appearance; a group's rows share theirs
             _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
@@ -356,15 +510,20 @@ class CARPyfuncModel(mlflow.pyfunc.PythonModel):
             rank[order] = np.arange(len(order))
             # group by group, so the first group gets exactly what its first row alone gets with this seed
             cpu = torch.device("cpu")
-            drawn = torch.cat([self.sampler.draw_noise(1, num_samples, cpu, generator) for _ in range(len(order))])
+            drawn = torch.cat(
+                [self.sampler.draw_noise(1, options.num_samples, cpu, generator) for _ in range(len(order))]
+            )
             noise = drawn[torch.as_tensor(rank[inverse].reshape(-1))]
             out = self.sampler(image.to(self.device), noise=noise.to(self.device))
-        return {
+        result = {
             "samples": out.samples.to(torch.uint8).cpu().numpy(),
             "mean": out.mean.float().cpu().numpy(),
             "calibration": out.calibration.float().cpu().numpy(),
             "entropy": out.entropy.float().cpu().numpy(),
         }
+        if options.hypotheses:
+            result["hypotheses"] = self._group_hypotheses(result["samples"], groups, options)
+        return result
 
 
 def _finite_float(value: float, what: str) -> float:

@@ -1,4 +1,5 @@
-"""Acceptance: the training bundle registers on a real `mlflow server`, and `mlflow models serve` answers REST."""
+"""Acceptance: the training bundle registers on a real `mlflow server`, and `mlflow models serve` answers REST,
+with hypotheses on request."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import numpy as np
 import pytest
 from lidc_bundle_runs import run_bundle
 from mlflow_servers import http_json, mlflow_cli, mlflow_model_server, mlflow_tracking_server
+
+from car_med.hypotheses import group_samples, hypotheses_json
 
 pytestmark = [
     pytest.mark.skipif(mlflow_cli() is None, reason="the `mlflow` CLI is not installed (pip install mlflow)"),
@@ -46,6 +49,21 @@ def test_bundle_registers_on_a_tracking_server_and_the_model_is_served(tmp_path,
             # the server runs 1 thread, this test 2: reductions may differ in the last bit
             np.testing.assert_allclose(np.asarray(predictions["mean"], dtype=np.float32), local["mean"], atol=1e-5)
             assert np.asarray(predictions["entropy"]).shape == (2, 64, 64)
+
+            # the two slices as one nodule: its samples grouped in 3D, each hypothesis with its probability
+            grouped = {**params, "noise_groups": [5, 5], "hypotheses": True}
+            status, body = http_json(serving.url + "/invocations", {"inputs": x.tolist(), "params": grouped})
+            assert status == 200, body
+            served = np.asarray(body["predictions"]["samples"])
+            (nodule,) = body["predictions"]["hypotheses"]
+            assert (nodule["group"], nodule["rows"], nodule["num_samples"]) == (5, [0, 1], 4)
+            volume = np.moveaxis(served == 1, 0, 1)  # (M, 2, H, W): sample m across both slices
+            assert nodule["hypotheses"] == hypotheses_json(group_samples(volume))
+            assert sum(h["probability"] for h in nodule["hypotheses"]) == pytest.approx(1.0)
+            assert sorted(m for h in nodule["hypotheses"] for m in h["members"]) == [0, 1, 2, 3]
+            assert all(h["representative"] in h["members"] for h in nodule["hypotheses"])
+            status, body = http_json(serving.url + "/invocations", {"inputs": x.tolist(), "params": {"hypotheses": 1}})
+            assert status == 400 and "hypotheses" in body["message"]
 
             status, body = http_json(serving.url + "/invocations", {"inputs": x[:, 0].tolist()})
             assert status == 400 and "does not match expected shape" in body["message"]

@@ -4,6 +4,7 @@ CARSampler does on the windowed input, reproducibly per seed."""
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 from pathlib import Path
@@ -14,10 +15,14 @@ import numpy as np
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.pyfunc.scoring_server import predictions_to_json
+from mlflow.types import ParamSchema
 from tiny_registry import NOISE_DIM, hu_batch, tiny_car_model, using_tracking_uri
 
 from car_med.components import remove_small_components, small_components
 from car_med.data.lidc import ScaleLIDCIntensityd
+from car_med.hypotheses import DEFAULT_CONFIDENCE, DEFAULT_MIN_IOU, group_samples, hypotheses_json
 from car_med.networks import NoiseInjectedUNet
 from car_med.registry import (
     MODEL_CODE_PATH,
@@ -29,6 +34,7 @@ from car_med.registry import (
     register_car_model,
     save_car_model,
 )
+from car_med.registry.model import PARAM_NAMES
 from car_med.sampling import CARSampler
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")  # inside MLflow's SQL store
@@ -188,7 +194,14 @@ def test_metadata_and_signature(registry):
     (spec,) = sig.inputs.inputs
     assert spec.type == np.dtype(np.float32) and spec.shape == (-1, 1, -1, -1)
     assert sig.outputs.input_names() == ["samples", "mean", "calibration", "entropy"]
-    assert {p.name: p.default for p in sig.params.params} == {"num_samples": 16, "seed": 0, "noise_groups": []}
+    assert {p.name: p.default for p in sig.params.params} == {
+        "num_samples": 16,
+        "seed": 0,
+        "noise_groups": [],
+        "hypotheses": False,
+        "min_iou": DEFAULT_MIN_IOU,
+        "confidence": DEFAULT_CONFIDENCE,
+    }
 
 
 def test_bad_inputs_are_refused_with_a_clear_error(registry):
@@ -223,8 +236,9 @@ def test_bad_inputs_are_refused_with_a_clear_error(registry):
     ):
         with pytest.raises(ValueError, match=message):
             registry.model.predict(x, params=params)
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match=r"unknown \['temperature'\]") as refused:
         direct.predict(None, x, params={"temperature": 2})
+    assert all(f"'{name}'" in str(refused.value) for name in PARAM_NAMES)  # the message lists what is accepted
 
 
 def test_model_config_chooses_the_device(registry, tracking):
@@ -319,7 +333,11 @@ def test_signature_params_and_outputs():
         "num_samples": ("integer", 20),
         "seed": ("long", 0),
         "noise_groups": ("long", []),
+        "hypotheses": ("boolean", False),
+        "min_iou": ("double", DEFAULT_MIN_IOU),
+        "confidence": ("double", DEFAULT_CONFIDENCE),
     }
+    assert tuple(p.name for p in sig.params.params) == PARAM_NAMES  # the names predict accepts, in one place
 
 
 def test_noise_groups_make_the_rows_of_a_group_share_their_noise(registry):
@@ -357,3 +375,125 @@ def test_a_saved_model_serves_samples_with_the_small_components_it_was_saved_wit
     config_path.write_text(json.dumps(config))
     older = mlflow.pyfunc.load_model(str(tmp_path / "cleaned")).predict(batch, params={"seed": 3})["samples"]
     np.testing.assert_array_equal(older, plain)
+
+
+def _nodule_batch() -> np.ndarray:
+    """A bright slice, a dark slice and a noisy one. With the tiny G (seed 0) and seed 0, the bright slice's 16
+    samples split 8/7/1 on their own but 8/6/1/1 stacked with the dark slice, so the 3D grouping can be told apart
+    from the first slice's (checked in the test)."""
+    rng = np.random.default_rng(0)
+    slices = [np.full((16, 16), 900.0), np.full((16, 16), -3000.0), rng.uniform(-1500.0, 900.0, (16, 16))]
+    return np.stack(slices)[:, None].astype(np.float32)
+
+
+def _check_partition(entry: dict, samples: np.ndarray) -> None:
+    """Probabilities sum to 1, members partition range(M), each representative is a member and its size is true."""
+    hypotheses, rows = entry["hypotheses"], entry["rows"]
+    num_samples = samples.shape[1]
+    assert sum(h["probability"] for h in hypotheses) == pytest.approx(1.0)
+    assert sorted(m for h in hypotheses for m in h["members"]) == list(range(num_samples))
+    for h in hypotheses:
+        assert h["representative"] in h["members"] and h["count"] == len(h["members"])
+        assert h["interval"][0] <= h["probability"] <= h["interval"][1]
+        assert h["voxels"] == int((samples[rows, h["representative"]] == 1).sum())  # the lesion, over the rows
+
+
+def test_hypotheses_group_a_noise_group_s_rows_as_one_volume_in_order_of_first_appearance(registry):
+    x = _nodule_batch()
+    params = {"num_samples": 16, "seed": 0, "noise_groups": [9, 9, 2]}
+    plain = registry.model.predict(x, params=params)
+    out = registry.model.predict(x, params={**params, "hypotheses": True})
+    assert set(out) == {"samples", "mean", "calibration", "entropy", "hypotheses"}
+    for key in ("samples", "mean", "calibration", "entropy"):
+        np.testing.assert_array_equal(out[key], plain[key])  # asking for hypotheses changes no sample
+    samples = out["samples"]
+    nodule, single = out["hypotheses"]
+    assert (nodule["group"], nodule["rows"], single["group"], single["rows"]) == (9, [0, 1], 2, [2])
+    assert (nodule["num_samples"], nodule["min_iou"], nodule["confidence"]) == (16, DEFAULT_MIN_IOU, 0.95)
+    for entry in (nodule, single):
+        _check_partition(entry, samples)
+    # group 9 is one 3D volume: sample m is the stack of rows 0 and 1's sample m, grouped as a whole
+    volume = np.moveaxis(samples[[0, 1]] == 1, 0, 1)  # (M, 2, H, W)
+    assert nodule["hypotheses"] == hypotheses_json(group_samples(volume))
+    first_slice = [h.probability for h in group_samples(samples[0] == 1)]
+    assert [h["probability"] for h in nodule["hypotheses"]] != first_slice, "the batch no longer tells 3D from 2D"
+    # the whole response survives the scoring server's JSON encoder as plain lists and numbers
+    buffer = io.StringIO()
+    predictions_to_json(out, buffer)
+    assert json.loads(buffer.getvalue())["predictions"]["hypotheses"] == out["hypotheses"]
+
+
+def test_hypotheses_without_noise_groups_are_per_row_and_follow_min_iou_and_confidence(registry):
+    x = _nodule_batch()
+    params = {"num_samples": 16, "seed": 0, "hypotheses": True}
+    out = registry.model.predict(x, params=params)
+    assert [(e["group"], e["rows"]) for e in out["hypotheses"]] == [(None, [0]), (None, [1]), (None, [2])]
+    for row, entry in enumerate(out["hypotheses"]):
+        _check_partition(entry, out["samples"])
+        assert entry["hypotheses"] == hypotheses_json(group_samples(out["samples"][row] == 1))
+    bright = out["hypotheses"][0]["hypotheses"]
+    assert min(h["mean_iou"] for h in bright) < 1, "the bright slice should have a hypothesis of unlike members"
+    strict = registry.model.predict(x, params={**params, "min_iou": 1.0})["hypotheses"][0]
+    assert strict["min_iou"] == 1.0 and all(h["mean_iou"] == 1.0 for h in strict["hypotheses"])
+    assert len(strict["hypotheses"]) > len(bright)
+    narrow = registry.model.predict(x, params={**params, "confidence": 0.5})["hypotheses"][0]["hypotheses"]
+    width = [h["interval"][1] - h["interval"][0] for h in bright]
+    assert all(h["interval"][1] - h["interval"][0] < w for h, w in zip(narrow, width))
+
+
+def test_hypotheses_false_or_absent_leave_the_output_as_it_was(registry):
+    x = hu_batch(2, 16)
+    params = {"num_samples": 4, "seed": 1, "noise_groups": [0, 0]}
+    absent = registry.model.predict(x, params=params)
+    off = registry.model.predict(x, params={**params, "hypotheses": False, "min_iou": 0.9})
+    direct = registry.model.unwrap_python_model().predict(None, x, params)
+    for out in (absent, off, direct):
+        assert set(out) == {"samples", "mean", "calibration", "entropy"}
+    for key in absent:
+        np.testing.assert_array_equal(absent[key], off[key])
+
+
+def test_bad_hypotheses_params_are_refused_by_name(registry, monkeypatch):
+    x = hu_batch(1, 16)
+    direct = registry.model.unwrap_python_model()
+    for params, message in (
+        ({"hypotheses": "yes"}, "'hypotheses' must be a boolean"),
+        ({"hypotheses": 1}, "'hypotheses' must be a boolean"),
+        ({"hypotheses": True, "min_iou": 0.0}, r"'min_iou' must lie in \(0, 1\]"),
+        ({"hypotheses": True, "min_iou": 1.5}, r"'min_iou' must lie in \(0, 1\]"),
+        ({"min_iou": "0.5"}, "'min_iou' must be a number"),
+        ({"hypotheses": True, "confidence": 1.0}, r"'confidence' must lie in \(0, 1\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            direct.predict(None, x, params)
+    # through MLflow the signature refuses a non-boolean first, naming the param
+    with pytest.raises(MlflowException, match="hypotheses"):
+        registry.model.predict(x, params={"hypotheses": 1})
+    with pytest.raises(ValueError, match="min_iou"):
+        registry.model.predict(x, params={"hypotheses": True, "min_iou": 2.0})
+    monkeypatch.setitem(direct.settings, "num_classes", 3)
+    with pytest.raises(ValueError, match="two-class .* this model has 3 classes"):
+        direct.predict(None, x, {"hypotheses": True})
+
+
+def test_a_model_saved_before_the_hypotheses_params_says_how_to_get_them(tmp_path, caplog):
+    f, g, f_config, g_config = tiny_car_model()
+    path = tmp_path / "car_model"
+    save_car_model(path, f, g, f_config, g_config, noise_dim=NOISE_DIM, default_num_samples=4, work_dir=tmp_path)
+    current = car_model_signature(num_classes=2, default_num_samples=4)
+    older = ParamSchema([p for p in current.params.params if p.name in ("num_samples", "seed", "noise_groups")])
+    mlflow.models.set_signature(str(path), ModelSignature(current.inputs, current.outputs, params=older))
+    x = hu_batch(1, 16)
+    with caplog.at_level("WARNING", logger="car_med.registry.model"):
+        model = mlflow.pyfunc.load_model(str(path))
+    (record,) = [r for r in caplog.records if r.name == "car_med.registry.model"]
+    assert "['hypotheses', 'min_iou', 'confidence']" in record.getMessage()
+    assert "car_model_signature(num_classes=2, default_num_samples=4)" in record.getMessage()
+    # MLflow drops the params its stored signature lacks: the old answer, without hypotheses
+    assert set(model.predict(x, params={"hypotheses": True})) == {"samples", "mean", "calibration", "entropy"}
+    mlflow.models.set_signature(str(path), current)  # the fix the warning names
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="car_med.registry.model"):
+        model = mlflow.pyfunc.load_model(str(path))
+    assert not [r for r in caplog.records if r.name == "car_med.registry.model"]
+    assert "hypotheses" in model.predict(x, params={"hypotheses": True})
