@@ -71,7 +71,7 @@ class Hypothesis:
         return self.voxels == 0
 
     def label(self, rank: int) -> str:
-        """A short label for viewers, e.g. ``"H1 p=0.69 (0.45-0.86)"``; ``rank`` counts from 1."""
+        """A short label for viewers, e.g. ``"H1 p=0.69 (0.44-0.86)"``; ``rank`` counts from 1."""
         low, high = self.interval
         name = f"H{rank}" + (" no lesion" if self.empty else "")
         return f"{name} p={self.probability:.2f} ({low:.2f}-{high:.2f})"

@@ -11,8 +11,10 @@ preprocessing would cut at that centre, -1024 HU outside the slice), and exports
 per nodule and the review page.
 
 By default sample m of a nodule uses one noise vector on every slice of the nodule (the slices share their noise
-seed), so volume m of ``samples_ct.nii.gz`` and segment m of ``seg.dcm`` are one 3D hypothesis.
-``--independent-slices`` draws every slice's noise on its own, as the export of a datalist does.
+seed), so volume m of ``samples_ct.nii.gz`` and segment m + 1 of ``seg.dcm`` are one 3D outline (samples are
+numbered from 0, as in the file names). ``--independent-slices`` draws every slice's noise on its own, as the
+export of a datalist does. Each nodule's M outlines are grouped into hypotheses with their probabilities
+(``hypotheses.json``, ``hypotheses_seg.dcm``, the review page; ``--min-iou``, ``--confidence``).
 
 The nodule CSV has one row per nodule, ``nodule_id,x,y,z[,diameter_mm]``, in DICOM patient coordinates (LPS,
 millimetres), as PACS viewers and CAD tools report them; ``diameter_mm`` defaults to 10. ``--roi`` takes a NIfTI
@@ -57,6 +59,7 @@ from car_med.ct import (
 from car_med.data.lidc import DEFAULT_HU_WINDOW
 from car_med.export.cli import add_sampling_arguments, run_export_command, sampling_options
 from car_med.export.files import safe_path_part
+from car_med.hypotheses import DEFAULT_CONFIDENCE, DEFAULT_MIN_IOU
 
 __all__ = [
     "DEFAULT_DIAMETER_MM",
@@ -413,16 +416,34 @@ def predict_nodules(
     hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
     progress: bool = True,
     command: str | None = None,
+    min_iou: float = DEFAULT_MIN_IOU,
+    confidence: float = DEFAULT_CONFIDENCE,
 ):
     """Predict on every nodule and write the review export into ``output_dir``.
 
     The CT is a DICOM series folder (``dicom``) or a NIfTI volume (``image``); the nodules are a CSV
     (``nodules_csv``) or a label map / DICOM SEG (``roi``). Every input is checked before anything is written.
-    A NIfTI CT gets no DICOM SEG (it has no instances to reference). Returns the export's
+    A NIfTI CT gets no DICOM SEG (it has no instances to reference). Each nodule's M sample volumes (and each
+    crop's samples) are grouped into hypotheses whose every two members overlap with IoU >= ``min_iou``, each
+    with a Wilson interval at ``confidence`` (``hypotheses.json``, ``hypotheses_seg.dcm``). The other arguments
+    are those of :func:`car_med.export.export_cases`. Returns the export's
     :class:`~car_med.export.run.ExportSummary`.
     """
     from car_med.export.run import ExportOptions, export_items
 
+    options = ExportOptions(
+        num_samples=num_samples,
+        seed=seed,
+        overwrite=overwrite,
+        tracking_uri=tracking_uri,
+        device=device,
+        roi_size=roi_size,
+        hu_window=hu_window,
+        progress=progress,
+        command=command,
+        min_iou=min_iou,
+        confidence=confidence,
+    )
     ct, nodules = read_prediction_inputs(dicom, image, nodules_csv, roi, series_uid)
     if dicom_seg and not ct.is_dicom:
         logger.info("no DICOM SEG: the CT %s is a NIfTI volume, and a SEG must reference DICOM instances", image)
@@ -439,7 +460,6 @@ def predict_nodules(
         + ("the crop's position in the run" if independent_slices else "the nodule's position in the input"),
     }
     volumes: Mapping[str, CTSeries] = {} if ct.volume is None else {ct.series_uid: ct.volume}
-    options = ExportOptions.of(locals())
     dicom_root = ct.source if ct.is_dicom else None
     # the crops are inputs of the export, which copies each into its case folder; they need not stay
     with tempfile.TemporaryDirectory(prefix="car-predict-crops-") as crop_dir:

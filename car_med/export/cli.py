@@ -10,11 +10,30 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from car_med.hypotheses import DEFAULT_CONFIDENCE, DEFAULT_MIN_IOU
+
 __all__ = ["add_sampling_arguments", "run_export_command", "sampling_options"]
 
 
+def _fraction(low_open: bool, high_open: bool, what: str) -> Callable[[str], float]:
+    """An argparse type: a number in (0, 1] or (0, 1), named in the error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
+        if not ((value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)):
+            bounds = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+            raise argparse.ArgumentTypeError(f"{what} must lie in {bounds}, got {value:g}")
+        return value
+
+    return parse
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser, unit: str) -> None:
-    """The options of both commands: model, M, seed, rerun policy, noise sharing, MLflow, window, device.
+    """The options of both commands: model, M, seed, rerun policy, noise sharing, hypotheses, MLflow, window,
+    device.
 
     Args:
         parser: the command's parser.
@@ -33,6 +52,19 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, unit: str) -> None:
         "--independent-slices",
         action="store_true",
         help="draw each slice's noise on its own (default: a nodule's slices share it, one 3D hypothesis per sample)",
+    )
+    parser.add_argument(
+        "--min-iou",
+        type=_fraction(low_open=True, high_open=False, what="--min-iou"),
+        default=DEFAULT_MIN_IOU,
+        help=f"group each {unit}'s samples into hypotheses whose every two members overlap with at least this IoU "
+        f"(hypotheses.json, hypotheses_seg.dcm; default {DEFAULT_MIN_IOU:g})",
+    )
+    parser.add_argument(
+        "--confidence",
+        type=_fraction(low_open=True, high_open=True, what="--confidence"),
+        default=DEFAULT_CONFIDENCE,
+        help=f"confidence of each hypothesis probability's Wilson interval (default {DEFAULT_CONFIDENCE:g})",
     )
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default MLFLOW_TRACKING_URI)")
     parser.add_argument(
@@ -56,6 +88,8 @@ def sampling_options(args: argparse.Namespace, command: Sequence[str]) -> dict[s
         "roi_size": tuple(args.roi_size),
         "progress": not args.no_progress,
         "command": shlex.join(command),
+        "min_iou": args.min_iou,
+        "confidence": args.confidence,
     }
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 import os
 import re
 import shutil
@@ -21,6 +20,8 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+
+from car_med.files import json_bytes  # canonical JSON, shared with the library's other atomic writers
 
 __all__ = [
     "INCOMPLETE_DIR",
@@ -50,11 +51,6 @@ def safe_path_part(value: Any, what: str) -> str:
     if not text:
         raise ValueError(f"{what} {value!r} gives an empty folder name after sanitising.")
     return text
-
-
-def json_bytes(payload: Any) -> bytes:
-    """Canonical JSON (sorted keys, fixed indent, trailing newline): equal content gives equal bytes."""
-    return (json.dumps(payload, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
 def nifti_header(shape: Sequence[int], dtype: np.dtype, affine: np.ndarray) -> nib.Nifti1Header:

@@ -8,7 +8,7 @@ import os
 import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,19 @@ from car_med.evaluation.sample_metrics import case_seed
 from car_med.evaluation.volumes import with_nodule_noise
 from car_med.export.crop import AMBIGUITY_SCORE, CASE_RECORD, case_id_of, export_case
 from car_med.export.files import ExportFiles, json_bytes, safe_path_part
+from car_med.export.hypothesis_files import (
+    GROUPING,
+    HYPOTHESES_FILE,
+    SAMPLE_NUMBERING,
+    HypothesisSettings,
+    crop_hypotheses,
+    hypotheses_payload,
+    nodule_hypotheses,
+    read_model_grid_samples,
+)
 from car_med.export.model_source import ModelSource, load_export_model, resolve_model_source
 from car_med.export.review import manifest_csv, review_index_html
+from car_med.hypotheses import DEFAULT_CONFIDENCE, DEFAULT_MIN_IOU, Hypothesis
 from car_med.visualize.review import sample_strip_png
 
 __all__ = ["ExportOptions", "ExportSummary", "export_cases", "export_items", "print_summary", "raise_if_failed"]
@@ -31,6 +42,7 @@ __all__ = ["ExportOptions", "ExportSummary", "export_cases", "export_items", "pr
 logger = logging.getLogger(__name__)
 
 EXPORT_RECORD = "export.json"
+HYPOTHESES_SEG = "hypotheses_seg.dcm"
 _ID_FIELDS = (
     "patient_id",
     "scan_id",
@@ -80,7 +92,7 @@ class ExportSummary:
 class ExportOptions:
     """How an export samples and writes, the same for a datalist split and a new patient's crops.
 
-    Attributes as the arguments of :func:`export_cases`.
+    Attributes as the arguments of :func:`export_cases`; callers build it with every field named.
     """
 
     num_samples: int = 16
@@ -92,11 +104,17 @@ class ExportOptions:
     hu_window: Sequence[float] = DEFAULT_HU_WINDOW
     progress: bool = True
     command: str | None = None
+    min_iou: float = DEFAULT_MIN_IOU
+    confidence: float = DEFAULT_CONFIDENCE
 
-    @classmethod
-    def of(cls, arguments: Mapping[str, Any]) -> ExportOptions:
-        """The options among ``arguments`` (a caller's ``locals()``); the others are left out."""
-        return cls(**{f.name: arguments[f.name] for f in fields(cls) if f.name in arguments})
+    def __post_init__(self) -> None:
+        # a bad min_iou or confidence is refused (ValueError) before anything is read or written
+        HypothesisSettings(min_iou=self.min_iou, confidence=self.confidence)
+
+    @property
+    def hypotheses(self) -> HypothesisSettings:
+        """The grouping of samples into hypotheses."""
+        return HypothesisSettings(min_iou=self.min_iou, confidence=self.confidence)
 
 
 def _plain(value: Any) -> Any:
@@ -114,16 +132,29 @@ def _settings_of(path: Path) -> dict[str, Any] | None:
         raise ValueError(f"{path} is not valid JSON ({err}); move it away or export into another folder.") from err
 
 
-def _check_same_settings(previous: Mapping[str, Any] | None, source: ModelSource, num_samples: int, seed: int) -> None:
+def _check_same_settings(previous: Mapping[str, Any] | None, source: ModelSource, options: ExportOptions) -> None:
+    """Refuse to mix two exports' results in one folder: another model, M, seed, ``min_iou`` or ``confidence``.
+
+    An export written before hypotheses existed records no ``min_iou``; its hypotheses are then made for the
+    first time, from its own samples, so nothing is mixed and it is not refused.
+    """
     if previous is None:
         return
-    before = (previous.get("model", {}).get("uri"), previous.get("num_samples"), previous.get("seed"))
-    now = (source.uri, num_samples, seed)
+    grouping = previous.get("hypotheses")
+    before = [previous.get("model", {}).get("uri"), previous.get("num_samples"), previous.get("seed")]
+    now = [source.uri, options.num_samples, options.seed]
+    if isinstance(grouping, Mapping):
+        before += [grouping.get("min_iou"), grouping.get("confidence")]
+        now += [options.min_iou, options.confidence]
+
+    def settings(values: list) -> str:
+        text = f"model {values[0]}, M={values[1]}, seed {values[2]}"
+        return text + (f", min_iou {values[3]}, confidence {values[4]}" if len(values) > 3 else "")
+
     if before != now:
         raise ValueError(
-            f"the export folder already holds an export of model {before[0]} with M={before[1]}, seed {before[2]}; "
-            f"this run asks for {now[0]}, M={now[1]}, seed {now[2]}. Export into another folder, or pass "
-            "--overwrite to replace every case."
+            f"the export folder already holds an export of {settings(before)}; this run asks for "
+            f"{settings(now)}. Export into another folder, or pass --overwrite to replace every case."
         )
 
 
@@ -159,8 +190,14 @@ def _export_series(
     write_ct: bool,
     dicom_seg: bool,
     rewrite_nodules: set,
+    groups: Mapping[str, _NoduleGroups],
+    min_iou: float,
 ) -> None:
-    """Write ``ct.nii.gz`` and, per nodule, the samples, mean and annotations on the CT grid (and the SEG)."""
+    """Write ``ct.nii.gz`` and, per nodule, the samples, mean and annotations on the CT grid (and the SEGs).
+
+    A nodule's files are rewritten when its crops were exported by this run, a file is missing, or its
+    hypotheses differ from its ``hypotheses.json`` (the SEGs name them).
+    """
     if write_ct:
         files.write_nifti(series_dir / "ct.nii.gz", series.hu, series.affine)
     by_nodule: dict[Any, list[tuple[dict[str, Any], Path]]] = defaultdict(list)
@@ -172,8 +209,12 @@ def _export_series(
         targets = {key: nodule_dir / name for key, name in names.items()}
         if dicom_seg:
             targets["seg"] = nodule_dir / "seg.dcm"
-        stale = nodule_id in rewrite_nodules or any(
-            not path.is_file() for key, path in targets.items() if key != "annotations"
+            targets["hypotheses_seg"] = nodule_dir / HYPOTHESES_SEG
+        group = groups.get(nodule_dir.relative_to(files.root).as_posix())
+        stale = (
+            nodule_id in rewrite_nodules
+            or (group is not None and group.changed)
+            or any(not path.is_file() for key, path in targets.items() if key != "annotations")
         )
         if stale:
             planes: dict[str, dict[int, Any]] = {"samples": {}, "mean": {}, "annotations": {}}
@@ -207,11 +248,15 @@ def _export_series(
                     for n in range(p.values.shape[-1])
                 }
                 files.write_sparse_nifti(targets[key], shape, dtype, series.affine, sparse)
+            hypotheses = None if group is None else group.hypotheses
             if dicom_seg:
-                _write_seg(series, planes, depth["samples"], targets["seg"], files, source, seed)
+                _write_segs(series, planes, depth["samples"], targets, files, source, seed, hypotheses, min_iou)
             else:
                 # a SEG of earlier samples would contradict the new ones
                 (nodule_dir / "seg.dcm").unlink(missing_ok=True)
+                (nodule_dir / HYPOTHESES_SEG).unlink(missing_ok=True)
+            if group is not None:
+                group.segs_current = True
         relative = {key: path.relative_to(files.root).as_posix() for key, path in targets.items() if path.is_file()}
         for record, _ in members:
             record["ct"] = (series_dir / "ct.nii.gz").relative_to(files.root).as_posix()
@@ -219,18 +264,25 @@ def _export_series(
             record["mean_ct"] = relative.get("mean", "")
             record["annotations_ct"] = relative.get("annotations", "")
             record["dicom_seg"] = relative.get("seg", "")
+            record["hypotheses_seg"] = relative.get("hypotheses_seg", "")
 
 
-def _write_seg(
+def _write_segs(
     series: CTSeries,
     planes: Mapping[str, Mapping[int, Any]],
     num_samples: int,
-    path: Path,
+    targets: Mapping[str, Path],
     files: ExportFiles,
     source: ModelSource,
     seed: int,
+    hypotheses: Sequence[Hypothesis] | None,
+    min_iou: float,
 ) -> None:
-    from car_med.export.dicom_seg import nodule_segmentation
+    """``seg.dcm`` (every sample, named with its hypothesis, and Gbar >= 0.5) and ``hypotheses_seg.dcm`` (each
+    hypothesis's representative)."""
+    import io
+
+    from car_med.export.dicom_seg import hypotheses_segmentation, nodule_segmentation
 
     ks = sorted(planes["samples"])
     columns, rows = series.shape[:2]
@@ -243,20 +295,31 @@ def _write_seg(
         if k in planes["mean"]:
             mean_plane = planes["mean"][k]
             mean[f][mean_plane.window[1], mean_plane.window[0]] = mean_plane.values[..., 0].T >= 0.5
-    seg = nodule_segmentation(
-        series.datasets(ks),
-        samples,
-        mean,
-        model_name=source.name or "car-med CAR",
-        model_version=str(source.version if source.version is not None else source.run_id or source.uri),
-        series_description="CAR samples and mean",
-        seed=seed,
-    )
-    import io
-
-    buffer = io.BytesIO()
-    seg.save_as(buffer)
-    files.write_bytes(path, buffer.getvalue())
+    datasets = series.datasets(ks)
+    model_name = source.name or "car-med CAR"
+    model_version = str(source.version if source.version is not None else source.run_id or source.uri)
+    segs = {
+        "seg": nodule_segmentation(
+            datasets,
+            samples,
+            mean,
+            model_name=model_name,
+            model_version=model_version,
+            series_description="CAR samples and mean",
+            seed=seed,
+            hypotheses=hypotheses,
+        )
+    }
+    if hypotheses:
+        segs["hypotheses_seg"] = hypotheses_segmentation(
+            datasets, samples, hypotheses, model_name=model_name, model_version=model_version, min_iou=min_iou
+        )
+    for key, seg in segs.items():
+        buffer = io.BytesIO()
+        seg.save_as(buffer)
+        files.write_bytes(targets[key], buffer.getvalue())
+    if "hypotheses_seg" not in segs:
+        targets["hypotheses_seg"].unlink(missing_ok=True)
 
 
 def export_cases(
@@ -278,6 +341,8 @@ def export_cases(
     progress: bool = True,
     command: str | None = None,
     independent_slices: bool = False,
+    min_iou: float = DEFAULT_MIN_IOU,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> ExportSummary:
     """Export every case of a split (or the ``cases`` given) for review.
 
@@ -301,16 +366,33 @@ def export_cases(
         command: the command line, recorded in ``export.json``.
         independent_slices: draw each crop's noise on its own. By default the crops of one nodule share their
             noise seed (``seed * 1000003 +`` the position of the nodule's first crop in the split), so sample m
-            of a nodule is one 3D hypothesis: volume m of ``samples_ct.nii.gz`` and segment m of the SEG.
+            of a nodule is one 3D outline: volume m of ``samples_ct.nii.gz`` and segment m + 1 of the SEG.
+        min_iou: samples are grouped into hypotheses whose every two members overlap with at least this IoU
+            (:func:`car_med.hypotheses.group_samples`); written to ``hypotheses.json`` per crop and per nodule.
+        confidence: the confidence of each hypothesis probability's Wilson interval.
 
     Returns:
         The summary; its ``exit_code`` is 1 when any case failed (the others are still exported).
 
     Raises:
         ValueError: bad arguments, an unreadable datalist, an unknown model or case id, or an export folder
-            holding another model's or seed's export (without ``overwrite``).
+            holding another model's, M's, seed's, ``min_iou``'s or ``confidence``'s export (without
+            ``overwrite``).
     """
-    _check_arguments(num_samples, full_volume, dicom_seg, dicom_root)
+    options = ExportOptions(
+        num_samples=num_samples,
+        seed=seed,
+        overwrite=overwrite,
+        tracking_uri=tracking_uri,
+        device=device,
+        roi_size=roi_size,
+        hu_window=hu_window,
+        progress=progress,
+        command=command,
+        min_iou=min_iou,
+        confidence=confidence,
+    )
+    _check_arguments(options, full_volume, dicom_seg, dicom_root)
     noise = "case" if independent_slices else "nodule"
     items = _select(with_nodule_noise(_split_items(datalist, split), noise), cases)
     origin = {
@@ -323,7 +405,6 @@ def export_cases(
             else "the position of the nodule's first crop in its split: a nodule's crops share their noise"
         ),
     }
-    options = ExportOptions.of(locals())
     return export_items(
         model, items, output_dir, origin, options, dicom_root=dicom_root, full_volume=full_volume, dicom_seg=dicom_seg
     )
@@ -351,7 +432,7 @@ def export_items(
     CT, which has no DICOM folder); other series are read from ``dicom_root``. ``options``: sampling and
     writing, as the arguments of :func:`export_cases`; the other arguments as there.
     """
-    _check_arguments(options.num_samples, full_volume, dicom_seg, dicom_root, volumes)
+    _check_arguments(options, full_volume, dicom_seg, dicom_root, volumes)
     out = Path(output_dir)
     files = ExportFiles(out)
     if files.clear_staging():
@@ -359,13 +440,15 @@ def export_items(
     source = resolve_model_source(model, options.tracking_uri)
     previous = _settings_of(out / EXPORT_RECORD)
     if not options.overwrite:
-        _check_same_settings(previous, source, options.num_samples, options.seed)
+        _check_same_settings(previous, source, options)
     run = _ExportRun(out, files, source, ExportSummary(output_dir=out), options)
     crops = _export_crops(run, items)
+    _gather_earlier_records(run)
+    groups = _group_hypotheses(run)
     if full_volume or dicom_seg:
-        _export_full_volumes(run, crops, dicom_root, dicom_seg, volumes or {})
-    _write_case_records(run, crops)
-    _write_strips(run)
+        _export_full_volumes(run, crops, dicom_root, dicom_seg, volumes or {}, groups)
+    _write_case_records(run)
+    _write_nodule_reviews(run, groups)
     settings = _export_settings(run, previous, origin, dicom_root)
     _write_queue(run, settings)
     logger.info(run.summary.message())
@@ -373,10 +456,16 @@ def export_items(
 
 
 def _check_arguments(
-    num_samples: int, full_volume: bool, dicom_seg: bool, dicom_root: Any, volumes: Mapping[str, CTSeries] | None = None
+    options: ExportOptions,
+    full_volume: bool,
+    dicom_seg: bool,
+    dicom_root: Any,
+    volumes: Mapping[str, CTSeries] | None = None,
 ) -> None:
-    if num_samples < 2:
-        raise ValueError(f"num_samples must be at least 2 (the ambiguity score compares samples), got {num_samples}.")
+    if options.num_samples < 2:
+        raise ValueError(
+            f"num_samples must be at least 2 (the ambiguity score compares samples), got {options.num_samples}."
+        )
     if (full_volume or dicom_seg) and dicom_root is None and not volumes:
         raise ValueError("--full-volume and --dicom-seg need --dicom-root, the DICOM folder the crops were made from.")
     if dicom_root is not None and not Path(dicom_root).is_dir():
@@ -477,12 +566,15 @@ def _export_full_volumes(
     dicom_root: str | os.PathLike | None,
     dicom_seg: bool,
     volumes: Mapping[str, CTSeries],
+    groups: Mapping[str, _NoduleGroups],
 ) -> None:
-    """Per series: the CT volume, the cases' maps pasted onto it and the DICOM SEG; a failure marks its cases."""
+    """Per series: the CT volume, the cases' maps pasted onto it and the DICOM SEGs; a failure marks its cases."""
     from tqdm.auto import tqdm
 
     by_series: dict[tuple[str, str], list] = defaultdict(list)
     for record, case_dir, item in crops.located:
+        if record.get("status") != "ok":  # its nodule's hypotheses failed
+            continue
         by_series[(record["patient_id"], str(item.get("series_uid")))].append((record, case_dir, item))
     for (patient_id, series_uid), members in tqdm(
         sorted(by_series.items()), desc="full volume", unit="series", disable=not run.options.progress
@@ -508,6 +600,8 @@ def _export_full_volumes(
                 write_ct=run.options.overwrite or not (series_dir / "ct.nii.gz").is_file(),
                 dicom_seg=dicom_seg,
                 rewrite_nodules=rewrite if not run.options.overwrite else {r.get("nodule_id") for r, _, _ in members},
+                groups=groups,
+                min_iou=run.options.min_iou,
             )
         except (ValueError, OSError) as err:
             message = f"full volume of series {series_uid}: {err}"
@@ -518,20 +612,24 @@ def _export_full_volumes(
                 run.summary.failed[record["case_id"]] = message
 
 
-def _write_case_records(run: _ExportRun, crops: _Crops) -> None:
-    """Each finished case's ``case.json``; the queue then lists every complete case in the folder, also those an
-    earlier run exported."""
-    for record, case_dir, _ in crops.located:
-        if record.get("status") == "ok":
-            run.files.write_if_changed(case_dir / CASE_RECORD, json_bytes(record))
+def _gather_earlier_records(run: _ExportRun) -> None:
+    """Add the complete cases an earlier run exported into the folder (not among this run's items), so the
+    hypotheses, strips and queue cover every case in the folder."""
     listed = {record["folder"] for record in run.summary.records}
     for path in sorted(run.out.glob(f"*/*/{CASE_RECORD}")):
         if path.parent.relative_to(run.out).as_posix() not in listed:
             run.summary.records.append(json.loads(path.read_text()))
 
 
+def _write_case_records(run: _ExportRun) -> None:
+    """Each complete case's ``case.json``, rewritten only when its record changed."""
+    for record in run.summary.records:
+        if record.get("status") == "ok":
+            run.files.write_if_changed(run.out / record["folder"] / CASE_RECORD, json_bytes(record))
+
+
 def nodule_folder(record: Mapping[str, Any]) -> str:
-    """``<patient>/series_<uid>/nodule_<id>``: where a nodule's CT-grid files and sample strips go."""
+    """``<patient>/series_<uid>/nodule_<id>``: where a nodule's CT-grid files, strips and hypotheses go."""
     return "/".join(
         [
             safe_path_part(record.get("patient_id", "unknown"), "patient id"),
@@ -541,17 +639,162 @@ def nodule_folder(record: Mapping[str, Any]) -> str:
     )
 
 
-def _write_strips(run: _ExportRun) -> None:
-    """Per nodule and sample, ``strip_mNN.png``: the sample's outline on each of the nodule's slices, in z order.
-
-    With shared noise (the default) a strip is one 3D hypothesis; the page shows a nodule as its M strips.
-    """
+def _nodules(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The complete cases by nodule folder, each nodule's in z order (the order of its strips' slices)."""
     by_nodule: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for record in run.summary.records:
+    for record in records:
         if record.get("status") == "ok":
             by_nodule[nodule_folder(record)].append(record)
-    for folder, members in by_nodule.items():
+    for members in by_nodule.values():
         members.sort(key=lambda r: float(r.get("slice_z") or 0.0))
+    return dict(sorted(by_nodule.items()))
+
+
+@dataclass
+class _NoduleGroups:
+    """One nodule's hypotheses, made before its SEGs (which name them) and written after them."""
+
+    hypotheses: list[Hypothesis]
+    payload: dict[str, Any]
+    changed: bool
+    """Its ``hypotheses.json`` is missing or holds other hypotheses: the nodule's SEGs are rewritten."""
+    existed: bool
+    """A ``hypotheses.json`` was there before this run."""
+    segs_current: bool = False
+    """The SEG step rewrote (or removed) this nodule's SEGs with these hypotheses."""
+
+
+def _write_crop_hypotheses(
+    run: _ExportRun, record: dict[str, Any], samples: np.ndarray, affine: np.ndarray, model: Mapping[str, Any]
+) -> None:
+    """A crop's ``hypotheses.json`` from its M 2D samples; its labels go into the case record."""
+    settings = run.options.hypotheses
+    hypotheses, spacing = crop_hypotheses(samples, affine, settings)
+    payload = hypotheses_payload(
+        hypotheses,
+        level="crop",
+        ids={key: record.get(key) for key in ("patient_id", "series_uid", "nodule_id", "case_id", "slice_z")},
+        model=model,
+        num_samples=samples.shape[0],
+        seed=run.options.seed,
+        case_seed=record.get("case_seed"),
+        settings=settings,
+        samples={
+            "file": "samples.nii.gz",
+            "shape": list(samples.shape),
+            "axes": ["sample", "model grid i", "model grid j"],
+            "spacing_mm": [round(v, 6) for v in spacing],
+        },
+    )
+    run.files.write_if_changed(run.out / record["folder"] / HYPOTHESES_FILE, json_bytes(payload))
+    record["files"][HYPOTHESES_FILE] = HYPOTHESES_FILE
+    record["hypotheses"] = [row["label"] for row in payload["hypotheses"]]
+
+
+def _nodule_payload(
+    run: _ExportRun,
+    members: Sequence[Mapping[str, Any]],
+    stack: Sequence[np.ndarray],
+    affine: np.ndarray,
+    model: Mapping[str, Any],
+) -> tuple[list[Hypothesis], dict[str, Any]]:
+    """A nodule's hypotheses from its M sample volumes (the crops' samples stacked in z order)."""
+    settings = run.options.hypotheses
+    zs = [float(r.get("slice_z") or 0.0) for r in members]
+    hypotheses, spacing = nodule_hypotheses(stack, affine, zs, settings)
+    seeds = {r.get("case_seed") for r in members}
+    shared = len(seeds) == 1
+    noise = (
+        "shared by the nodule's slices: sample m is one 3D outline of the whole nodule"
+        if shared
+        else "drawn per slice (--independent-slices): sample m's volume joins unrelated 2D draws, so these groups "
+        "are not 3D outlines; read each crop's hypotheses.json instead"
+    )
+    first = members[0]
+    payload = hypotheses_payload(
+        hypotheses,
+        level="nodule",
+        ids={key: first.get(key) for key in ("patient_id", "series_uid", "nodule_id")},
+        model=model,
+        num_samples=stack[0].shape[0],
+        seed=run.options.seed,
+        case_seed=next(iter(seeds)) if shared else None,
+        settings=settings,
+        samples={
+            "files": "samples.nii.gz of each case, stacked in z order",
+            "cases": [r["case_id"] for r in members],
+            "slices_z": zs,
+            "shape": [stack[0].shape[0], len(stack), *stack[0].shape[1:]],
+            "axes": ["sample", "slice (z order)", "model grid i", "model grid j"],
+            "spacing_mm": None if spacing is None else [round(v, 6) for v in spacing],
+        },
+        extra={"noise": noise, "shared_noise": shared},
+    )
+    for row in payload["hypotheses"]:
+        row["strip"] = f"strip_m{row['representative']:02d}.png"
+    return hypotheses, payload
+
+
+def _group_hypotheses(run: _ExportRun) -> dict[str, _NoduleGroups]:
+    """Every complete case's and every nodule's hypotheses, from the samples on disk.
+
+    Crops' ``hypotheses.json`` are written here; a nodule's are returned, for its SEGs, and written by
+    :func:`_write_nodule_reviews` once the SEGs are, so a run killed in between rewrites the SEGs next time. A
+    nodule whose samples cannot be grouped marks its cases failed.
+    """
+    model = run.source.to_json()
+    groups: dict[str, _NoduleGroups] = {}
+    for folder, members in _nodules(run.summary.records).items():
+        try:
+            stack = []
+            for record in members:
+                samples, affine = read_model_grid_samples(run.out / record["folder"], record)
+                _write_crop_hypotheses(run, record, samples, affine, model)
+                stack.append(samples)
+            hypotheses, payload = _nodule_payload(run, members, stack, affine, model)
+        except (ValueError, OSError) as err:
+            message = f"hypotheses of nodule {folder}: {err}"
+            logger.error(message)
+            for record in members:
+                record["status"] = "error"
+                record["error"] = message
+                run.summary.failed[record["case_id"]] = message
+            continue
+        path = run.out / folder / HYPOTHESES_FILE
+        existed = path.is_file()
+        changed = not existed or path.read_bytes() != json_bytes(payload)
+        groups[folder] = _NoduleGroups(hypotheses, payload, changed=changed, existed=existed)
+        for record in members:
+            record["nodule_hypotheses"] = f"{folder}/{HYPOTHESES_FILE}"
+    return groups
+
+
+def _drop_outdated_segs(run: _ExportRun, groups: Mapping[str, _NoduleGroups]) -> None:
+    """Remove the SEGs of a nodule whose hypotheses changed but whose SEGs this run did not rewrite (a case
+    outside ``--cases`` after ``--overwrite`` with another ``--min-iou``): they name the old hypotheses."""
+    for folder, group in groups.items():
+        if not (group.existed and group.changed) or group.segs_current:
+            continue
+        for name in ("seg.dcm", HYPOTHESES_SEG):
+            path = run.out / folder / name
+            if path.is_file():
+                path.unlink()
+                logger.warning(
+                    "removed %s: it names hypotheses made with other settings; export the nodule's cases again with "
+                    "--dicom-seg to rebuild it",
+                    path,
+                )
+        for record in run.summary.records:
+            if record.get("nodule_hypotheses") == f"{folder}/{HYPOTHESES_FILE}":
+                record["dicom_seg"] = record["hypotheses_seg"] = ""
+
+
+def _write_nodule_reviews(run: _ExportRun, groups: Mapping[str, _NoduleGroups]) -> None:
+    """Per nodule: ``strip_mNN.png`` for each sample m (its outline on each of the nodule's slices, in z order)
+    and ``hypotheses.json``; the page shows the nodule as its hypotheses, each with its representative's strip.
+    """
+    _drop_outdated_segs(run, groups)
+    for folder, members in _nodules(run.summary.records).items():
         images, samples = [], []
         for record in members:
             case_dir = run.out / record["folder"]
@@ -564,12 +807,20 @@ def _write_strips(run: _ExportRun) -> None:
         names = []
         for m in range(min(s.shape[-1] for s in samples)):
             strip = [s[..., m] for s in samples]
-            png = sample_strip_png(images, strip, labels, f"sample {m + 1}", run.options.hu_window)
+            png = sample_strip_png(images, strip, labels, f"sample {m}", run.options.hu_window)
             run.files.write_if_changed(run.out / folder / f"strip_m{m:02d}.png", png)
             names.append(f"{folder}/strip_m{m:02d}.png")
+        group = groups.get(folder)
+        if group is not None:
+            run.files.write_if_changed(run.out / folder / HYPOTHESES_FILE, json_bytes(group.payload))
         for record in members:
             record["strips"] = names
             record["strip_slices_z"] = [float(r.get("slice_z") or 0.0) for r in members]
+            if group is not None:
+                record["hypothesis_rows"] = [
+                    {**row, "strip": f"{folder}/{row['strip']}"} for row in group.payload["hypotheses"]
+                ]
+                record["hypotheses_shared_noise"] = group.payload["shared_noise"]
 
 
 def _export_settings(
@@ -594,6 +845,13 @@ def _export_settings(
         "commands": commands,
         "series_uids": sorted(set((previous or {}).get("series_uids", [])) | set(series_uids)),
         "ambiguity_score": AMBIGUITY_SCORE,
+        "hypotheses": {
+            **run.options.hypotheses.to_json(),
+            "files": f"{HYPOTHESES_FILE} in every case folder (the crop's M samples) and nodule folder (the "
+            f"nodule's M sample volumes); {HYPOTHESES_SEG}: one segment per hypothesis (its representative)",
+            "grouping": GROUPING,
+            "sample_numbering": SAMPLE_NUMBERING,
+        },
         "grids": {
             "crop": "180x180 crop at 0.5 mm as preprocessing.lidc wrote it: image.nii.gz, annotations.nii.gz",
             "model": f"{roi_size[0]}x{roi_size[1]} model input centred in the crop (MONAI CenterSpatialCrop; each "

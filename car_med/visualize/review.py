@@ -57,7 +57,8 @@ def review_montage_png(
         ("G mean", mean, unit),
         ("entropy", entropy, {"cmap": "magma", "vmin": 0.0, "vmax": float(np.log(2.0))}),
     ]
-    panels += [(f"sample {m + 1}", samples[..., m], unit) for m in range(shown)]
+    # samples are numbered from 0, as in the export's file names (strip_m00.png, volume 0 of samples.nii.gz)
+    panels += [(f"sample {m}", samples[..., m], unit) for m in range(shown)]
     fig = Figure(figsize=(1.25 * len(panels), 1.55), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]

@@ -176,7 +176,11 @@ def test_ct_volume_has_the_grid_and_intensities_dcm2niix_writes(exported, tmp_pa
         assert np.array_equal(reference_hu, np.asarray(ours.dataobj).reshape(-1))
 
 
-def test_dicom_seg_loads_in_highdicom_and_references_the_source_slices(exported):
+def compact_path(seg_file: Path, root: Path) -> str:
+    return (seg_file.parent / "hypotheses_seg.dcm").relative_to(root).as_posix()
+
+
+def test_dicom_segs_load_in_highdicom_and_reference_the_source_slices(exported):
     import highdicom as hd
     import pydicom
 
@@ -191,6 +195,13 @@ def test_dicom_seg_loads_in_highdicom_and_references_the_source_slices(exported)
         assert {series for _, series, _ in seg.get_source_image_uids()} == {source.SeriesInstanceUID}
         assert seg.number_of_segments == NUM_SAMPLES + 1
         assert seg.get_segment_description(NUM_SAMPLES + 1).segment_label == "CAR mean >= 0.5"
+        compact = hd.seg.segread(seg_file.parent / "hypotheses_seg.dcm")
+        hypotheses = json.loads((seg_file.parent / "hypotheses.json").read_text())["hypotheses"]
+        assert [compact.get_segment_description(n).segment_label for n in range(1, len(hypotheses) + 1)] == [
+            h["label"] for h in hypotheses
+        ]
+        assert {uid for _, _, uid in compact.get_source_image_uids()} == referenced
+        assert all(c["hypotheses_seg"] == compact_path(seg_file, exported["dir"]) for c in cases)
 
 
 def test_manifest_is_sorted_by_ambiguity_and_export_json_names_model_seed_and_series(exported):
@@ -230,3 +241,7 @@ def test_a_nodule_s_crops_share_their_noise_so_volume_m_is_one_hypothesis(export
     assert summary.exit_code == 0
     seeds = [json.loads(p.read_text())["case_seed"] for p in out.glob("*/*/case.json")]
     assert len(seeds) > 1 and len(set(seeds)) == len(seeds)
+    # sample m of one slice and of the next are unrelated draws: the nodule's hypotheses say so
+    [nodule] = out.glob("*/series_*/nodule_*/hypotheses.json")
+    payload = json.loads(nodule.read_text())
+    assert payload["shared_noise"] is False and payload["case_seed"] is None and "not 3D outlines" in payload["noise"]

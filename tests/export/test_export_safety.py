@@ -58,19 +58,39 @@ def test_a_second_export_without_overwrite_changes_no_file_and_says_so(exported,
     assert "not overwritten (pass --overwrite)" in caplog.text
 
 
-def test_another_seed_into_the_same_folder_is_refused_with_the_settings_named(exported, capsys):
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [
+        ("--seed", "1", "seed 0"),
+        ("--min-iou", "0.7", "min_iou 0.5"),  # the hypotheses would be grouped otherwise than the folder's
+        ("--confidence", "0.9", "confidence 0.95"),
+    ],
+)
+def test_another_seed_or_grouping_into_the_same_folder_is_refused_with_the_settings_named(
+    exported, capsys, option, value, named
+):
     before = _hashes(exported["dir"])
     code = main(
         [
             "--model", exported["uri"], "--tracking-uri", exported["tracking_uri"],
             "--datalist", str(exported["datalist"]), "--split", split_of(exported["datalist"], EXPORT_PATIENTS[0]),
-            "--cases", EXPORT_PATIENTS[0], "--num-samples", str(NUM_SAMPLES), "--seed", "1",
+            "--cases", EXPORT_PATIENTS[0], "--num-samples", str(NUM_SAMPLES), option, value,
             "--output-dir", str(exported["dir"]), "--no-progress",
         ]
     )  # fmt: skip
     assert code == 2
-    assert "seed 0" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert named in error and "--overwrite" in error
     assert _hashes(exported["dir"]) == before
+
+
+@pytest.mark.parametrize(("option", "value"), [("--min-iou", "0"), ("--min-iou", "1.5"), ("--confidence", "1")])
+def test_a_min_iou_or_confidence_out_of_range_is_a_usage_error(tmp_path, capsys, option, value):
+    out = tmp_path / "exp"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "models:/none/1", "--datalist", "d.json", "--output-dir", str(out), option, value])
+    assert exit_info.value.code == 2 and f"{option} must lie in" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def _readable(path: Path) -> None:

@@ -19,6 +19,7 @@ import pydicom
 import pytest
 from export_cohort import NUM_SAMPLES, split_of
 from scipy.ndimage import map_coordinates
+from test_hypothesis_files import assert_hypotheses_file
 
 from car_med.predict import main as predict_main
 from car_med.predict import predict_nodules
@@ -153,7 +154,14 @@ def test_crop_values_are_the_series_values_at_the_crop_voxels(predicted, tmp_pat
         assert inside.sum() > 100 and np.abs(ours - np.rint(expected)).max() <= 1
 
 
-def test_ct_overlays_share_the_ct_grid_and_the_seg_passes_dciodvfy(predicted):
+def _dciodvfy_errors(path: Path) -> list[str]:
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_ct_overlays_share_the_ct_grid_and_both_segs_pass_dciodvfy_naming_the_hypotheses(predicted):
+    import highdicom as hd
+
     out = predicted["out"]
     [ct_file] = out.glob("*/series_*/ct.nii.gz")
     ct = nib.load(ct_file)
@@ -164,12 +172,63 @@ def test_ct_overlays_share_the_ct_grid_and_the_seg_passes_dciodvfy(predicted):
         assert overlay.shape[:3] == ct.shape and np.allclose(overlay.affine, ct.affine)
     segs = sorted(out.glob("*/series_*/nodule_*/seg.dcm"))
     assert len(segs) == len(predicted["rows"])
+    for seg_file in segs:
+        hypotheses = json.loads((seg_file.parent / "hypotheses.json").read_text())["hypotheses"]
+        seg = hd.seg.segread(seg_file)
+        compact = hd.seg.segread(seg_file.parent / "hypotheses_seg.dcm")
+        # seg.dcm: segment m + 1 is sample m, named with its hypothesis and probability
+        for rank, row in enumerate(hypotheses, start=1):
+            for m in row["members"]:
+                described = seg.get_segment_description(m + 1)
+                assert described.SegmentDescription == f"sample {m}, {row['label']}"
+                assert described.SegmentLabel.startswith(f"CAR sample {m}, H{rank}")
+                assert f"p={row['probability']:.2f}" in described.SegmentLabel
+        # hypotheses_seg.dcm: segment n is Hn, its representative's mask, labelled with p and the interval
+        assert compact.number_of_segments == len(hypotheses)
+        uids = sorted(uid for _, _, uid in seg.get_source_image_uids())
+        assert uids == sorted(uid for _, _, uid in compact.get_source_image_uids())
+        samples = seg.get_pixels_by_source_instance(uids)  # (slices, rows, columns, M + 1)
+        representatives = compact.get_pixels_by_source_instance(uids)
+        assert samples.shape[-1] == NUM_SAMPLES + 1 and samples[..., :NUM_SAMPLES].any()
+        for n, row in enumerate(hypotheses, start=1):
+            assert compact.get_segment_description(n).SegmentLabel == row["label"]
+            assert re.fullmatch(r"H\d+( no lesion)? p=\d\.\d\d \(\d\.\d\d-\d\.\d\d\)", row["label"])
+            assert np.array_equal(representatives[..., n - 1], samples[..., row["representative"]])
+        assert "hypotheses" in compact.SeriesDescription and "min IoU 0.5" in compact.ContentDescription
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy is not on PATH (Debian package dicom3tools; .ci/run installs it)")
     for seg in segs:
-        result = subprocess.run(["dciodvfy", str(seg)], capture_output=True, text=True)
-        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
-        assert not errors, f"{seg}: {errors}"
+        for path in (seg, seg.parent / "hypotheses_seg.dcm"):
+            errors = _dciodvfy_errors(path)
+            assert not errors, f"{path}: {errors}"
+
+
+def test_predict_writes_hypotheses_json_per_nodule_and_per_crop(predicted):
+    out, records = predicted["out"], predicted["records"]
+    nodule_files = sorted(out.glob("*/series_*/nodule_*/hypotheses.json"))
+    assert len(nodule_files) == len(predicted["rows"])
+    for path in nodule_files:
+        payload = json.loads(path.read_text())
+        folders = {r["case_id"]: out / r["folder"] for r in records}
+        stack = []
+        for case in payload["samples"]["cases"]:
+            data = np.asarray(nib.load(folders[case] / "samples.nii.gz").dataobj)
+            stack.append(np.moveaxis(data[:, :, 0, :] > 0, -1, 0))
+        assert_hypotheses_file(
+            path, np.stack(stack, axis=1), num_samples=NUM_SAMPLES, seed=0, model_uri=predicted["uri"]
+        )
+        mine = [r for r in records if str(r["nodule_id"]) == str(payload["nodule_id"])]
+        assert payload["case_seed"] == mine[0]["case_seed"] and payload["shared_noise"] is True
+        assert sorted(payload["samples"]["cases"]) == sorted(r["case_id"] for r in mine)
+    for record in records:
+        case_dir = out / record["folder"]
+        data = np.asarray(nib.load(case_dir / "samples.nii.gz").dataobj)
+        assert_hypotheses_file(
+            case_dir / "hypotheses.json", np.moveaxis(data[:, :, 0, :] > 0, -1, 0), num_samples=NUM_SAMPLES,
+            seed=0, model_uri=predicted["uri"],
+        )  # fmt: skip
+    settings = json.loads((out / "export.json").read_text())["hypotheses"]
+    assert (settings["min_iou"], settings["confidence"]) == (0.5, 0.95)
 
 
 def test_a_nodule_shares_one_noise_vector_per_sample_across_its_slices(predicted):

@@ -115,7 +115,8 @@ def test_volume_crops_hold_the_volume_values_and_overlays_share_its_grid(predict
     for path in overlays:
         overlay = nib.load(path)
         assert overlay.shape[:3] == ct.shape and np.allclose(overlay.affine, ct.affine, atol=1e-4)
-    assert not list(out.rglob("seg.dcm"))  # a NIfTI CT has no DICOM instances for a SEG to reference
+    assert not list(out.rglob("*seg.dcm"))  # a NIfTI CT has no DICOM instances for a SEG to reference
+    assert len(list(out.glob("*/series_*/nodule_*/hypotheses.json"))) == len(overlays) // 2  # but hypotheses
     assert json.loads((out / "export.json").read_text())["prediction"]["roi"] == str(predicted_from_volume["roi"])
 
 

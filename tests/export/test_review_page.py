@@ -1,4 +1,5 @@
-"""index.html in a real headless Chromium: cases in score order, every thumbnail loaded."""
+"""index.html in a real headless Chromium: cases in score order, every thumbnail loaded, each nodule as its
+hypotheses with their probability bars drawn to the numbers in hypotheses.json."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from export_cohort import NUM_SAMPLES
@@ -96,6 +98,7 @@ def test_each_nodule_is_a_strip_per_sample_with_its_slices_in_z_order(exported, 
     nodules = {(r["patient_id"], str(r["series_uid"]), str(r["nodule_id"])) for r in records}
     assert len(sections) == len(nodules) and [int(rank) for _, rank, _ in sections] == list(range(1, len(nodules) + 1))
     for folder, _, body in sections:
+        assert '<details class="samples">' in body  # the raw samples are one click away
         strips = re.findall(r"<tr class=\"sample\" data-sample=\"(\d+)\">.*?(<img [^>]*>)", body, re.S)
         assert [int(m) for m, _ in strips] == list(range(NUM_SAMPLES))  # one row per sample, one 3D hypothesis each
         for _, tag in strips:
@@ -104,3 +107,46 @@ def test_each_nodule_is_a_strip_per_sample_with_its_slices_in_z_order(exported, 
             assert zs == sorted(zs)
         members = [r for r in records if f"nodule_{r['nodule_id']}" in folder and r["patient_id"] in folder]
         assert len(zs) == len(members)  # every slice of the nodule is in its strip
+
+
+def _dom(browser: str, page: str, profile: Path) -> str:
+    return subprocess.run(
+        [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+
+
+def test_each_nodule_shows_its_hypotheses_most_probable_first_with_bars_drawn_to_their_probabilities(
+    exported, tmp_path
+):
+    browser = _chromium()
+    dom = _dom(browser, (exported["dir"] / "index.html").as_uri(), tmp_path / "p")
+    sections = re.findall(r'<section class="nodule" data-nodule="([^"]+)" data-rank="\d+">(.*?)</section>', dom, re.S)
+    assert sections
+    for folder, body in sections:
+        expected = json.loads((exported["dir"] / folder / "hypotheses.json").read_text())["hypotheses"]
+        before_samples = body.split('<details class="samples"')[0]  # the hypotheses come first, the samples below
+        rows = re.findall(r'<tr class="hypothesis" (.*?)</tr>', before_samples, re.S)
+        assert len(rows) == len(expected) > 0
+        shown = []
+        for row, hypothesis in zip(rows, expected):
+            attributes = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', row))
+            assert int(attributes["rank"]) == hypothesis["rank"]
+            assert float(attributes["probability"]) == pytest.approx(hypothesis["probability"], abs=1e-6)
+            assert [int(m) for m in attributes["members"].split()] == hypothesis["members"]
+            # the label with p and its interval, and the member count, as text on the page
+            assert f'<span class="plabel">{hypothesis["label"]}</span>' in row
+            assert f"{len(hypothesis['members'])} of {NUM_SAMPLES} samples" in row
+            # the representative's strip, decoded by the browser
+            [image] = re.findall(r'<img class="strip"[^>]*>', row)
+            assert f'src="{folder}/strip_m{hypothesis["representative"]:02d}.png"' in image
+            assert 'data-loaded="yes"' in image, image
+            # where Chromium drew the bar and the whisker, as fractions of the bar's width
+            low, high = hypothesis["interval"]
+            assert float(attributes["drawn-p"]) == pytest.approx(hypothesis["probability"], abs=0.01)
+            assert float(attributes["drawn-low"]) == pytest.approx(low, abs=0.01)
+            assert float(attributes["drawn-high"]) == pytest.approx(high, abs=0.01)
+            shown.append(float(attributes["probability"]))
+        assert shown == sorted(shown, reverse=True)  # most probable first
