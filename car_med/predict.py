@@ -75,6 +75,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_DIAMETER_MM = 10.0
+#: M per nodule: a 95% interval of +-0.16 at p = 0.5 for about 5 s per 10-slice nodule on 2 CPU threads
+#: (benchmarks/bench_hypotheses.py; the table and the choice are in docs/review.md)
+DEFAULT_NUM_SAMPLES = 32
 """The slab taken around a nodule's centre when the CSV gives no diameter."""
 
 CSV_COLUMNS = ("nodule_id", "x", "y", "z")
@@ -404,7 +407,7 @@ def predict_nodules(
     *,
     image: str | Path | None = None,
     roi: str | Path | None = None,
-    num_samples: int = 16,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
     seed: int = 0,
     series_uid: str | None = None,
     overwrite: bool = False,
@@ -485,7 +488,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        "the series (one segment per nodule)")  # fmt: skip
     parser.add_argument("--series-uid", help="the series to use when the folder holds several")
     parser.add_argument("--no-dicom-seg", action="store_true", help="skip the DICOM SEG files")
-    add_sampling_arguments(parser, unit="nodule")
+    add_sampling_arguments(parser, unit="nodule", default_num_samples=DEFAULT_NUM_SAMPLES)
     return parser.parse_args(argv)
 
 

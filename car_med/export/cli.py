@@ -31,13 +31,14 @@ def _fraction(low_open: bool, high_open: bool, what: str) -> Callable[[str], flo
     return parse
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, unit: str) -> None:
+def add_sampling_arguments(parser: argparse.ArgumentParser, unit: str, default_num_samples: int = 16) -> None:
     """The options of both commands: model, M, seed, rerun policy, noise sharing, hypotheses, MLflow, window,
     device.
 
     Args:
         parser: the command's parser.
         unit: what gets M samples, in the help texts ("crop", "nodule").
+        default_num_samples: M when ``--num-samples`` is not given (predict's is chosen in docs/review.md).
     """
     parser.add_argument(
         "--model",
@@ -45,7 +46,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, unit: str) -> None:
         help="models:/NAME/VERSION or @ALIAS, runs:/RUN/PATH, a model folder, or a bundle output folder",
     )
     parser.add_argument("--output-dir", required=True, help="the review folder")
-    parser.add_argument("--num-samples", type=int, default=16, help=f"samples per {unit}, M (default 16)")
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=default_num_samples,
+        help=f"samples per {unit}, M (default {default_num_samples})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace what an earlier run wrote in the folder")
     parser.add_argument(
