@@ -19,7 +19,8 @@ the readers' coverage (matched to a hypothesis with p >= 0.1) and its complement
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from car_med.metrics.hypotheses import (
     HypothesisReliability,
     ScoredHypotheses,
     hypothesis_reliability,
+    plot_hypothesis_reliability,
     score_hypotheses,
 )
 
@@ -176,6 +178,45 @@ class NoduleHypotheses:
         }
         self._per_nodule.append(row)
         return row
+
+    def add_nodules(self, per_nodule: list[dict[str, Any]], stacks: Iterable[tuple]) -> None:
+        """Score every nodule of an evaluation and add its row (:meth:`add`) to its ``per_nodule`` record.
+
+        Args:
+            per_nodule: the evaluation's nodule records (``patient_id``, ``series_uid``, ``nodule_id``, ...), updated
+                in place.
+            stacks: per nodule, in the same order, ``(key, _, samples, labels)`` as
+                :meth:`~car_med.evaluation.volumes.NoduleVolumes.stacks` gives them.
+
+        Raises:
+            RuntimeError: when the two disagree on the order of the nodules.
+        """
+        for row, (key, _, samples, labels) in zip(per_nodule, stacks):
+            if (row["patient_id"], row["series_uid"], row["nodule_id"]) != key:
+                raise RuntimeError(f"nodule {key}: per_nodule and stacks() disagree on the order of the nodules.")
+            row.update(self.add(samples, labels))
+
+    def report(
+        self, model_label: str, row_labels: Mapping[str, str], figure: Path, title: str
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, HypothesisReliability]]:
+        """The numbers of ``metrics.json`` and the reliability diagram, once every nodule was added.
+
+        Args:
+            model_label: the model's name in the figure and in the curves.
+            row_labels: each reference row's display name.
+            figure: where ``hypotheses_reliability.png`` goes.
+            title: the figure's title.
+
+        Returns:
+            ``(model_metrics, row_metrics, curves)``: the model's :func:`hypothesis_metrics`, each reference row's,
+            and the binned curves by display name (model first).
+        """
+        model, rows = self.reliability()
+        curves = {model_label: model, **{row_labels[row]: curve for row, curve in rows.items()}}
+        plot_hypothesis_reliability(
+            curves, figure, title=f"{title} ({model.num_lesions} nodules, min IoU {self.min_iou:g})"
+        )
+        return hypothesis_metrics(model), {row: hypothesis_metrics(curve) for row, curve in rows.items()}, curves
 
     def per_nodule(self) -> list[dict[str, float]]:
         """The rows :meth:`add` returned, in the order the nodules were added."""

@@ -14,7 +14,7 @@ import torch
 from monai.data import DataLoader, Dataset
 
 from car_med.data.lidc import DEFAULT_HU_WINDOW, lidc_transforms, load_lidc_datalist
-from car_med.evaluation.hypotheses import HYPOTHESIS_REFERENCE_ROWS, NoduleHypotheses, hypothesis_metrics
+from car_med.evaluation.hypotheses import HYPOTHESIS_REFERENCE_ROWS, NoduleHypotheses
 from car_med.evaluation.protocol import METRIC_DEFINITIONS, REFERENCE_DEFINITIONS, dataset_card
 from car_med.evaluation.references import REFERENCE_LABELS, REFERENCE_ROWS, ReferenceRows, flatten_references
 from car_med.evaluation.report import (
@@ -28,7 +28,7 @@ from car_med.evaluation.report import (
 from car_med.evaluation.sample_metrics import SampleMetricSuite, evaluate_samples, sample_cases
 from car_med.evaluation.volumes import NOISE_MODES, NoduleVolumes, with_nodule_noise
 from car_med.hypotheses import DEFAULT_MIN_IOU
-from car_med.metrics import plot_hypothesis_reliability, plot_reliability_diagram
+from car_med.metrics import plot_reliability_diagram
 from car_med.metrics.hypotheses import DEFAULT_COVERAGE_PROBABILITY, DEFAULT_HYPOTHESIS_BINS
 from car_med.metrics.presence import DEFAULT_MIN_AREA, DEFAULT_SPECKLE_SIZE, plot_presence_reliability
 
@@ -202,28 +202,18 @@ def evaluate_lidc(
     per_case = {**suite.per_case(), **(references.per_case() if references is not None else {})}
     write_per_case_csv(out / "per_case.csv", rows, CASE_FIELDS, per_case)
     per_nodule = volumes.per_nodule()
-    for row, (key, _, samples, labels) in zip(per_nodule, volumes.stacks()):
-        if (row["patient_id"], row["series_uid"], row["nodule_id"]) != key:
-            raise RuntimeError(f"nodule {key}: per_nodule and stacks() disagree on the order of the nodules.")
-        row.update(hypotheses.add(samples, labels))
+    hypotheses.add_nodules(per_nodule, volumes.stacks())
     nodule_fields = ("patient_id", "series_uid", "nodule_id", "num_slices")
     nodule_metrics = {k: [r[k] for r in per_nodule] for k in per_nodule[0] if k not in nodule_fields}
     write_per_case_csv(out / "per_nodule.csv", per_nodule, nodule_fields, nodule_metrics)
     volume_metrics = volumes.aggregate(per_nodule)
     # added to the 2D metrics and to the rows, not in place of anything: every earlier number stays as it was
-    model_hypotheses, row_hypotheses = hypotheses.reliability()
-    metrics.update(hypothesis_metrics(model_hypotheses))
-    for row, curve in row_hypotheses.items():
-        reference_metrics.setdefault(row, {}).update(hypothesis_metrics(curve))
-    hypothesis_curves = {
-        model_label: model_hypotheses,
-        **{REFERENCE_LABELS[row]: curve for row, curve in row_hypotheses.items()},
-    }
-    plot_hypothesis_reliability(
-        hypothesis_curves,
-        out / "hypotheses_reliability.png",
-        title=f"hypotheses, LIDC {split} ({model_hypotheses.num_lesions} nodules, min IoU {hypothesis_min_iou:g})",
+    model_hypotheses, row_hypotheses, hypothesis_curves = hypotheses.report(
+        model_label, REFERENCE_LABELS, out / "hypotheses_reliability.png", title=f"hypotheses, LIDC {split}"
     )
+    metrics.update(model_hypotheses)
+    for row, values in row_hypotheses.items():
+        reference_metrics.setdefault(row, {}).update(values)
     reliability = suite.reliability()
     plot_reliability_diagram(reliability, out / "reliability.png", title=f"F on LIDC {split}")
     presence_curves = {model_label: suite.presence_reliability()}
