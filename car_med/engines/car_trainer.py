@@ -13,11 +13,15 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from car_med.engines.chunked_step import (
+    check_chunkable_refinement,
+    chunked_adversarial_loss,
+    chunked_refinement_forward,
+)
 from car_med.engines.d_schedule import DiscriminatorSchedule
 from car_med.engines.distributed import mean_over_ranks
 from car_med.engines.guards import BufferSnapshot, NonFiniteLossError, raise_if_non_finite
 from car_med.engines.keys import CARKeys
-from car_med.engines.memory import check_chunkable_refinement, chunked_adversarial_loss, chunked_refinement_forward
 from car_med.losses.adversarial import discriminator_loss, generator_adversarial_loss, r1_penalty
 from car_med.losses.calibration import categorical_calibration_loss, gaussian_calibration_loss
 from car_med.losses.segmentation import class_index_map
@@ -48,7 +52,7 @@ class CARTrainer(Trainer):
 
     ``memory_saving="chunked"`` evaluates the G step in chunks of ``chunk_size`` folded rows, with the same
     losses, gradients and BatchNorm statistics as the folded batch (to float rounding; see
-    :mod:`car_med.engines.memory`). D scores the samples one chunk at a time, each chunk's backward pass
+    :mod:`car_med.engines.chunked_step`). D scores the samples one chunk at a time, each chunk's backward pass
     to the samples running at once (D must have no BatchNorm); with a
     :class:`~car_med.networks.NoiseInjectedUNet` G, G too runs block by block in chunks, with BatchNorm's
     statistics and their gradients taken over the whole folded batch and only each block's convolution

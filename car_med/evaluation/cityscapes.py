@@ -29,7 +29,7 @@ from monai.data import DataLoader, Dataset, MetaTensor
 from car_med.data.cityscapes import load_cityscapes_datalist
 from car_med.data.cityscapes_packing import cityscapes_packed_transforms
 from car_med.data.stochastic_classes import check_stochastic_classes
-from car_med.evaluation.report import (
+from car_med.evaluation.report_files import (
     case_row,
     reliability_record,
     report_head,

@@ -13,7 +13,7 @@ from monai.data import DataLoader, Dataset, MetaTensor
 
 from car_med.data.lidc import DEFAULT_HU_WINDOW, lidc_transforms, load_lidc_datalist
 from car_med.evaluation.lidc import CASE_FIELDS
-from car_med.evaluation.report import start_evaluation
+from car_med.evaluation.report_files import start_evaluation
 from car_med.evaluation.sample_metrics import sample_cases
 
 __all__ = ["PREDICTION_KEYS", "write_case_predictions"]

@@ -17,7 +17,7 @@ from car_med.data.lidc import DEFAULT_HU_WINDOW, lidc_transforms, load_lidc_data
 from car_med.evaluation.hypotheses import HYPOTHESIS_REFERENCE_ROWS, NoduleHypotheses
 from car_med.evaluation.protocol import METRIC_DEFINITIONS, REFERENCE_DEFINITIONS, dataset_card
 from car_med.evaluation.references import REFERENCE_LABELS, REFERENCE_ROWS, ReferenceRows, flatten_references
-from car_med.evaluation.report import (
+from car_med.evaluation.report_files import (
     case_row,
     reliability_record,
     report_head,

@@ -13,7 +13,7 @@ from car_med.networks.checkpointing import checkpointed
 from car_med.networks.dropout import FastDropout
 from car_med.networks.utils import SPATIAL_NAMES, check_floating, check_input_shape, check_spatial_dims
 
-__all__ = ["NoiseInjection", "NoiseInjectedUNet"]
+__all__ = ["NoiseInjection", "NoiseInjectedUNet", "match_size"]
 
 
 class NoiseInjection(nn.Module):
@@ -57,7 +57,12 @@ class NoiseInjection(nn.Module):
         return self.proj((features + r) * (s + self.scale_offset))
 
 
-def _match_size(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def match_size(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``x`` ``(B, C, *spatial)`` cropped or zero-padded at its trailing borders to the spatial ``size``.
+
+    G's decoder and the chunked stage-2 step (:mod:`car_med.engines.chunked_step`) both align an upsampled
+    feature map with its skip connection this way.
+    """
     # Stride-2 convs round up (23 -> 12) and x2 upsampling overshoots (12 -> 24); trim the trailing
     # border, which is where the rounding added a position. Negative F.pad crops, positive pads.
     pad: list[int] = []
@@ -270,7 +275,7 @@ class NoiseInjectedUNet(nn.Module):
         h = skips[-1]
         for j, up in enumerate(self.up):
             target = skips[n - 2 - j] if j < n - 1 else x
-            h = _match_size(self._block(up, h), target.shape[2:])
+            h = match_size(self._block(up, h), target.shape[2:])
             if j == n - 1 and self.full_resolution_skip:
                 if x.shape[0] != h.shape[0]:
                     raise ValueError(

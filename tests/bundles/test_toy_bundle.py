@@ -75,7 +75,7 @@ def test_toy_inference_without_training_says_what_to_do(tmp_path):
 
 
 def test_demo_command_runs_the_bundle_and_reports(tmp_path, capsys):
-    from car_med.experiments.demo import main
+    from car_med.experiments.toy_demo import main
 
     out = tmp_path / "demo"
     args = [

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_car import make_tiny_nets
 
-from car_med.evaluation.report import start_evaluation
+from car_med.evaluation.report_files import start_evaluation
 
 
 def _arguments(tmp_path, f, g, **extra) -> dict:

@@ -377,7 +377,7 @@ def test_full_resolution_skip_feeds_f_to_the_output_site_and_keeps_sampling_cons
 
 
 def test_chunked_memory_saving_refuses_the_full_resolution_skip():
-    from car_med.engines.memory import chunked_refinement_forward
+    from car_med.engines.chunked_step import chunked_refinement_forward
 
     g = NoiseInjectedUNet(channels=(8, 16, 16, 16), full_resolution_skip=True)
     x, cal = torch.rand(2, 1, 32, 32), torch.softmax(torch.randn(2, 2, 32, 32), dim=1)

@@ -37,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from car_med.networks.dropout import FastDropout, apply_keep_mask, fill_keep_mask_
-from car_med.networks.refinement import NoiseInjectedUNet, NoiseInjection, _match_size
+from car_med.networks.refinement import NoiseInjectedUNet, NoiseInjection, match_size
 
 __all__ = ["chunk_slices", "chunked_adversarial_loss", "chunked_refinement_forward", "check_chunkable_refinement"]
 
@@ -180,7 +180,7 @@ def _tail(plan: _BlockPlan, y: torch.Tensor, masks: Sequence[torch.Tensor], mod:
         else:
             h = op(h)
     if plan.crop is not None:
-        h = _match_size(h, plan.crop)
+        h = match_size(h, plan.crop)
     if plan.inject is not None:
         # NoiseInjection.forward, with r and s taken for the whole batch at once
         r, s = mod

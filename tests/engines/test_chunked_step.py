@@ -12,7 +12,7 @@ from tiny_car import ambiguous_discs, make_stage2_trainer, make_tiny_nets
 from torch import nn
 
 from car_med.engines import CARKeys
-from car_med.engines.memory import chunk_slices, chunked_refinement_forward
+from car_med.engines.chunked_step import chunk_slices, chunked_refinement_forward
 from car_med.networks import (
     Discriminator,
     NoiseInjectedUNet,

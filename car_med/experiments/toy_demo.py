@@ -5,7 +5,7 @@ overlay through ``monai.bundle.run`` in this process, with the same overrides fo
 Fig. 3b-style figure and prints the numbers and where the MLflow run lives.
 
 Usage:
-    python -m car_med.experiments.demo --output-dir demo_output [bundle overrides, e.g. --gan_epochs 2]
+    python -m car_med.experiments.toy_demo --output-dir demo_output [bundle overrides, e.g. --gan_epochs 2]
 """
 
 from __future__ import annotations
