@@ -11,7 +11,7 @@ from torch import nn
 
 from car_med.components import remove_small_components
 
-__all__ = ["SampleSet", "CARSampler", "calibration_output", "fold_for_sampling"]
+__all__ = ["SampleSet", "CARSampler", "SamplerOptions", "calibration_output", "fold_for_sampling"]
 
 
 def calibration_output(raw: torch.Tensor, output_type: str = "categorical") -> torch.Tensor:
@@ -24,6 +24,35 @@ def fold_for_sampling(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Repeat every image M times along the batch: row ``b * M + m`` is sample m of image b."""
     return image.repeat_interleave(num_samples, dim=0), calibration.repeat_interleave(num_samples, dim=0)
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """The :class:`CARSampler` options a caller chooses, built once by the caller and passed on by name.
+
+    Attributes:
+        num_samples: M, samples per image when a call gives no count.
+        max_batch: folded image-sample rows per G pass (bounds memory for any M).
+        noise_std: std of G's noise, as in training.
+        min_component_size: foreground components of a sample under this many pixels become background; 0
+            keeps G's plain argmax.
+    """
+
+    num_samples: int = 16
+    max_batch: int = 8
+    noise_std: float = 1.0
+    min_component_size: int = 0
+
+    def sampler(self, calibration_network: nn.Module, refinement_network: nn.Module) -> CARSampler:
+        """A :class:`CARSampler` over F and G with these options (it checks their ranges)."""
+        return CARSampler(
+            calibration_network,
+            refinement_network,
+            num_samples=self.num_samples,
+            max_batch=self.max_batch,
+            noise_std=self.noise_std,
+            min_component_size=self.min_component_size,
+        )
 
 
 @dataclass

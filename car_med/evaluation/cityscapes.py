@@ -19,7 +19,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,11 @@ from car_med.evaluation.report_files import (
     case_row,
     reliability_record,
     report_head,
-    start_evaluation,
     write_per_case_csv,
     write_report,
 )
 from car_med.evaluation.sample_metrics import sample_cases
+from car_med.evaluation.start import DEFAULT_EVALUATION_SAMPLER, start_evaluation
 from car_med.metrics import (
     CITYSCAPES_IGNORE_INDEX,
     CITYSCAPES_STOCHASTIC_CLASSES,
@@ -57,16 +57,20 @@ from car_med.metrics.calibration import calibration_result_from_sums
 from car_med.metrics.noise_response import class_sample_spread_statistics, noise_response_from_sums, reference_spread
 from car_med.metrics.pairwise import PairwiseIoU
 from car_med.networks.conditioned import analytic_label_distribution
+from car_med.sampling import CARSampler, SamplerOptions
 
 __all__ = [
     "ABSENT_CLASS_CONVENTIONS",
     "CITYSCAPES_CASE_FIELDS",
     "CITYSCAPES_METRIC_DEFINITIONS",
+    "CityscapesEvaluationSettings",
     "CityscapesMetricSuite",
     "cityscapes_dataset_card",
     "cityscapes_energy_distance",
     "evaluate_cityscapes",
     "plot_class_calibration",
+    "score_cityscapes_split",
+    "write_cityscapes_report_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -418,26 +422,133 @@ def cityscapes_dataset_card(datalist: str | os.PathLike) -> dict[str, Any]:
     return card
 
 
+@dataclass(frozen=True)
+class CityscapesEvaluationSettings:
+    """Everything that decides a Cityscapes evaluation's numbers; ``metrics.json``'s protocol card records it.
+
+    Attributes:
+        split: ``"test"`` (the official val set, default), ``"validation"`` or ``"training"``.
+        max_cases: only the split's first images; ``None`` for all.
+        ged_counts: GED sample counts.
+        calibration_count: G's samples behind its calibration offsets.
+        ece_bins: bins of F's ECE.
+        absent_class: ``"skip"`` (the authors', default) or ``"one"``.
+        f_calibration_pixels: ``"blackbox_correct"`` (the authors', default) or ``"all"``.
+        conditioning: what is packed into the image for F, as in training (``"blackbox"`` or ``"label"``).
+        spatial_size: ``(H, W)`` as in training; ``None`` keeps the preprocessed size.
+        seed: noise seed (per image, see ``car_med.evaluation.case_generator``).
+    """
+
+    split: str = "test"
+    max_cases: int | None = None
+    ged_counts: tuple[int, ...] = (16,)
+    calibration_count: int = 16
+    ece_bins: int = 10
+    absent_class: str = "skip"
+    f_calibration_pixels: str = "blackbox_correct"
+    conditioning: str | None = "blackbox"
+    spatial_size: tuple[int, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ged_counts", tuple(self.ged_counts))
+        if self.spatial_size is not None:
+            object.__setattr__(self, "spatial_size", tuple(self.spatial_size))
+        self.metric_suite()  # a bad count or convention fails here, before any sampling
+
+    def metric_suite(self) -> CityscapesMetricSuite:
+        """A new, empty suite."""
+        return CityscapesMetricSuite(
+            self.ged_counts, self.calibration_count, self.ece_bins, self.absent_class, self.f_calibration_pixels
+        )
+
+    def read_split(self, datalist: str | os.PathLike, split: str) -> list[dict]:
+        """The split's items; black-box conditioning needs every item's black-box prediction."""
+        return load_cityscapes_datalist(datalist, split, require_blackbox=self.conditioning == "blackbox")
+
+    def protocol_card(self, datalist: str | os.PathLike, suite: CityscapesMetricSuite) -> dict[str, Any]:
+        """``metrics.json``'s ``protocol``: these settings, the dataset's card and every definition used."""
+        return {
+            "dataset": cityscapes_dataset_card(datalist),
+            "evaluated_cases": "all" if self.max_cases is None else f"first {self.max_cases}",
+            "sample_counts": {"ged": list(self.ged_counts), "calibration": self.calibration_count},
+            "seed": self.seed,
+            "spatial_size": None if self.spatial_size is None else list(self.spatial_size),
+            "conditioning": self.conditioning,
+            "absent_class": self.absent_class,
+            "f_calibration_pixels": self.f_calibration_pixels,
+            "mode_weights_sum": float(suite.weights.sum()),
+            "metric_definitions": CITYSCAPES_METRIC_DEFINITIONS,
+        }
+
+
+def score_cityscapes_split(
+    sampler: CARSampler,
+    cases: Sequence[dict],
+    settings: CityscapesEvaluationSettings,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 4,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> tuple[CityscapesMetricSuite, list[dict[str, Any]]]:
+    """Draw every image's samples (seeded by its case index) and score them: the suite and one row per image."""
+    transform = cityscapes_packed_transforms(
+        "eval", conditioning=settings.conditioning, spatial_size=settings.spatial_size
+    )
+    loader = DataLoader(Dataset(cases, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    suite = settings.metric_suite()
+    rows: list[dict[str, Any]] = []
+    for batch, drawn in sample_cases(sampler, loader, suite.max_samples, settings.seed, device, progress=progress):
+        suite.update(
+            drawn.samples.cpu(),
+            _plain(batch["label"]),
+            drawn.calibration.cpu(),
+            batch.get("blackbox"),
+            sample_probs=drawn.probs,
+        )
+        for i in range(drawn.samples.shape[0]):
+            rows.append(case_row(batch, i, CITYSCAPES_CASE_FIELDS))
+    return suite, rows
+
+
+def write_cityscapes_report_files(
+    out: Path,
+    suite: CityscapesMetricSuite,
+    rows: Sequence[dict[str, Any]],
+    settings: CityscapesEvaluationSettings,
+    *,
+    datalist: str | os.PathLike,
+    checkpoint: str | os.PathLike | None,
+    model_label: str,
+) -> dict[str, Any]:
+    """Write ``per_case.csv``, ``reliability.png`` and ``class_calibration.png``; give ``metrics.json``'s content."""
+    split = settings.split
+    metrics = suite.aggregate()
+    write_per_case_csv(out / "per_case.csv", rows, CITYSCAPES_CASE_FIELDS, suite.per_case())
+    reliability = suite.reliability()
+    plot_reliability_diagram(reliability, out / "reliability.png", title=f"F on Cityscapes {split}")
+    table = suite.calibration_table()
+    plot_class_calibration(table, out / "class_calibration.png", title=f"{model_label} on Cityscapes {split}")
+    return {
+        **report_head(model_label, checkpoint, split, len(rows), metrics),
+        "class_calibration": table,
+        "protocol": settings.protocol_card(datalist, suite),
+        "reliability": reliability_record(reliability),
+    }
+
+
 def evaluate_cityscapes(
     calibration_network: torch.nn.Module,
     refinement_network: torch.nn.Module,
     datalist: str | os.PathLike,
     output_dir: str | os.PathLike,
-    split: str = "test",
+    *,
+    settings: CityscapesEvaluationSettings | None = None,
+    sampler_options: SamplerOptions = DEFAULT_EVALUATION_SAMPLER,
     checkpoint: str | os.PathLike | None = None,
-    ged_counts: Sequence[int] = (16,),
-    calibration_count: int = 16,
-    ece_bins: int = 10,
-    absent_class: str = "skip",
-    f_calibration_pixels: str = "blackbox_correct",
-    conditioning: str | None = "blackbox",
-    spatial_size: Sequence[int] | None = None,
-    seed: int = 0,
     device: str | torch.device = "cpu",
     batch_size: int = 4,
-    max_cases: int | None = None,
-    max_batch: int = 32,
-    noise_std: float = 1.0,
     num_workers: int = 0,
     model_label: str = "CAR",
     tracking_uri: str | None = None,
@@ -458,21 +569,11 @@ def evaluate_cityscapes(
         refinement_network: G (weights from ``checkpoint`` if given).
         datalist: the ``datalist.json`` of ``python -m preprocessing.cityscapes``.
         output_dir: where the report goes.
-        split: ``"test"`` (the official val set, default), ``"validation"`` or ``"training"``.
+        settings: what decides the numbers (:class:`CityscapesEvaluationSettings`; its defaults when ``None``).
+        sampler_options: G's sampler (``max_batch``, ``noise_std``).
         checkpoint: a stage-2 checkpoint holding ``calibration_network`` and ``refinement_network``.
-        ged_counts: GED sample counts.
-        calibration_count: G's samples behind its calibration offsets.
-        ece_bins: bins of F's ECE.
-        absent_class: ``"skip"`` (the authors', default) or ``"one"``.
-        f_calibration_pixels: ``"blackbox_correct"`` (the authors', default) or ``"all"``.
-        conditioning: what is packed into the image for F, as in training (``"blackbox"`` or ``"label"``).
-        spatial_size: ``(H, W)`` as in training; ``None`` keeps the preprocessed size.
-        seed: noise seed (per image, see ``car_med.evaluation.case_generator``).
         device: where to run.
         batch_size: images per batch.
-        max_cases: only the split's first images; ``None`` for all.
-        max_batch: folded rows per G pass.
-        noise_std: G's noise scale.
         num_workers: data loader workers.
         model_label: the model's name in the report.
         tracking_uri: MLflow tracking URI, or ``None`` to log nothing.
@@ -483,56 +584,34 @@ def evaluate_cityscapes(
     Returns:
         The content of ``metrics.json``.
     """
-    out, items, sampler = start_evaluation(
-        locals(), partial(load_cityscapes_datalist, require_blackbox=conditioning == "blackbox")
+    settings = settings if settings is not None else CityscapesEvaluationSettings()
+    out, cases, sampler = start_evaluation(
+        calibration_network,
+        refinement_network,
+        datalist=datalist,
+        split=settings.split,
+        read_split=settings.read_split,
+        output_dir=output_dir,
+        checkpoint=checkpoint,
+        device=device,
+        max_cases=settings.max_cases,
+        sampler_options=sampler_options,
     )
-    transform = cityscapes_packed_transforms("eval", conditioning=conditioning, spatial_size=spatial_size)
-    loader = DataLoader(Dataset(items, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    suite = CityscapesMetricSuite(ged_counts, calibration_count, ece_bins, absent_class, f_calibration_pixels)
-    rows: list[dict[str, Any]] = []
-    for batch, drawn in sample_cases(sampler, loader, suite.max_samples, seed, device, progress=progress):
-        suite.update(
-            drawn.samples.cpu(),
-            _plain(batch["label"]),
-            drawn.calibration.cpu(),
-            batch.get("blackbox"),
-            sample_probs=drawn.probs,
-        )
-        for i in range(drawn.samples.shape[0]):
-            rows.append(case_row(batch, i, CITYSCAPES_CASE_FIELDS))
-    metrics = suite.aggregate()
-    per_case = suite.per_case()
-    write_per_case_csv(out / "per_case.csv", rows, CITYSCAPES_CASE_FIELDS, per_case)
-    reliability = suite.reliability()
-    plot_reliability_diagram(reliability, out / "reliability.png", title=f"F on Cityscapes {split}")
-    table = suite.calibration_table()
-    plot_class_calibration(table, out / "class_calibration.png", title=f"{model_label} on Cityscapes {split}")
-    report = {
-        **report_head(model_label, checkpoint, split, len(rows), metrics),
-        "class_calibration": table,
-        "protocol": {
-            "dataset": cityscapes_dataset_card(datalist),
-            "evaluated_cases": "all" if max_cases is None else f"first {max_cases}",
-            "sample_counts": {"ged": list(ged_counts), "calibration": calibration_count},
-            "seed": seed,
-            "spatial_size": None if spatial_size is None else list(spatial_size),
-            "conditioning": conditioning,
-            "absent_class": absent_class,
-            "f_calibration_pixels": f_calibration_pixels,
-            "mode_weights_sum": float(suite.weights.sum()),
-            "metric_definitions": CITYSCAPES_METRIC_DEFINITIONS,
-        },
-        "reliability": reliability_record(reliability),
-    }
+    suite, rows = score_cityscapes_split(
+        sampler, cases, settings, device=device, batch_size=batch_size, num_workers=num_workers, progress=progress
+    )
+    report = write_cityscapes_report_files(
+        out, suite, rows, settings, datalist=datalist, checkpoint=checkpoint, model_label=model_label
+    )
     return write_report(
         out,
         report,
-        f"{model_label} on Cityscapes {split} ({len(rows)} images)",
+        f"{model_label} on Cityscapes {settings.split} ({len(rows)} images)",
         tracking_uri,
         experiment_name,
         run_name,
-        {"absent_class": absent_class, "f_calibration_pixels": f_calibration_pixels},
-        metrics,
+        {"absent_class": settings.absent_class, "f_calibration_pixels": settings.f_calibration_pixels},
+        report["metrics"],
         ("metrics.json", "per_case.csv", "reliability.png", "class_calibration.png"),
         logger,
     )

@@ -13,8 +13,9 @@ from monai.data import DataLoader, Dataset, MetaTensor
 
 from car_med.data.lidc import DEFAULT_HU_WINDOW, lidc_transforms, load_lidc_datalist
 from car_med.evaluation.lidc import CASE_FIELDS
-from car_med.evaluation.report_files import start_evaluation
 from car_med.evaluation.sample_metrics import sample_cases
+from car_med.evaluation.start import start_evaluation
+from car_med.sampling import SamplerOptions
 
 __all__ = ["PREDICTION_KEYS", "write_case_predictions"]
 
@@ -55,7 +56,20 @@ def write_case_predictions(
     Returns:
         The path of ``manifest.csv`` (one row per case: its ids and its ``.npz`` file).
     """
-    out, items, sampler = start_evaluation(locals(), load_lidc_datalist)
+    out, items, sampler = start_evaluation(
+        calibration_network,
+        refinement_network,
+        datalist=datalist,
+        split=split,
+        read_split=load_lidc_datalist,
+        output_dir=output_dir,
+        checkpoint=checkpoint,
+        device=device,
+        max_cases=max_cases,
+        sampler_options=SamplerOptions(
+            num_samples=num_samples, max_batch=max_batch, noise_std=noise_std, min_component_size=min_component_size
+        ),
+    )
     todo = [item for item in items if not (out / _case_name(item["case_index"])).is_file()]
     if todo:
         loader = DataLoader(

@@ -7,70 +7,19 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from car_med.engines.checkpoints import load_car_networks
-from car_med.evaluation.sample_metrics import with_case_index
 from car_med.evaluation.tracking import log_evaluation_run
+from car_med.files import atomic_write_bytes
 from car_med.metrics.calibration import ReliabilityData
-from car_med.sampling import CARSampler
 
-__all__ = [
-    "SAMPLER_OPTIONS",
-    "StartedEvaluation",
-    "case_row",
-    "reliability_record",
-    "report_head",
-    "start_evaluation",
-    "write_per_case_csv",
-    "write_report",
-]
+__all__ = ["case_row", "reliability_record", "report_head", "write_per_case_csv", "write_report"]
 
 logger = logging.getLogger("car_med.evaluation")
-
-
-SAMPLER_OPTIONS = ("num_samples", "max_batch", "noise_std", "min_component_size")
-"""The :class:`~car_med.sampling.CARSampler` options an evaluation passes on when it has a parameter of that name."""
-
-
-class StartedEvaluation(NamedTuple):
-    """What :func:`start_evaluation` gives: the output folder, the cases and the sampler over the loaded F and G."""
-
-    output_dir: Path
-    cases: list[dict]
-    sampler: CARSampler
-
-
-def start_evaluation(
-    arguments: Mapping[str, Any], read_split: Callable[[str | os.PathLike, str], list[dict]]
-) -> StartedEvaluation:
-    """The output folder (created), F and G loaded from the checkpoint if one is given, the cases and the sampler.
-
-    ``arguments`` are the calling evaluation's own (its ``locals()`` on entry), so that every evaluation
-    starts the same way from parameters of the same names: ``calibration_network``, ``refinement_network``,
-    ``datalist`` and ``split`` (read with ``read_split(datalist, split)``), ``output_dir``, ``checkpoint``,
-    ``device``, ``max_cases`` (the first cases only; ``None`` for all) and whichever of the sampler's options
-    (:data:`SAMPLER_OPTIONS`) the evaluation takes. Each case gets its ``case_index``.
-
-    Raises:
-        ValueError: no case is left; the message names the datalist and the split.
-    """
-    datalist, split = arguments["datalist"], arguments["split"]
-    networks = arguments["calibration_network"], arguments["refinement_network"]
-    items = read_split(datalist, split)
-    out = Path(arguments["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    if arguments["checkpoint"] is not None:
-        load_car_networks(*networks, arguments["checkpoint"], map_location=arguments["device"])
-    cases = with_case_index(items)[: arguments["max_cases"]]
-    if not cases:
-        raise ValueError(f"{datalist}: split {split!r} has no cases to evaluate.")
-    options = {name: arguments[name] for name in SAMPLER_OPTIONS if name in arguments}
-    return StartedEvaluation(out, cases, CARSampler(*networks, **options))
 
 
 def report_head(
@@ -149,7 +98,7 @@ def write_report(
     Returns:
         ``report``.
     """
-    (out / "metrics.json").write_text(json.dumps(report, indent=1))
+    atomic_write_bytes(out / "metrics.json", json.dumps(report, indent=1).encode())
     log.info("%s: %s", description, report["metrics"])
     if tracking_uri:
         split = report["split"]

@@ -12,7 +12,6 @@ when someone loads the model.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -20,6 +19,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from car_med.registry.model import (
     load_state_dict_strict,
 )
 
-__all__ = ["MODEL_CODE_PATH", "default_pip_requirements", "register_car_model", "save_car_model"]
+__all__ = ["CARModelOptions", "MODEL_CODE_PATH", "default_pip_requirements", "register_car_model", "save_car_model"]
 
 #: the models-from-code file handed to MLflow as ``python_model``
 MODEL_CODE_PATH = Path(__file__).with_name("pyfunc_entry.py")
@@ -288,42 +288,50 @@ def _run_to_log_into(
         mlflow.end_run(status=prior_status or status)
 
 
-_NETWORK_ARGUMENTS = (
-    "calibration_network",
-    "refinement_network",
-    "calibration_network_config",
-    "refinement_network_config",
-)
+@dataclass(frozen=True)
+class CARModelOptions:
+    """The model options stored with a CAR model, built once by :func:`save_car_model` or
+    :func:`register_car_model` from their own parameters (documented there)."""
 
-
-def _model_options() -> dict[str, inspect.Parameter]:
-    """The model options, defined once by :func:`save_car_model`'s signature: all but the path and networks."""
-    parameters = inspect.signature(save_car_model).parameters
-    return {name: p for name, p in parameters.items() if name != "path" and name not in _NETWORK_ARGUMENTS}
-
-
-def _with_model_option_defaults(model_options: Mapping[str, Any]) -> dict[str, Any]:
-    """``register_car_model``'s ``**model_options``, checked by name and completed with the defaults."""
-    options = _model_options()
-    unknown = sorted(set(model_options) - set(options))
-    if unknown:
-        raise TypeError(
-            f"register_car_model() got unexpected keyword argument(s) {unknown}; its model options are those of "
-            f"save_car_model: {sorted(options)}."
-        )
-    return {name: model_options.get(name, p.default) for name, p in options.items()}
+    hu_window: tuple[float, float] = DEFAULT_HU_WINDOW
+    noise_dim: int = 8
+    noise_std: float = 1.0
+    default_num_samples: int = 16
+    max_batch: int = 8
+    extra_metadata: Mapping[str, Any] | None = None
+    max_num_samples: int = 1024
+    pip_requirements: Sequence[str] | None = None
+    min_component_size: int = 0
 
 
 @contextmanager
-def _model_files(arguments: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    """Write F's and G's weights and configs to a temporary folder and yield mlflow's keyword arguments.
-
-    ``arguments`` hold the networks, their configs and every model option (:func:`save_car_model`'s
-    parameters), so that the two entry points cannot drift apart.
-    """
-    names = (*_NETWORK_ARGUMENTS, *(name for name in _model_options() if name != "work_dir"))
-    with tempfile.TemporaryDirectory(prefix="car-model-", dir=arguments["work_dir"]) as tmp:
-        yield _prepare(Path(tmp), **{name: arguments[name] for name in names})
+def _model_files(
+    calibration_network: nn.Module,
+    refinement_network: nn.Module,
+    calibration_network_config: Mapping[str, Any],
+    refinement_network_config: Mapping[str, Any],
+    options: CARModelOptions,
+    work_dir: str | Path | None,
+) -> Iterator[dict[str, Any]]:
+    """Write F's and G's weights and configs to a temporary folder in ``work_dir`` and yield mlflow's keyword
+    arguments."""
+    with tempfile.TemporaryDirectory(prefix="car-model-", dir=work_dir) as tmp:
+        yield _prepare(
+            Path(tmp),
+            calibration_network,
+            refinement_network,
+            calibration_network_config,
+            refinement_network_config,
+            extra_metadata=options.extra_metadata,
+            pip_requirements=options.pip_requirements,
+            hu_window=options.hu_window,
+            noise_dim=options.noise_dim,
+            noise_std=options.noise_std,
+            default_num_samples=options.default_num_samples,
+            max_batch=options.max_batch,
+            max_num_samples=options.max_num_samples,
+            min_component_size=options.min_component_size,
+        )
 
 
 def save_car_model(
@@ -372,7 +380,19 @@ def save_car_model(
     Raises:
         ValueError: as :func:`register_car_model`.
     """
-    with _model_files(locals()) as kwargs, _no_input_example_warning():
+    options = CARModelOptions(
+        hu_window=hu_window,
+        noise_dim=noise_dim,
+        noise_std=noise_std,
+        default_num_samples=default_num_samples,
+        max_batch=max_batch,
+        extra_metadata=extra_metadata,
+        max_num_samples=max_num_samples,
+        pip_requirements=pip_requirements,
+        min_component_size=min_component_size,
+    )
+    networks = (calibration_network, refinement_network, calibration_network_config, refinement_network_config)
+    with _model_files(*networks, options, work_dir) as kwargs, _no_input_example_warning():
         mlflow.pyfunc.save_model(path=str(path), **kwargs)
 
 
@@ -388,7 +408,16 @@ def register_car_model(
     *,
     artifact_location: str | None = None,
     await_registration_for: int = 300,
-    **model_options: Any,
+    hu_window: tuple[float, float] = DEFAULT_HU_WINDOW,
+    noise_dim: int = 8,
+    noise_std: float = 1.0,
+    default_num_samples: int = 16,
+    max_batch: int = 8,
+    extra_metadata: Mapping[str, Any] | None = None,
+    work_dir: str | Path | None = None,
+    max_num_samples: int = 1024,
+    pip_requirements: Sequence[str] | None = None,
+    min_component_size: int = 0,
 ) -> ModelInfo:
     """Log F and G as the CAR pyfunc model (models-from-code) and register a new version of ``model_name``.
 
@@ -405,9 +434,8 @@ def register_car_model(
         artifact_location: artifact root of ``experiment_name`` if it has to be created (a SQLite store would
             otherwise default to ``./mlruns`` in the working directory).
         await_registration_for: seconds to wait for the new version to be READY.
-        model_options: the model options of :func:`save_car_model`, by name, with its defaults: ``hu_window``,
-            ``noise_dim``, ``noise_std``, ``default_num_samples``, ``max_batch``, ``extra_metadata``,
-            ``work_dir``, ``max_num_samples``, ``pip_requirements``, ``min_component_size``.
+        hu_window, noise_dim, noise_std, default_num_samples, max_batch, extra_metadata, work_dir,
+            max_num_samples, pip_requirements, min_component_size: the model options, as :func:`save_car_model`.
 
     Returns:
         MLflow's ``ModelInfo``: ``registered_model_version`` (the new version number, an int), ``model_uri``
@@ -422,10 +450,21 @@ def register_car_model(
     Raises:
         ValueError: a config names a target outside ``car_med`` or does not rebuild the given network, the
             networks disagree with ``noise_dim`` or are not single-channel, or a setting is out of range.
-        TypeError: a keyword argument that is neither one of the above nor a model option.
     """
+    options = CARModelOptions(
+        hu_window=hu_window,
+        noise_dim=noise_dim,
+        noise_std=noise_std,
+        default_num_samples=default_num_samples,
+        max_batch=max_batch,
+        extra_metadata=extra_metadata,
+        max_num_samples=max_num_samples,
+        pip_requirements=pip_requirements,
+        min_component_size=min_component_size,
+    )
+    networks = (calibration_network, refinement_network, calibration_network_config, refinement_network_config)
     with (
-        _model_files({**locals(), **_with_model_option_defaults(model_options)}) as kwargs,
+        _model_files(*networks, options, work_dir) as kwargs,
         using_tracking_uri(tracking_uri),
         _run_to_log_into(run_id, experiment_name, artifact_location, model_name),
         _no_input_example_warning(),

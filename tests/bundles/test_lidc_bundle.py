@@ -201,7 +201,7 @@ def test_evaluate_writes_metrics_with_protocol_card_and_per_case_rows(trained_li
 
 def test_2d_metrics_draw_per_crop_whatever_the_3d_noise(trained_lidc_run, tmp_path):
     """The 2D metrics keep the literature's per-crop draw; only the 3D metrics take a nodule's shared draw."""
-    from car_med.evaluation import evaluate_lidc
+    from car_med.evaluation import LidcEvaluationSettings, evaluate_lidc
     from car_med.networks import build_network
 
     bundle = json.loads((BUNDLE / "train.json").read_text())
@@ -216,13 +216,10 @@ def test_2d_metrics_draw_per_crop_whatever_the_3d_noise(trained_lidc_run, tmp_pa
             trained_lidc_run["dataset_dir"] / "datalist.json",
             tmp_path / noise,
             checkpoint=trained_lidc_run["output_dir"] / "checkpoints" / "best_stage2.pt",
-            ged_counts=(4,),
-            hm_iou_counts=(4,),
-            diversity_count=4,
-            volume_samples=4,
-            roi_size=ROI,
+            settings=LidcEvaluationSettings(
+                ged_counts=(4,), hm_iou_counts=(4,), diversity_count=4, volume_samples=4, roi_size=ROI, noise=noise
+            ),
             progress=False,
-            noise=noise,
         )
         for noise in ("case", "nodule")
     }
@@ -244,14 +241,7 @@ def test_2d_metrics_draw_per_crop_whatever_the_3d_noise(trained_lidc_run, tmp_pa
     assert several
     assert any(per_nodule["case"][k]["ged4_3d"] != per_nodule["nodule"][k]["ged4_3d"] for k in several)
     with pytest.raises(ValueError, match="noise must be one of"):
-        evaluate_lidc(
-            build_network(specs["calibration_network_spec"]),
-            build_network(specs["refinement_network_spec"]),
-            trained_lidc_run["dataset_dir"] / "datalist.json",
-            tmp_path / "bad",
-            noise="slice",
-            progress=False,
-        )
+        LidcEvaluationSettings(noise="slice")
 
 
 def test_inference_writes_one_npz_per_case_in_the_scanner_frame(trained_lidc_run):

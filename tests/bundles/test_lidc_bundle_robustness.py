@@ -18,7 +18,7 @@ import torch
 from lidc_bundle_runs import REPO_ROOT, bundle_command, bundle_env, run_bundle
 
 from car_med.data.lidc_checks import LIDCDatasetError, check_lidc_dataset
-from car_med.evaluation import evaluate_lidc
+from car_med.evaluation import LidcEvaluationSettings, evaluate_lidc
 from car_med.networks import build_network
 
 
@@ -218,13 +218,15 @@ def test_two_process_gloo_training_validates_like_one_process_evaluation(tmp_pat
         build_network(specs["refinement_network_spec"]),
         clean_run / "datalist.json",
         tmp_path / "one_process",
-        split="validation",
         checkpoint=out / "checkpoints" / "stage2_checkpoint_epoch=1.pt",
-        ged_counts=(16,),
-        hm_iou_counts=(16,),
-        diversity_count=16,
-        max_cases=8,
-        roi_size=demo.get("roi_size", bundle["roi_size"]),
+        settings=LidcEvaluationSettings(
+            split="validation",
+            ged_counts=(16,),
+            hm_iou_counts=(16,),
+            diversity_count=16,
+            max_cases=8,
+            roi_size=demo.get("roi_size", bundle["roi_size"]),
+        ),
         progress=False,
     )
     for key in ("ged16", "hm_iou16", "diversity16", "ece"):

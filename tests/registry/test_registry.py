@@ -298,8 +298,8 @@ def test_register_refuses_configs_that_do_not_rebuild_the_trained_networks(tmp_p
         register_car_model(
             f, g, f_config, g_config, noise_dim=NOISE_DIM, tracking_uri=uri, extra_metadata={"x": object()}
         )
-    # the model options are save_car_model's: a misspelt one is named, with the options there are
-    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['noise_dims'\].*'noise_dim'"):
+    # the model options are explicit parameters: a misspelt one is refused by name, never left at a default
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'noise_dims'"):
         register_car_model(f, g, f_config, g_config, noise_dims=NOISE_DIM, tracking_uri=uri)
     # a ninth positional argument (hu_window, in the old order) is refused, never taken as another option
     with pytest.raises(TypeError, match="positional argument"):
