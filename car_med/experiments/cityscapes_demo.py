@@ -39,6 +39,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from car_med.experiments.stage1_reuse import copy_stage1_checkpoints
+
 BUNDLE_DIR = Path(__file__).resolve().parents[2] / "bundles" / "cityscapes"
 
 #: (label, run folder, extra bundle configs) in the order the demo runs them; CAR first, as cGAN+L_ce reuses its F.
@@ -328,7 +330,7 @@ def sample_grid(
     return render_sample_grid(columns, len(items), path, title=title)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("cityscapes_demo"))
     parser.add_argument("--figures-dir", type=Path, default=None, help="where the figures go (default: OUTPUT/figures)")
@@ -340,93 +342,64 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every step (OMP_NUM_THREADS)")
     parser.add_argument("--models", nargs="*", default=[m[0] for m in MODELS], help="which models to run")
-    args, overrides = parser.parse_known_args(argv)
-    out = args.output_dir.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    figures = (args.figures_dir or out / "figures").resolve()
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-    started = time.monotonic()
+    return parser.parse_known_args(argv)
 
+
+def prepare_data(out: Path, images_per_city: int, env: Mapping[str, str]) -> Path:
+    """The synthetic street scenes (written once; a rerun reuses them) preprocessed at 64x128: the dataset folder."""
     synth, pred, data = out / "synth", out / "synth_pred", out / "data"
     if not (synth / ".complete").is_file():
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "preprocessing.synthetic_cityscapes",
-                "--output-dir",
-                str(synth),
-                "--blackbox-dir",
-                str(pred),
-                "--images-per-city",
-                str(args.images_per_city),
-                "--size",
-                "256",
-                "512",
-            ],
-            env,
-        )
+        generate = [sys.executable, "-m", "preprocessing.synthetic_cityscapes", "--output-dir", str(synth)]
+        generate += ["--blackbox-dir", str(pred), "--images-per-city", str(images_per_city), "--size", "256", "512"]
+        _run(generate, env)
         (synth / ".complete").write_text("done\n")
     prep = [sys.executable, "-m", "preprocessing.cityscapes", "--root", str(synth), "--output-dir", str(data)]
     _run([*prep, "--blackbox-dir", str(pred), "--size", "64", "128"], env)
+    return data
 
-    common = ["--dataset_dir", str(data), "--progress", "False", *overrides]
-    reports, rows, times, stage_times = {}, {}, {}, {}
-    for label, folder, extra in MODELS:
-        if label not in args.models:
-            continue
-        run_dir = out / folder
-        if extra == ("train_baseline_ce.json",):
-            # the baseline refines CAR's stage-1 F: give it CAR's finished stage-1 checkpoint
-            target = run_dir / "checkpoints"
-            target.mkdir(parents=True, exist_ok=True)
-            for checkpoint in (out / "car" / "checkpoints").glob("stage1_*.pt"):
-                if not (target / checkpoint.name).exists():
-                    shutil.copy2(checkpoint, target / checkpoint.name)
-        configs = ["train.json", "demo.json", *extra]
-        wall, text = _run(
-            bundle_command("training", configs, ["--output_dir", str(run_dir), *common]), env, run_dir / "train.log"
-        )
-        times[label] = wall
-        stage_times[label] = engine_seconds(text)
-        _run(bundle_command("evaluating", [*configs, "evaluate.json"], ["--output_dir", str(run_dir), *common]), env)
-        reports[label] = json.loads((run_dir / "evaluation" / "test" / "metrics.json").read_text())
-        rows[label] = acceptance_row(reports[label])
-        if label == CE_LABEL:
-            # the validation picks the baseline's early, still diverse state (around iteration 400, see
-            # docs/cityscapes.md); its collapse shows in the trained model, so evaluate the last checkpoint as well
-            final = [
-                "--eval_checkpoint",
-                "$car_med.engines.latest_checkpoint(@checkpoint_dir, 'stage2')",
-                "--eval_output_dir",
-                "$os.path.join(@output_dir, 'evaluation', 'test_final')",
-                "--eval_model_label",
-                CE_FINAL_LABEL,
-            ]
-            _run(
-                bundle_command(
-                    "evaluating", [*configs, "evaluate.json"], ["--output_dir", str(run_dir), *common, *final]
-                ),
-                env,
-            )
-            final_report = json.loads((run_dir / "evaluation" / "test_final" / "metrics.json").read_text())
-            figures.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(
-                run_dir / "evaluation" / "test_final" / "class_calibration.png",
-                figures / "cityscapes_calibration_cgan-ce-last.png",
-            )
-            rows[CE_FINAL_LABEL] = acceptance_row(final_report)
-            times[CE_FINAL_LABEL] = wall
-        figures.mkdir(parents=True, exist_ok=True)
-        name = folder.replace("_", "-")
-        shutil.copy2(
-            run_dir / "evaluation" / "test" / "class_calibration.png", figures / f"cityscapes_calibration_{name}.png"
-        )
 
-    if "CAR" in reports:
+def _evaluate(configs: list[str], overrides: list[str], env: Mapping[str, str], folder: Path) -> dict[str, Any]:
+    _run(bundle_command("evaluating", [*configs, "evaluate.json"], overrides), env)
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def run_model(
+    label: str, folder: str, extra: Sequence[str], out: Path, common: list[str], env: Mapping[str, str], figures: Path
+) -> dict[str, tuple[dict[str, Any], float, list[float]]]:
+    """Train one model of :data:`MODELS` and evaluate it on the test split; copy its calibration chart.
+
+    Returns:
+        Per report label (the model's; the cGAN+L_ce baseline also its last checkpoint's), its ``metrics.json``,
+        the training wall time and the engine run times.
+    """
+    run_dir = out / folder
+    if tuple(extra) == ("train_baseline_ce.json",):
+        copy_stage1_checkpoints(out / "car", run_dir)  # the baseline refines CAR's stage-1 F
+    configs = ["train.json", "demo.json", *extra]
+    own = ["--output_dir", str(run_dir), *common]
+    wall, text = _run(bundle_command("training", configs, own), env, run_dir / "train.log")
+    results = {label: (_evaluate(configs, own, env, run_dir / "evaluation" / "test"), wall, engine_seconds(text))}
+    figures.mkdir(parents=True, exist_ok=True)
+    name = folder.replace("_", "-")
+    shutil.copy2(
+        run_dir / "evaluation" / "test" / "class_calibration.png", figures / f"cityscapes_calibration_{name}.png"
+    )
+    if label == CE_LABEL:
+        # the validation picks the baseline's early, still diverse state (around iteration 400, see
+        # docs/cityscapes.md); its collapse shows in the trained model, so evaluate the last checkpoint as well
+        final = ["--eval_checkpoint", "$car_med.engines.latest_checkpoint(@checkpoint_dir, 'stage2')"]
+        final += ["--eval_output_dir", "$os.path.join(@output_dir, 'evaluation', 'test_final')"]
+        final += ["--eval_model_label", CE_FINAL_LABEL]
+        final_dir = run_dir / "evaluation" / "test_final"
+        results[CE_FINAL_LABEL] = (_evaluate(configs, [*own, *final], env, final_dir), wall, [])
+        shutil.copy2(final_dir / "class_calibration.png", figures / "cityscapes_calibration_cgan-ce-last.png")
+    return results
+
+
+def _sample_grids(out: Path, data: Path, figures: Path, labels: Sequence[str]) -> None:
+    if "CAR" in labels:
         sample_grid(out / "car", data, figures / "cityscapes_samples.png")
-    if CE_FINAL_LABEL in rows:
+    if CE_FINAL_LABEL in labels:
         from car_med.engines import latest_checkpoint
 
         sample_grid(
@@ -437,21 +410,39 @@ def main(argv: list[str] | None = None) -> int:
             title="cGAN+L_ce at its last checkpoint (test split)",
         )
 
-    table = format_table(rows, times)
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = _parse_args(argv)
+    out = args.output_dir.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    figures = (args.figures_dir or out / "figures").resolve()
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    started = time.monotonic()
+    data = prepare_data(out, args.images_per_city, env)
+    common = ["--dataset_dir", str(data), "--progress", "False", *overrides]
+    results: dict[str, tuple[dict[str, Any], float, list[float]]] = {}
+    for label, folder, extra in MODELS:
+        if label in args.models:
+            results.update(run_model(label, folder, extra, out, common, env, figures))
+    _sample_grids(out, data, figures, list(results))
+
+    rows = {label: acceptance_row(report) for label, (report, _, _) in results.items()}
+    times = {label: wall for label, (_, wall, _) in results.items()}
     checks = acceptance(rows)
     summary = {
         "rows": rows,
         "training_wall_s": times,
-        "engine_s": stage_times,
+        "engine_s": {label: stages for label, (_, _, stages) in results.items() if label != CE_FINAL_LABEL},
         "acceptance": checks,
-        "num_test_cases": next(iter(reports.values()))["num_cases"] if reports else 0,
+        "num_test_cases": next(iter(results.values()))[0]["num_cases"] if results else 0,
         "threads": args.threads,
         "overrides": overrides,
         "minutes": round((time.monotonic() - started) / 60, 1),
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     print("\nSynthetic Cityscapes test split at 64x128 (G: sampled flip frequency of each class, 16 samples):")
-    print(table)
+    print(format_table(rows, times))
     for name, ok in checks.items():
         print(f"  {'met' if ok else 'NOT met'}: {name}")
     print(f"figures in {figures}; done in {summary['minutes']} min; summary in {out / 'demo_summary.json'}")

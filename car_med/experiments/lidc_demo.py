@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from car_med.evaluation.hypotheses import HYPOTHESIS_REFERENCE_ROWS
 from car_med.evaluation.references import REFERENCE_LABELS
+from car_med.experiments.stage1_reuse import copy_stage1_checkpoints
 
 BUNDLE_DIR = Path(__file__).resolve().parents[2] / "bundles" / "lidc"
 # what .complete holds once the synthetic cohort is written; bump it when preprocessing.synthetic_lidc changes
@@ -132,7 +132,7 @@ def _export(out: Path, crops: Path, dicom: Path, review: Path, env: dict[str, st
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("lidc_demo"))
     parser.add_argument("--num-patients", type=int, default=24, help="synthetic patients (smallest DB scans)")
@@ -149,12 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     missing = [o for o in args.overlay if not Path(o).is_file()]
     if missing:
         parser.error(f"--overlay: no such bundle config file: {', '.join(missing)}")
-    out = args.output_dir.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    started = time.monotonic()
+    return args, overrides
 
+
+def prepare_cohort(out: Path, num_patients: int, workers: int, env: dict[str, str]) -> tuple[Path, Path]:
+    """The synthetic DICOM cohort (written once; a rerun reuses it) and its crops: ``(dicom, crops)`` folders.
+
+    Raises:
+        SystemExit: ``out`` holds a cohort of an earlier generator, which would not compare with this one's.
+    """
     dicom, crops = out / "dicom", out / "crops"
     marker, generator = dicom / ".complete", COHORT_MARKER
     if marker.is_file() and marker.read_text() != generator:
@@ -164,67 +167,33 @@ def main(argv: list[str] | None = None) -> int:
             f"Delete {out} or pass another --output-dir."
         )
     if not marker.is_file():
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "preprocessing.synthetic_lidc",
-                "--output-dir",
-                str(dicom),
-                "--num-patients",
-                str(args.num_patients),
-            ],
-            env,
-        )
+        generate = [sys.executable, "-m", "preprocessing.synthetic_lidc", "--output-dir", str(dicom)]
+        _run([*generate, "--num-patients", str(num_patients)], env)
         marker.write_text(generator)
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "preprocessing.lidc",
-            "--dicom-root",
-            str(dicom),
-            "--output-dir",
-            str(crops),
-            "--workers",
-            str(args.workers),
-            "--no-progress",
-        ],
-        env,
-    )
+    preprocess = [sys.executable, "-m", "preprocessing.lidc", "--dicom-root", str(dicom), "--output-dir", str(crops)]
+    _run([*preprocess, "--workers", str(workers), "--no-progress"], env)
+    return dicom, crops
 
+
+def train_and_evaluate(
+    out: Path, crops: Path, overlays: list[str], overrides: list[str], env: dict[str, str]
+) -> dict[str, dict]:
+    """Train CAR and the cGAN+L_ce baseline (on CAR's stage-1 F) through the bundle and evaluate both on the test
+    split: ``{label: metrics.json}``."""
     runs = {"CAR": (out / "car", []), "cGAN+L_ce": (out / "cgan_ce", ["train_baseline_ce.json"])}
     common = ["--dataset_dir", str(crops), "--progress", "False", *overrides]
     reports = {}
     for label, (run_dir, extra) in runs.items():
         if label != "CAR":
-            # the baseline refines the same stage-1 F: give it CAR's finished stage-1 checkpoint
-            target = run_dir / "checkpoints"
-            target.mkdir(parents=True, exist_ok=True)
-            for checkpoint in (out / "car" / "checkpoints").glob("stage1_*.pt"):
-                if not (target / checkpoint.name).exists():
-                    shutil.copy2(checkpoint, target / checkpoint.name)
-        configs = ["train.json", "demo.json", *[str(Path(o).resolve()) for o in args.overlay], *extra]
+            copy_stage1_checkpoints(out / "car", run_dir)  # the baseline refines the same stage-1 F
+        configs = ["train.json", "demo.json", *[str(Path(o).resolve()) for o in overlays], *extra]
         run_bundle("training", configs, ["--output_dir", str(run_dir), *common], env)
         run_bundle("evaluating", [*configs, "evaluate.json"], ["--output_dir", str(run_dir), *common], env)
         reports[label] = json.loads((run_dir / "evaluation" / "test" / "metrics.json").read_text())
+    return reports
 
-    # the radiologist's review files of the test split, from the registered CAR model (docs/review.md)
-    review = out / "review"
-    if not args.no_export:
-        _export(out, crops, dicom, review, env)
 
-    table = format_table(reports)
-    summary = {
-        "table": {label: {k: r["metrics"][k] for k in METRICS_SHOWN} for label, r in reports.items()},
-        "hypothesis_table": hypothesis_rows(reports),
-        "references": next(iter(reports.values())).get("references", {}),
-        "metrics": {label: r["metrics"] for label, r in reports.items()},
-        "num_test_cases": next(iter(reports.values()))["num_cases"],
-        "registered": json.loads((out / "car" / "registered_model.json").read_text()),
-        "minutes": round((time.monotonic() - started) / 60, 1),
-    }
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
+def _print_summary(out: Path, summary: dict, table: str, review: Path | None) -> None:
     print(
         "\nSynthetic LIDC test split (GED, presence gap, speckle: lower is better; HM-IoU: higher is better;"
         " diversity: the oracle's is the readers'):\n" + table
@@ -236,9 +205,35 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmontages: {out / 'car' / 'evaluation' / 'test' / 'montage.png'}")
     record = summary["registered"]
     print(f"registered: models:/{record['model_name']}/{record['version']} in {record['tracking_uri']}")
-    if not args.no_export:
+    if review is not None:
         print(f"review queue: {review / 'index.html'} (docs/review.md)")
     print(f"done in {summary['minutes']} min; summary in {out / 'demo_summary.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = _parse_args(argv)
+    out = args.output_dir.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    started = time.monotonic()
+    dicom, crops = prepare_cohort(out, args.num_patients, args.workers, env)
+    reports = train_and_evaluate(out, crops, args.overlay, overrides, env)
+    # the radiologist's review files of the test split, from the registered CAR model (docs/review.md)
+    review = None if args.no_export else out / "review"
+    if review is not None:
+        _export(out, crops, dicom, review, env)
+    summary = {
+        "table": {label: {k: r["metrics"][k] for k in METRICS_SHOWN} for label, r in reports.items()},
+        "hypothesis_table": hypothesis_rows(reports),
+        "references": next(iter(reports.values())).get("references", {}),
+        "metrics": {label: r["metrics"] for label, r in reports.items()},
+        "num_test_cases": next(iter(reports.values()))["num_cases"],
+        "registered": json.loads((out / "car" / "registered_model.json").read_text()),
+        "minutes": round((time.monotonic() - started) / 60, 1),
+    }
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
+    _print_summary(out, summary, format_table(reports), review)
     return 0
 
 
