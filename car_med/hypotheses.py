@@ -214,46 +214,19 @@ def group_samples(
             length or not positive.
     """
     masks = _as_masks(samples)
-    if not 0 < min_iou <= 1:
-        raise ValueError(f"min_iou must lie in (0, 1], got {min_iou}.")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence}.")
     spatial = masks.shape[1:]
-    if spacing is not None:
-        spacing = tuple(float(s) for s in spacing)
-        if len(spacing) != len(spatial) or not all(s > 0 and math.isfinite(s) for s in spacing):
-            raise ValueError(
-                f"spacing must give one positive value per spatial axis of samples {tuple(spatial)} "
-                f"(in that axis order), got {spacing}."
-            )
+    spacing = _checked_settings(min_iou, confidence, spacing, spatial)
     num_samples = masks.shape[0]
     distinct, of_sample = _distinct_masks(masks)
     iou = _iou_matrix(distinct)
-    if len(distinct) == 1:
-        group_of_distinct = np.zeros(1, dtype=np.int64)
-    else:
-        # 1 - iou is monotone in iou under rounding, so "distance <= 1 - min_iou" is exactly "iou >= min_iou"
-        distance = squareform(1.0 - iou, checks=False)
-        tree = linkage(distance, method="complete")
-        group_of_distinct = fcluster(tree, t=1.0 - min_iou, criterion="distance") - 1
+    group_of_distinct = _complete_linkage_groups(iou, min_iou)
     sizes = distinct.sum(axis=1)
     voxel_mm = math.prod(spacing) if spacing is not None else None
     hypotheses = []
     for group in np.unique(group_of_distinct):
         masks_in = np.flatnonzero(group_of_distinct == group)
         members = np.flatnonzero(np.isin(of_sample, masks_in))
-        weights = np.array([(of_sample == m).sum() for m in masks_in], dtype=np.float64)
-        sub = iou[np.ix_(masks_in, masks_in)]
-        # mean IoU of each distinct mask to the *other* members (identical copies count, with IoU 1)
-        count = weights.sum()
-        if count > 1:
-            to_others = (sub @ weights - 1.0) / (count - 1)
-            pair_sum = weights @ sub @ weights - count
-            mean_iou = float(pair_sum / (count * (count - 1)))
-        else:
-            to_others, mean_iou = np.ones(1), 1.0
-        best = max(range(len(masks_in)), key=lambda i: (round(float(to_others[i]), 12), -i))
-        chosen = masks_in[best]
+        chosen, mean_iou = _most_central(masks_in, of_sample, iou)
         representative = int(np.flatnonzero(of_sample == chosen)[0])
         voxels = int(sizes[chosen])
         size_mm = None if voxel_mm is None else voxels * voxel_mm
@@ -273,6 +246,58 @@ def group_samples(
             )
         )
     return [hypothesis for _, hypothesis in sorted(hypotheses, key=lambda pair: pair[0])]
+
+
+def _checked_settings(
+    min_iou: float, confidence: float, spacing: Sequence[float] | None, spatial: tuple[int, ...]
+) -> tuple[float, ...] | None:
+    """Refuse ``min_iou`` outside (0, 1], ``confidence`` outside (0, 1) and a ``spacing`` that is not one positive
+    value per axis of ``spatial``; return ``spacing`` as a tuple of floats."""
+    if not 0 < min_iou <= 1:
+        raise ValueError(f"min_iou must lie in (0, 1], got {min_iou}.")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}.")
+    if spacing is None:
+        return None
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != len(spatial) or not all(s > 0 and math.isfinite(s) for s in spacing):
+        raise ValueError(
+            f"spacing must give one positive value per spatial axis of samples {tuple(spatial)} "
+            f"(in that axis order), got {spacing}."
+        )
+    return spacing
+
+
+def _complete_linkage_groups(iou: np.ndarray, min_iou: float) -> np.ndarray:
+    """The group (from 0) of each distinct mask: complete-linkage clusters on 1 - IoU cut at 1 - ``min_iou``."""
+    if len(iou) == 1:
+        return np.zeros(1, dtype=np.int64)
+    # 1 - iou is monotone in iou under rounding, so "distance <= 1 - min_iou" is exactly "iou >= min_iou"
+    distance = squareform(1.0 - iou, checks=False)
+    tree = linkage(distance, method="complete")
+    return fcluster(tree, t=1.0 - min_iou, criterion="distance") - 1
+
+
+def _most_central(masks_in: np.ndarray, of_sample: np.ndarray, iou: np.ndarray) -> tuple[int, float]:
+    """The distinct mask of one group with the highest mean IoU to the group's other samples (ties: the first in
+    content order), and the mean IoU over all pairs of the group's samples (identical copies count, with IoU 1).
+
+    Args:
+        masks_in: the group's distinct masks, indices into ``iou``, ascending.
+        of_sample: each sample's distinct mask.
+        iou: IoU between the distinct masks.
+    """
+    weights = np.array([(of_sample == m).sum() for m in masks_in], dtype=np.float64)
+    sub = iou[np.ix_(masks_in, masks_in)]
+    count = weights.sum()
+    if count > 1:
+        to_others = (sub @ weights - 1.0) / (count - 1)
+        pair_sum = weights @ sub @ weights - count
+        mean_iou = float(pair_sum / (count * (count - 1)))
+    else:
+        to_others, mean_iou = np.ones(1), 1.0
+    best = max(range(len(masks_in)), key=lambda i: (round(float(to_others[i]), 12), -i))
+    return masks_in[best], mean_iou
 
 
 def hypotheses_json(hypotheses: Sequence[Hypothesis]) -> list[dict]:

@@ -289,7 +289,27 @@ def lidc_transforms(
     if len(roi_size) != 2:
         raise ValueError(f"roi_size must be (H, W) for 2D crops, got {tuple(roi_size)}.")
     keys = [image_key, label_key]
-    transforms: list = [
+    transforms = _load_crop_scale_steps(
+        keys, roi_size=roi_size, hu_window=hu_window, clip=clip, label_dtype=label_dtype, reader=reader
+    )
+    _check_train_options(mode, keys, roi_size=roi_size, augment=augment, shares_key=shares_key)
+    transforms += _reader_steps(mode, keys, annotator_choice=annotator_choice, augment=augment, shares_key=shares_key)
+    return Compose(transforms)
+
+
+def _load_crop_scale_steps(
+    keys: list[str],
+    *,
+    roi_size: Sequence[int],
+    hu_window: Sequence[float],
+    clip: bool,
+    label_dtype: torch.dtype | str,
+    reader: str,
+) -> list:
+    """The deterministic steps of :func:`lidc_transforms`: load, channel first, drop the slice axis, crop, scale,
+    cast the masks and make list metadata collatable. ``keys`` is ``[image key, label key]``."""
+    image_key, label_key = keys
+    return [
         LoadImaged(keys, reader=reader, image_only=True),
         EnsureChannelFirstd(keys),
         SqueezeDimd(keys, dim=-1, update_meta=False),
@@ -301,26 +321,38 @@ def lidc_transforms(
             "annotator_present", data_type="tensor", dtype=torch.bool, track_meta=False, allow_missing_keys=True
         ),
     ]
+
+
+def _check_train_options(
+    mode: str, keys: list[str], *, roi_size: Sequence[int], augment: bool, shares_key: str | None
+) -> None:
+    """Refuse ``augment`` and ``shares_key`` outside training, a non-square crop to turn, a clashing shares key."""
     if augment and mode != "train":
         raise ValueError("augment=True applies to mode='train' only: evaluation sees the crops as they are.")
     if augment and roi_size[0] != roi_size[1]:
         raise ValueError(f"augment=True turns crops by 90 degrees, so roi_size must be square, got {tuple(roi_size)}.")
     if shares_key is not None and mode != "train":
         raise ValueError("shares_key applies to mode='train' only: evaluation keeps every reader's mask.")
-    if shares_key in (image_key, label_key):
+    if shares_key in keys:
         raise ValueError(f"shares_key must differ from the image and label keys, got {shares_key!r}.")
+
+
+def _reader_steps(mode: str, keys: list[str], *, annotator_choice: str, augment: bool, shares_key: str | None) -> list:
+    """The training steps of :func:`lidc_transforms`: the readers' shares, the reader draw, the flips and turns."""
+    label_key = keys[1]
+    steps: list = []
     if shares_key is not None:
-        transforms.append(ReaderSharesd(label_key, shares_key, num_classes=2, among=annotator_choice))
+        steps.append(ReaderSharesd(label_key, shares_key, num_classes=2, among=annotator_choice))
     if mode == "train":
-        transforms.append(RandAnnotatord(label_key, among=annotator_choice))
+        steps.append(RandAnnotatord(label_key, among=annotator_choice))
     if augment:
         turned = keys if shares_key is None else [*keys, shares_key]
-        transforms += [
+        steps += [
             RandFlipd(turned, prob=0.5, spatial_axis=0),
             RandFlipd(turned, prob=0.5, spatial_axis=1),
             RandRotate90d(turned, prob=0.5, max_k=3),
         ]
-    return Compose(transforms)
+    return steps
 
 
 def lidc_dataset(

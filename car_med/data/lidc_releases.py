@@ -25,7 +25,7 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,6 +216,119 @@ def _collect_png_patient(images_dir: Path, gt_dir: Path) -> list[tuple[PngName, 
     return sorted(crops, key=lambda crop: (crop[0].z, crop[0].crop))
 
 
+def _progress(items: list, progress: bool, desc: str, unit: str) -> Iterable:
+    if not progress:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit=unit)
+
+
+def _write_crop(
+    output_dir: Path,
+    rel_dir: tuple[str, str],
+    stem: str,
+    image: np.ndarray,
+    masks: Sequence[np.ndarray],
+    affine: np.ndarray,
+) -> dict[str, Any]:
+    """Write one crop's image and reader masks as NIfTI; return the item's ``image`` and ``label`` paths.
+
+    ``rel_dir`` is ``(split folder, patient folder)``: the image goes to ``<split>/images/<patient>/<stem>.nii.gz``,
+    reader ``k``'s mask to ``<split>/labels/<patient>/<stem>_l<k>.nii.gz``, both relative to ``output_dir``.
+    """
+    split_folder, patient_folder = rel_dir
+    rel_image = Path(split_folder, "images", patient_folder, f"{stem}.nii.gz")
+    rel_labels = [Path(split_folder, "labels", patient_folder, f"{stem}_l{k}.nii.gz") for k in range(NUM_READERS)]
+    write_crop_nifti(output_dir / rel_image, image, affine, xform_code=2)
+    for rel, mask in zip(rel_labels, masks):
+        write_crop_nifti(output_dir / rel, mask, affine, xform_code=2)
+    return {"image": rel_image.as_posix(), "label": [rel.as_posix() for rel in rel_labels]}
+
+
+def _release_item(
+    files: Mapping[str, Any],
+    *,
+    patient_id: str,
+    series_uid: str,
+    slice_z: float | None,
+    release_fields: Mapping[str, Any],
+    intensity: str,
+) -> dict[str, Any]:
+    """A datalist item of a release crop: every reader slot present (a release cannot tell a missing reader from an
+    empty mask), no nodule or annotation ids; ``release_fields`` follow ``slice_z`` (the key order is the file's)."""
+    return {
+        **files,
+        "patient_id": patient_id,
+        "series_uid": series_uid,
+        "nodule_id": "",
+        "annotation_ids": [],
+        "slice_z": slice_z,
+        **release_fields,
+        "num_annotators": NUM_READERS,
+        "annotator_present": [True] * NUM_READERS,
+        "intensity": intensity,
+    }
+
+
+def _png_split_dirs(src: Path) -> dict[str, Path | None]:
+    found = {split: _find_png_split_dir(src, split) for split in PNG_SPLITS}
+    if not any(found.values()):
+        raise ValueError(f"{str(src)!r}: no split folder with an 'images' subfolder; expected {sorted(PNG_SPLITS)}.")
+    return found
+
+
+def _png_patients(images_root: Path, gt_root: Path) -> list[Path]:
+    """The patient folders of one split; refuses stray files and masks of a patient without images."""
+    patients = [p for p in _visible(images_root) if p.is_dir()]
+    stray = [p for p in _visible(images_root) if not p.is_dir()]
+    if stray:
+        raise ValueError(f"{str(stray[0])!r}: expected only patient folders in {str(images_root)!r}.")
+    if gt_root.is_dir():
+        orphans = sorted({p.name for p in _visible(gt_root)} - {p.name for p in patients})
+        if orphans:
+            raise ValueError(f"{str(gt_root / orphans[0])!r}: masks for a patient with no images folder.")
+    return patients
+
+
+def _read_png_crop(image_path: Path, mask_paths: Sequence[Path]) -> tuple[np.ndarray, list[np.ndarray]]:
+    image = _read_png(image_path)
+    masks = [_read_mask_png(p) for p in mask_paths]
+    for mask_path, mask in zip(mask_paths, masks):
+        if mask.shape != image.shape:
+            raise ValueError(f"{str(mask_path)!r}: mask shape {mask.shape} differs from image shape {image.shape}.")
+    return image, masks
+
+
+def _convert_png_patient(src: Path, output_dir: Path, split: str, patient_dir: Path, gt_dir: Path) -> list[dict]:
+    """Write the crops of one patient folder of the PNG release; return their datalist items, sorted by z."""
+    patient = patient_dir.name
+    items = []
+    for name, image_path, mask_paths in _collect_png_patient(patient_dir, gt_dir):
+        image, masks = _read_png_crop(image_path, mask_paths)
+        files = _write_crop(output_dir, (split, patient), name.image_stem, image, masks, png_affine(name.z))
+        item = _release_item(
+            files,
+            patient_id=patient,
+            series_uid="",
+            slice_z=name.z,
+            release_fields={"crop_index": name.crop},
+            intensity="uint8",
+        )
+        item["source"] = image_path.relative_to(src).as_posix()
+        items.append(item)
+    return items
+
+
+_PNG_HEADER = {
+    "name": "LIDC-IDRI 2D crops, DeepMind PNG release",
+    "description": "Kohl et al. 180x180 crops at 0.5 mm (HPU-Net release); compare with SPEC 4 'LIDC v2' only.",
+    "lidc_version": "v2",
+    "release": "deepmind_png",
+    "tensorImageSize": "2D",
+}
+
+
 def convert_png_release(
     src: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -243,9 +356,7 @@ def convert_png_release(
             message names the file.
     """
     src = Path(src)
-    found = {split: _find_png_split_dir(src, split) for split in PNG_SPLITS}
-    if not any(found.values()):
-        raise ValueError(f"{str(src)!r}: no split folder with an 'images' subfolder; expected {sorted(PNG_SPLITS)}.")
+    found = _png_split_dirs(src)
     output_dir = _prepare_output(output_dir, overwrite)
     splits: dict[str, list] = {}
     for split, split_dir in found.items():
@@ -254,62 +365,11 @@ def convert_png_release(
         if split_dir is None:
             logger.warning("%s: no %r split found; datalist split %r is empty.", src, split, key)
             continue
-        images_root, gt_root = split_dir / "images", split_dir / "gt"
-        patients = [p for p in _visible(images_root) if p.is_dir()]
-        stray = [p for p in _visible(images_root) if not p.is_dir()]
-        if stray:
-            raise ValueError(f"{str(stray[0])!r}: expected only patient folders in {str(images_root)!r}.")
-        if gt_root.is_dir():
-            orphans = sorted({p.name for p in _visible(gt_root)} - {p.name for p in patients})
-            if orphans:
-                raise ValueError(f"{str(gt_root / orphans[0])!r}: masks for a patient with no images folder.")
-        iterator = patients
-        if progress:
-            from tqdm import tqdm
-
-            iterator = tqdm(patients, desc=f"png {split}", unit="patient")
-        for patient_dir in iterator:
-            patient = patient_dir.name
-            for name, image_path, mask_paths in _collect_png_patient(patient_dir, gt_root / patient):
-                image = _read_png(image_path)
-                masks = [_read_mask_png(p) for p in mask_paths]
-                for mask_path, mask in zip(mask_paths, masks):
-                    if mask.shape != image.shape:
-                        raise ValueError(
-                            f"{str(mask_path)!r}: mask shape {mask.shape} differs from image shape {image.shape}."
-                        )
-                affine = png_affine(name.z)
-                rel_image = Path(split, "images", patient, f"{name.image_stem}.nii.gz")
-                rel_labels = [
-                    Path(split, "labels", patient, f"{name.image_stem}_l{k}.nii.gz") for k in range(NUM_READERS)
-                ]
-                write_crop_nifti(output_dir / rel_image, image, affine, xform_code=2)
-                for rel, mask in zip(rel_labels, masks):
-                    write_crop_nifti(output_dir / rel, mask, affine, xform_code=2)
-                splits[key].append(
-                    {
-                        "image": rel_image.as_posix(),
-                        "label": [rel.as_posix() for rel in rel_labels],
-                        "patient_id": patient,
-                        "series_uid": "",
-                        "nodule_id": "",
-                        "annotation_ids": [],
-                        "slice_z": name.z,
-                        "crop_index": name.crop,
-                        "num_annotators": NUM_READERS,
-                        "annotator_present": [True] * NUM_READERS,
-                        "intensity": "uint8",
-                        "source": image_path.relative_to(src).as_posix(),
-                    }
-                )
-    header = {
-        "name": "LIDC-IDRI 2D crops, DeepMind PNG release",
-        "description": "Kohl et al. 180x180 crops at 0.5 mm (HPU-Net release); compare with SPEC 4 'LIDC v2' only.",
-        "lidc_version": "v2",
-        "release": "deepmind_png",
-        "tensorImageSize": "2D",
-    }
-    return _write_datalist(output_dir, splits, header)
+        gt_root = split_dir / "gt"
+        patients = _png_patients(split_dir / "images", gt_root)
+        for patient_dir in _progress(patients, progress, desc=f"png {split}", unit="patient"):
+            splits[key] += _convert_png_patient(src, output_dir, split, patient_dir, gt_root / patient_dir.name)
+    return _write_datalist(output_dir, splits, _PNG_HEADER)
 
 
 class _ReleaseUnpickler(pickle.Unpickler):
@@ -398,6 +458,61 @@ def _pickle_masks(key: str, value: Any, shape: tuple[int, ...]) -> list[np.ndarr
     return masks
 
 
+def _pickle_patients(src: Path, data: Any) -> dict[str, tuple[str, str]]:
+    """``{key: (patient, slice key)}`` of the release dict; refuses a non-dict or a key not ``<patient>_<slice>``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(src)!r}: expected a dict keyed '<patient>_<slice>', got {type(data).__name__}.")
+    parsed = {}
+    for key in data:
+        match = _PATIENT_KEY.fullmatch(key) if isinstance(key, str) else None
+        if match is None:
+            raise ValueError(f"{str(src)!r}: key {key!r} is not of the form '<patient>_<slice>'.")
+        parsed[key] = (match["patient"], match["slice"])
+    return parsed
+
+
+def _pickle_entry(key: str, entry: Any) -> tuple[np.ndarray, str, list[np.ndarray], str]:
+    """One checked release entry: ``(image, intensity, masks, series_uid)``; errors name the key and field."""
+    if not isinstance(entry, Mapping):
+        raise ValueError(
+            f"pickle key {key!r}: expected a dict with 'image', 'masks' and 'series_uid', got {type(entry).__name__}."
+        )
+    missing = [field for field in ("image", "masks", "series_uid") if field not in entry]
+    if missing:
+        raise ValueError(f"pickle key {key!r}: missing field(s) {missing}.")
+    image, intensity = _pickle_image(key, entry["image"])
+    masks = _pickle_masks(key, entry["masks"], image.shape)
+    series_uid = entry["series_uid"]
+    if isinstance(series_uid, bytes):
+        series_uid = series_uid.decode("ascii")
+    if not isinstance(series_uid, str):
+        raise ValueError(f"pickle key {key!r} field 'series_uid': expected a string, got {series_uid!r}.")
+    return image, intensity, masks, series_uid
+
+
+def _pickle_file_stem(key: str, used_names: dict[str, str]) -> str:
+    """The file stem of ``key``, recorded in ``used_names``; two keys that sanitise alike are refused."""
+    file_stem = _SAFE_NAME.sub("_", key)
+    if used_names.setdefault(file_stem, key) != key:
+        raise ValueError(f"pickle keys {used_names[file_stem]!r} and {key!r} map to the same file name {file_stem!r}.")
+    return file_stem
+
+
+_PICKLE_SPLIT_FOLDERS = {"training": "train", "validation": "val", "test": "test"}
+
+
+def _pickle_header(seed: int, fractions: Sequence[float]) -> dict[str, Any]:
+    return {
+        "name": "LIDC-IDRI 2D crops, Prob. U-Net/PHiSeg pickle release",
+        "description": "128x128 crops from the LIDC pickle; compare with SPEC 4 'LIDC v1' only.",
+        "lidc_version": "v1",
+        "release": "probunet_pickle",
+        "tensorImageSize": "2D",
+        "split_seed": seed,
+        "split_fractions": list(fractions),
+    }
+
+
 def convert_pickle_release(
     src: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -430,83 +545,26 @@ def convert_pickle_release(
     """
     src = Path(src)
     data = load_release_pickle(src, trusted=trusted)
-    if not isinstance(data, dict):
-        raise ValueError(f"{str(src)!r}: expected a dict keyed '<patient>_<slice>', got {type(data).__name__}.")
-    parsed = {}
-    for key in data:
-        match = _PATIENT_KEY.fullmatch(key) if isinstance(key, str) else None
-        if match is None:
-            raise ValueError(f"{str(src)!r}: key {key!r} is not of the form '<patient>_<slice>'.")
-        parsed[key] = (match["patient"], match["slice"])
+    parsed = _pickle_patients(src, data)
     split_of = split_patients((patient for patient, _ in parsed.values()), seed=seed, fractions=fractions)
     output_dir = _prepare_output(output_dir, overwrite)
-    folder = {"training": "train", "validation": "val", "test": "test"}
-    splits: dict[str, list] = {key: [] for key in folder}
+    splits: dict[str, list] = {key: [] for key in _PICKLE_SPLIT_FOLDERS}
     used_names: dict[str, str] = {}
-    keys = sorted(data)
-    if progress:
-        from tqdm import tqdm
-
-        keys = tqdm(keys, desc="pickle", unit="slice")
-    for key in keys:
-        entry = data.pop(key)
-        if not isinstance(entry, Mapping):
-            raise ValueError(
-                f"pickle key {key!r}: expected a dict with 'image', 'masks' and 'series_uid', "
-                f"got {type(entry).__name__}."
-            )
-        missing = [field for field in ("image", "masks", "series_uid") if field not in entry]
-        if missing:
-            raise ValueError(f"pickle key {key!r}: missing field(s) {missing}.")
-        image, intensity = _pickle_image(key, entry["image"])
-        masks = _pickle_masks(key, entry["masks"], image.shape)
-        series_uid = entry["series_uid"]
-        if isinstance(series_uid, bytes):
-            series_uid = series_uid.decode("ascii")
-        if not isinstance(series_uid, str):
-            raise ValueError(f"pickle key {key!r} field 'series_uid': expected a string, got {series_uid!r}.")
+    for key in _progress(sorted(data), progress, desc="pickle", unit="slice"):
+        image, intensity, masks, series_uid = _pickle_entry(key, data.pop(key))
         patient, slice_key = parsed[key]
-        file_stem = _SAFE_NAME.sub("_", key)
-        if used_names.setdefault(file_stem, key) != key:
-            raise ValueError(
-                f"pickle keys {used_names[file_stem]!r} and {key!r} map to the same file name {file_stem!r}."
-            )
-        split = split_of[patient]
-        patient_dir = _SAFE_NAME.sub("_", patient)
-        rel_image = Path(folder[split], "images", patient_dir, f"{file_stem}.nii.gz")
-        rel_labels = [
-            Path(folder[split], "labels", patient_dir, f"{file_stem}_l{k}.nii.gz") for k in range(NUM_READERS)
-        ]
-        affine = pickle_affine()
-        write_crop_nifti(output_dir / rel_image, image, affine, xform_code=2)
-        for rel, mask in zip(rel_labels, masks):
-            write_crop_nifti(output_dir / rel, mask, affine, xform_code=2)
-        splits[split].append(
-            {
-                "image": rel_image.as_posix(),
-                "label": [rel.as_posix() for rel in rel_labels],
-                "patient_id": patient,
-                "series_uid": series_uid,
-                "nodule_id": "",
-                "annotation_ids": [],
-                "slice_z": None,
-                "slice_key": slice_key,
-                "pickle_key": key,
-                "num_annotators": NUM_READERS,
-                "annotator_present": [True] * NUM_READERS,
-                "intensity": intensity,
-            }
+        rel_dir = (_PICKLE_SPLIT_FOLDERS[split_of[patient]], _SAFE_NAME.sub("_", patient))
+        files = _write_crop(output_dir, rel_dir, _pickle_file_stem(key, used_names), image, masks, pickle_affine())
+        item = _release_item(
+            files,
+            patient_id=patient,
+            series_uid=series_uid,
+            slice_z=None,
+            release_fields={"slice_key": slice_key, "pickle_key": key},
+            intensity=intensity,
         )
-    header = {
-        "name": "LIDC-IDRI 2D crops, Prob. U-Net/PHiSeg pickle release",
-        "description": "128x128 crops from the LIDC pickle; compare with SPEC 4 'LIDC v1' only.",
-        "lidc_version": "v1",
-        "release": "probunet_pickle",
-        "tensorImageSize": "2D",
-        "split_seed": seed,
-        "split_fractions": list(fractions),
-    }
-    return _write_datalist(output_dir, splits, header)
+        splits[split_of[patient]].append(item)
+    return _write_datalist(output_dir, splits, _pickle_header(seed, fractions))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

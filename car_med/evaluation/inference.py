@@ -15,6 +15,7 @@ from car_med.data.lidc import DEFAULT_HU_WINDOW, lidc_transforms, load_lidc_data
 from car_med.evaluation.lidc import CASE_FIELDS
 from car_med.evaluation.sample_metrics import sample_cases
 from car_med.evaluation.start import start_evaluation
+from car_med.files import atomic_write
 from car_med.sampling import SamplerOptions
 
 __all__ = ["PREDICTION_KEYS", "write_case_predictions"]
@@ -87,9 +88,8 @@ def write_case_predictions(
                 "affine": np.asarray(affine, dtype=np.float64),
             }
             target = out / _case_name(int(batch["case_index"][0]))
-            tmp = target.with_name(target.name + ".tmp.npz")
-            np.savez_compressed(tmp, **arrays)
-            os.replace(tmp, target)
+            with atomic_write(target, suffix=".tmp.npz") as tmp:  # np.savez appends .npz to any other name
+                np.savez_compressed(tmp, **arrays)
     manifest = out / "manifest.csv"
     with open(manifest, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[*CASE_FIELDS, "file"])

@@ -288,10 +288,10 @@ def write_lidc_report_files(
     split = settings.split
     write_per_case_csv(out / "per_case.csv", scored.rows, CASE_FIELDS, scored.per_case())
     per_nodule = volumes.per_nodule()
+    hypotheses = settings.nodule_hypotheses()
+    hypotheses.add_nodules(per_nodule, volumes.stacks())  # adds each nodule's hypothesis columns to its row
     nodule_metrics = {k: [r[k] for r in per_nodule] for k in per_nodule[0] if k not in NODULE_FIELDS}
     write_per_case_csv(out / "per_nodule.csv", per_nodule, NODULE_FIELDS, nodule_metrics)
-    hypotheses = settings.nodule_hypotheses()
-    hypotheses.add_nodules(per_nodule, volumes.stacks())
     model_hypotheses, row_hypotheses, hypothesis_curves = hypotheses.report(
         model_label, REFERENCE_LABELS, out / "hypotheses_reliability.png", title=f"hypotheses, LIDC {split}"
     )

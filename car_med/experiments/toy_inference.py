@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from torch import nn
 
 from car_med.data.toy import toy_expected_y
 from car_med.engines.checkpoints import latest_checkpoint, load_network_checkpoint
+from car_med.files import atomic_write
 from car_med.sampling import CARSampler
 
 __all__ = ["ToyInference"]
@@ -91,18 +91,16 @@ class ToyInference:
         with eval_mode(self.discriminator):
             logits = self.discriminator(torch.from_numpy(gx.reshape(-1, 1)), torch.from_numpy(gy.reshape(-1, 1)))
         d_prob = torch.sigmoid(logits).reshape(self.grid_size, self.grid_size).numpy()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         target = self.output_dir / "samples.npz"
-        tmp = self.output_dir / "samples.tmp.npz"
-        np.savez(
-            tmp,
-            x=x[:, 0].numpy(),
-            samples=result.samples[:, :, 0].numpy(),
-            calibration_target=result.calibration[:, 0].numpy(),
-            expected_y=toy_expected_y(x, self.pi)[:, 0].numpy(),
-            d_x=d_x,
-            d_y=d_y,
-            d_prob=d_prob,
-        )
-        os.replace(tmp, target)
+        with atomic_write(target, suffix=".tmp.npz") as tmp:  # np.savez would append .npz to another name
+            np.savez(
+                tmp,
+                x=x[:, 0].numpy(),
+                samples=result.samples[:, :, 0].numpy(),
+                calibration_target=result.calibration[:, 0].numpy(),
+                expected_y=toy_expected_y(x, self.pi)[:, 0].numpy(),
+                d_x=d_x,
+                d_y=d_y,
+                d_prob=d_prob,
+            )
         return str(target)

@@ -22,7 +22,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from car_med.export.files import ExportFiles, json_bytes, safe_path_part
+from car_med.export.files import ExportFiles, safe_path_part
+from car_med.files import json_bytes
 from car_med.metrics import sample_diversity
 from car_med.visualize.review import review_montage_png
 
@@ -150,6 +151,113 @@ def _foreground(probabilities: np.ndarray) -> np.ndarray:
     return np.moveaxis(probabilities, 0, -1)[:, :, None, :].astype(np.float32)
 
 
+@dataclass
+class _CaseMaps:
+    """The model's output for one crop, on the model grid.
+
+    Attributes:
+        samples: the M sampled masks ``(h, w, M)`` uint8.
+        mean: Gbar, the samples' mean, in :func:`_foreground`'s layout.
+        calibration: F's class probabilities, in :func:`_foreground`'s layout.
+        entropy: the predictive entropy ``(h, w)``.
+    """
+
+    samples: np.ndarray
+    mean: np.ndarray
+    calibration: np.ndarray
+    entropy: np.ndarray
+
+
+def _predict_case(model: Any, crop: CropInput, num_samples: int, seed: int) -> _CaseMaps:
+    x = crop.in_window(crop.hu)[None, None].astype(np.float32)
+    out = model.predict(None, x, params={"num_samples": int(num_samples), "seed": int(seed)})
+    return _CaseMaps(
+        samples=np.moveaxis(out["samples"][0], 0, -1).astype(np.uint8),
+        mean=_foreground(out["mean"][0]),
+        calibration=_foreground(out["calibration"][0]),
+        entropy=out["entropy"][0].astype(np.float32),
+    )
+
+
+def _write_case_volumes(files: ExportFiles, case_dir: Path, crop: CropInput, maps: _CaseMaps) -> dict[str, Path]:
+    """Write the crop-grid and model-grid NIfTIs of one case; return them by file name."""
+    model_affine, crop_affine = crop.model_affine, crop.crop_affine
+    written = {
+        "image.nii.gz": files.write_nifti(case_dir / "image.nii.gz", crop.hu.astype(np.int16)[..., None], crop_affine),
+        "samples.nii.gz": files.write_nifti(case_dir / "samples.nii.gz", maps.samples[:, :, None, :], model_affine),
+        "mean.nii.gz": files.write_nifti(case_dir / "mean.nii.gz", maps.mean, model_affine),
+        "calibration.nii.gz": files.write_nifti(case_dir / "calibration.nii.gz", maps.calibration, model_affine),
+        "entropy.nii.gz": files.write_nifti(case_dir / "entropy.nii.gz", maps.entropy[..., None], model_affine),
+    }
+    if crop.annotations is not None:
+        path = case_dir / "annotations.nii.gz"
+        written["annotations.nii.gz"] = files.write_nifti(path, crop.annotations[:, :, None, :], crop_affine)
+    return written
+
+
+def _sample_ambiguity(samples: np.ndarray) -> float:
+    """:data:`AMBIGUITY_SCORE` of ``(h, w, M)`` samples; 0 for a single sample."""
+    foreground = torch.from_numpy(np.moveaxis(samples, -1, 0)[None].astype(np.int64))
+    return float(sample_diversity(foreground, unbiased=True)[0]) if samples.shape[-1] > 1 else 0.0
+
+
+def _areas_mm2(masks: np.ndarray, affine: np.ndarray) -> list[float]:
+    """The area in mm^2 of each mask of ``(h, w, n)`` masks on the grid of ``affine``, to 0.001 mm^2."""
+    pixel_mm2 = float(np.linalg.norm(affine[:3, 0]) * np.linalg.norm(affine[:3, 1]))
+    return [round(float(a) * pixel_mm2, 3) for a in masks.reshape(-1, masks.shape[-1]).sum(axis=0)]
+
+
+def _case_record(
+    record: Mapping[str, Any],
+    crop: CropInput,
+    maps: _CaseMaps,
+    written: Mapping[str, Path],
+    *,
+    seed: int,
+    num_samples: int,
+    ambiguity: float,
+) -> dict[str, Any]:
+    """``record`` (the case's ids) with the scores, sample and reader areas, files and grids of ``case.json``."""
+    union = maps.samples.any(axis=-1)
+    areas = _areas_mm2(maps.samples, crop.model_affine)
+    return {
+        **record,
+        "status": "ok",
+        "case_seed": int(seed),
+        "num_samples": int(num_samples),
+        "ambiguity": round(ambiguity, 6),
+        "mean_entropy_in_union": round(float(maps.entropy[union].mean()) if union.any() else 0.0, 6),
+        "sample_areas_mm2": areas,
+        "area_mean_mm2": round(float(np.mean(areas)), 3),
+        "area_min_mm2": round(float(np.min(areas)), 3),
+        "area_max_mm2": round(float(np.max(areas)), 3),
+        "reader_areas_mm2": [] if crop.annotations is None else _areas_mm2(crop.annotations, crop.crop_affine),
+        "files": {name: path.name for name, path in written.items()} | {"montage": "montage.png"},
+        "grids": {
+            "crop": {"shape": list(crop.hu.shape), "files": [n for n in CROP_GRID_FILES if n in written]},
+            "model": {
+                "shape": list(crop.roi_size),
+                "offset_in_crop": list(crop.window),
+                "files": list(MODEL_GRID_FILES),
+            },
+        },
+    }
+
+
+def _case_montage(crop: CropInput, maps: _CaseMaps, title: str, hu_window: Sequence[float]) -> bytes:
+    """The review montage PNG of one case: CT, readers, F, Gbar, entropy and the samples, in the model window."""
+    return review_montage_png(
+        crop.in_window(crop.hu),
+        None if crop.annotations is None else crop.in_window(crop.annotations),
+        maps.calibration[:, :, 0] if maps.calibration.ndim == 3 else maps.calibration[:, :, 0, -1],
+        maps.mean[:, :, 0] if maps.mean.ndim == 3 else maps.mean[:, :, 0, -1],
+        maps.entropy,
+        maps.samples,
+        title=title,
+        hu_window=hu_window,
+    )
+
+
 def export_case(
     model: Any,
     item: Mapping[str, Any],
@@ -178,66 +286,11 @@ def export_case(
         The case record (also in ``case.json``): ids, seed, ambiguity score, sample areas, files and grids.
     """
     crop = read_crop(item, roi_size)
-    x = crop.in_window(crop.hu)[None, None].astype(np.float32)
-    out = model.predict(None, x, params={"num_samples": int(num_samples), "seed": int(seed)})
-    samples = np.moveaxis(out["samples"][0], 0, -1).astype(np.uint8)  # (h, w, M)
-    entropy = out["entropy"][0].astype(np.float32)
-    mean, calibration = _foreground(out["mean"][0]), _foreground(out["calibration"][0])
-
-    model_affine, crop_affine = crop.model_affine, crop.crop_affine
-    written = {
-        "image.nii.gz": files.write_nifti(case_dir / "image.nii.gz", crop.hu.astype(np.int16)[..., None], crop_affine),
-        "samples.nii.gz": files.write_nifti(case_dir / "samples.nii.gz", samples[:, :, None, :], model_affine),
-        "mean.nii.gz": files.write_nifti(case_dir / "mean.nii.gz", mean, model_affine),
-        "calibration.nii.gz": files.write_nifti(case_dir / "calibration.nii.gz", calibration, model_affine),
-        "entropy.nii.gz": files.write_nifti(case_dir / "entropy.nii.gz", entropy[..., None], model_affine),
-    }
-    if crop.annotations is not None:
-        path = case_dir / "annotations.nii.gz"
-        written["annotations.nii.gz"] = files.write_nifti(path, crop.annotations[:, :, None, :], crop_affine)
-
-    foreground = torch.from_numpy(np.moveaxis(samples, -1, 0)[None].astype(np.int64))
-    ambiguity = float(sample_diversity(foreground, unbiased=True)[0]) if samples.shape[-1] > 1 else 0.0
-    union = samples.any(axis=-1)
-    pixel_mm2 = float(np.linalg.norm(model_affine[:3, 0]) * np.linalg.norm(model_affine[:3, 1]))
-    areas = [round(float(a) * pixel_mm2, 3) for a in samples.reshape(-1, samples.shape[-1]).sum(axis=0)]
-    record = {
-        **record,
-        "status": "ok",
-        "case_seed": int(seed),
-        "num_samples": int(num_samples),
-        "ambiguity": round(ambiguity, 6),
-        "mean_entropy_in_union": round(float(entropy[union].mean()) if union.any() else 0.0, 6),
-        "sample_areas_mm2": areas,
-        "area_mean_mm2": round(float(np.mean(areas)), 3),
-        "area_min_mm2": round(float(np.min(areas)), 3),
-        "area_max_mm2": round(float(np.max(areas)), 3),
-        "reader_areas_mm2": [],
-        "files": {name: path.name for name, path in written.items()} | {"montage": "montage.png"},
-        "grids": {
-            "crop": {"shape": list(crop.hu.shape), "files": [n for n in CROP_GRID_FILES if n in written]},
-            "model": {
-                "shape": list(crop.roi_size),
-                "offset_in_crop": list(crop.window),
-                "files": list(MODEL_GRID_FILES),
-            },
-        },
-    }
-    crop_pixel_mm2 = float(np.linalg.norm(crop_affine[:3, 0]) * np.linalg.norm(crop_affine[:3, 1]))
-    if crop.annotations is not None:
-        sums = crop.annotations.reshape(-1, crop.annotations.shape[-1]).sum(0)
-        record["reader_areas_mm2"] = [round(float(a) * crop_pixel_mm2, 3) for a in sums]
+    maps = _predict_case(model, crop, num_samples, seed)
+    written = _write_case_volumes(files, case_dir, crop, maps)
+    ambiguity = _sample_ambiguity(maps.samples)
+    record = _case_record(record, crop, maps, written, seed=seed, num_samples=num_samples, ambiguity=ambiguity)
     title = f"{record['patient_id']}  {record['case_id']}  ambiguity {ambiguity:.3f}"
-    png = review_montage_png(
-        crop.in_window(crop.hu),
-        None if crop.annotations is None else crop.in_window(crop.annotations),
-        calibration[:, :, 0] if calibration.ndim == 3 else calibration[:, :, 0, -1],
-        mean[:, :, 0] if mean.ndim == 3 else mean[:, :, 0, -1],
-        entropy,
-        samples,
-        title=title,
-        hu_window=hu_window,
-    )
-    files.write_bytes(case_dir / "montage.png", png)
+    files.write_bytes(case_dir / "montage.png", _case_montage(crop, maps, title, hu_window))
     files.write_bytes(case_dir / CASE_RECORD, json_bytes(record))
     return record

@@ -1,9 +1,9 @@
 """Writing export files safely: sanitised path parts, atomic writes, deterministic NIfTI and no-op rewrites.
 
-Every file of an export reaches its final name by ``os.replace`` of a finished temporary file, so a reader (or
-a viewer opened mid-export) sees the old file or the whole new one. Temporary files live in
-``<export dir>/.incomplete/``, never beside the final files; a killed export can leave only that folder, which
-the next export removes.
+Every file of an export reaches its final name by ``os.replace`` of a finished temporary file
+(:func:`car_med.files.atomic_write`), so a reader (or a viewer opened mid-export) sees the old file or the whole new
+one. Temporary files live in ``<export dir>/.incomplete/``, never beside the final files; a killed export can leave
+only that folder, which the next export removes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import io
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,12 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from car_med.files import json_bytes  # canonical JSON, shared with the library's other atomic writers
+from car_med.files import atomic_write
 
 __all__ = [
     "INCOMPLETE_DIR",
     "ExportFiles",
     "file_sha256",
-    "json_bytes",
     "nifti_bytes",
     "safe_path_part",
 ]
@@ -104,28 +102,15 @@ class ExportFiles:
         """Drop the (empty) staging folder at the end of an export."""
         shutil.rmtree(self.staging, ignore_errors=True)
 
-    def _temporary(self, name: str) -> tuple[int, str]:
-        self.staging.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkstemp(dir=self.staging, prefix=f"{name}.", suffix=".part")
-
     def write_bytes(self, path: Path, payload: bytes) -> Path:
         """Write ``payload`` to ``path`` (under the root) atomically."""
         return self.write_chunks(path, (payload,))
 
     def write_chunks(self, path: Path, chunks: Iterable[bytes]) -> Path:
         """Write a stream of byte chunks to ``path`` atomically (for files too large to hold in memory)."""
-        fd, tmp = self._temporary(path.name)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                for chunk in chunks:
-                    handle.write(chunk)
-                handle.flush()
-                os.fsync(handle.fileno())
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path, temp_dir=self.staging) as tmp, open(tmp, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
         return path
 
     def write_if_changed(self, path: Path, payload: bytes) -> bool:

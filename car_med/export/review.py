@@ -203,61 +203,64 @@ def _confidence_text(confidence: float | None) -> str:
     return "Wilson" if confidence is None else f"{100 * confidence:g}% Wilson"
 
 
-def review_index_html(records: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> bytes:
-    """The static review page (no server, relative links), cases in queue order.
+def _failed_row(record: Mapping[str, Any]) -> str:
+    return (
+        f'<tr class="failed" data-case="{html.escape(str(record.get("case_id")))}"><td></td><td></td>'
+        f"<td>{html.escape(str(record.get('patient_id')))}<br>{html.escape(str(record.get('case_id')))}</td>"
+        f'<td colspan="5">failed: {html.escape(str(record.get("error", "")))}</td></tr>'
+    )
 
-    Args:
-        records: the case records.
-        settings: model URI and version, M and seed, shown in the header.
-    """
-    ordered = queue_order(records)
-    done = sum(1 for r in ordered if r.get("status") == "ok")
-    rows = []
-    for rank, record in enumerate(ordered, start=1):
-        folder = str(record.get("folder", ""))
-        if record.get("status") != "ok":
-            rows.append(
-                f'<tr class="failed" data-case="{html.escape(str(record.get("case_id")))}"><td></td><td></td>'
-                f"<td>{html.escape(str(record.get('patient_id')))}<br>{html.escape(str(record.get('case_id')))}</td>"
-                f'<td colspan="5">failed: {html.escape(str(record.get("error", "")))}</td></tr>'
-            )
-            continue
-        files = record.get("files", {})
-        links = " ".join(
-            _link(folder, files.get(name), name.split(".")[0])
-            for name in ("image.nii.gz", "samples.nii.gz", "mean.nii.gz", "calibration.nii.gz", "entropy.nii.gz")
-        )
-        links += " " + _link(folder, files.get("annotations.nii.gz"), "annotations")
-        for key, label in (("samples_ct", "samples on CT"), ("mean_ct", "mean on CT"), ("ct", "CT")):
-            if record.get(key):
-                links += " " + f'<a href="{html.escape(str(record[key]))}">{label}</a>'
-        if record.get("dicom_seg"):
-            links += " " + f'<a href="{html.escape(str(record["dicom_seg"]))}">DICOM SEG</a>'
-        if record.get("hypotheses_seg"):
-            links += " " + f'<a href="{html.escape(str(record["hypotheses_seg"]))}">hypotheses SEG</a>'
-        links += " " + _link(folder, files.get("hypotheses.json"), "hypotheses")
-        crop_hypotheses = "<br>".join(html.escape(str(label)) for label in record.get("hypotheses") or [])
-        areas = ", ".join(f"{a:.0f}" for a in record.get("sample_areas_mm2", []))
-        rows.append(
-            f'<tr data-case="{html.escape(str(record["case_id"]))}" data-score="{record["ambiguity"]:.6f}">'
-            f'<td class="num">{rank}</td>'
-            f'<td><a href="{html.escape(folder)}/montage.png"><img class="thumb" '
-            f'src="{html.escape(folder)}/montage.png" alt="montage of {html.escape(str(record["case_id"]))}"></a></td>'
-            f"<td>{html.escape(str(record['patient_id']))}<br>{html.escape(str(record['case_id']))}</td>"
-            f'<td class="num">{record["ambiguity"]:.3f}</td>'
-            f'<td class="num">{record["area_mean_mm2"]:.1f} ({record["area_min_mm2"]:.1f} to '
-            f"{record['area_max_mm2']:.1f})<br><small>{areas}</small></td>"
-            f'<td class="num">{record.get("mean_entropy_in_union", 0.0):.3f}</td>'
-            f"<td><small>{crop_hypotheses}</small></td>"
-            f"<td>{links}</td></tr>"
-        )
+
+def _case_links(record: Mapping[str, Any], folder: str) -> str:
+    """Links to a case's crop-grid and model-grid files, its CT-grid files and SEGs, and its hypotheses."""
+    files = record.get("files", {})
+    links = " ".join(
+        _link(folder, files.get(name), name.split(".")[0])
+        for name in ("image.nii.gz", "samples.nii.gz", "mean.nii.gz", "calibration.nii.gz", "entropy.nii.gz")
+    )
+    links += " " + _link(folder, files.get("annotations.nii.gz"), "annotations")
+    for key, label in (("samples_ct", "samples on CT"), ("mean_ct", "mean on CT"), ("ct", "CT")):
+        if record.get(key):
+            links += " " + f'<a href="{html.escape(str(record[key]))}">{label}</a>'
+    if record.get("dicom_seg"):
+        links += " " + f'<a href="{html.escape(str(record["dicom_seg"]))}">DICOM SEG</a>'
+    if record.get("hypotheses_seg"):
+        links += " " + f'<a href="{html.escape(str(record["hypotheses_seg"]))}">hypotheses SEG</a>'
+    return links + " " + _link(folder, files.get("hypotheses.json"), "hypotheses")
+
+
+def _case_row(rank: int, record: Mapping[str, Any]) -> str:
+    """One queue row: rank, montage, ids, ambiguity, sample areas, entropy, the slice's hypotheses, links."""
+    if record.get("status") != "ok":
+        return _failed_row(record)
+    folder = str(record.get("folder", ""))
+    links = _case_links(record, folder)
+    crop_hypotheses = "<br>".join(html.escape(str(label)) for label in record.get("hypotheses") or [])
+    areas = ", ".join(f"{a:.0f}" for a in record.get("sample_areas_mm2", []))
+    return (
+        f'<tr data-case="{html.escape(str(record["case_id"]))}" data-score="{record["ambiguity"]:.6f}">'
+        f'<td class="num">{rank}</td>'
+        f'<td><a href="{html.escape(folder)}/montage.png"><img class="thumb" '
+        f'src="{html.escape(folder)}/montage.png" alt="montage of {html.escape(str(record["case_id"]))}"></a></td>'
+        f"<td>{html.escape(str(record['patient_id']))}<br>{html.escape(str(record['case_id']))}</td>"
+        f'<td class="num">{record["ambiguity"]:.3f}</td>'
+        f'<td class="num">{record["area_mean_mm2"]:.1f} ({record["area_min_mm2"]:.1f} to '
+        f"{record['area_max_mm2']:.1f})<br><small>{areas}</small></td>"
+        f'<td class="num">{record.get("mean_entropy_in_union", 0.0):.3f}</td>'
+        f"<td><small>{crop_hypotheses}</small></td>"
+        f"<td>{links}</td></tr>"
+    )
+
+
+def _page_header(settings: Mapping[str, Any], done: int, failed: int) -> str:
+    """The paragraph under the title: model, M, seed, counts, the score, and the hypotheses' settings."""
     model = settings.get("model", {})
     grouping = settings.get("hypotheses") or {}
     version = f" version {model.get('version')}" if model.get("version") is not None else ""
-    header = (
+    return (
         f"<p>Model <code>{html.escape(str(model.get('uri', '')))}</code>{html.escape(version)}; "
         f"{int(settings.get('num_samples', 0))} samples per case, seed {int(settings.get('seed', 0))}. "
-        f"{done} cases exported, {len(ordered) - done} failed. Most ambiguous first: the score is the "
+        f"{done} cases exported, {failed} failed. Most ambiguous first: the score is the "
         "mean pairwise 1 - IoU between the samples (0: all samples agree)."
         + (
             f" Hypotheses: min_iou {float(grouping['min_iou']):g}, {_confidence_text(grouping.get('confidence'))} "
@@ -267,10 +270,23 @@ def review_index_html(records: Sequence[Mapping[str, Any]], settings: Mapping[st
         )
         + "</p>"
     )
+
+
+def review_index_html(records: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> bytes:
+    """The static review page (no server, relative links), cases in queue order.
+
+    Args:
+        records: the case records.
+        settings: model URI and version, M and seed, shown in the header.
+    """
+    ordered = queue_order(records)
+    done = sum(1 for r in ordered if r.get("status") == "ok")
+    rows = [_case_row(rank, record) for rank, record in enumerate(ordered, start=1)]
+    grouping = settings.get("hypotheses") or {}
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>CAR review queue</title><style>{_STYLE}</style></head>
 <body><h1>CAR review queue</h1>
-{header}
+{_page_header(settings, done, len(ordered) - done)}
 {_nodule_sections(records, grouping.get("confidence"))}
 <h2>Crops, most ambiguous first</h2>
 <table id="queue"><thead><tr><th>#</th><th>montage</th><th>patient / case</th><th>ambiguity</th>

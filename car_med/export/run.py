@@ -21,7 +21,7 @@ from car_med.data.lidc import DEFAULT_HU_WINDOW, load_lidc_datalist
 from car_med.evaluation.sample_metrics import case_seed
 from car_med.evaluation.volumes import with_nodule_noise
 from car_med.export.crop import AMBIGUITY_SCORE, CASE_RECORD, case_id_of, export_case
-from car_med.export.files import ExportFiles, json_bytes, safe_path_part
+from car_med.export.files import ExportFiles, safe_path_part
 from car_med.export.hypothesis_files import (
     GROUPING,
     HYPOTHESES_FILE,
@@ -34,6 +34,7 @@ from car_med.export.hypothesis_files import (
 )
 from car_med.export.model_source import ModelSource, load_export_model, resolve_model_source
 from car_med.export.review import manifest_csv, review_index_html
+from car_med.files import json_bytes
 from car_med.hypotheses import DEFAULT_CONFIDENCE, DEFAULT_MIN_IOU, Hypothesis
 from car_med.visualize.review import sample_strip_png
 
@@ -205,11 +206,7 @@ def _export_series(
         by_nodule[record.get("nodule_id")].append((record, case_dir))
     for nodule_id, members in sorted(by_nodule.items(), key=lambda kv: str(kv[0])):
         nodule_dir = series_dir / f"nodule_{safe_path_part(nodule_id, 'nodule id')}"
-        names = {"samples": "samples_ct.nii.gz", "mean": "mean_ct.nii.gz", "annotations": "annotations_ct.nii.gz"}
-        targets = {key: nodule_dir / name for key, name in names.items()}
-        if dicom_seg:
-            targets["seg"] = nodule_dir / "seg.dcm"
-            targets["hypotheses_seg"] = nodule_dir / HYPOTHESES_SEG
+        targets = _nodule_targets(nodule_dir, dicom_seg)
         group = groups.get(nodule_dir.relative_to(files.root).as_posix())
         stale = (
             nodule_id in rewrite_nodules
@@ -217,37 +214,8 @@ def _export_series(
             or any(not path.is_file() for key, path in targets.items() if key != "annotations")
         )
         if stale:
-            planes: dict[str, dict[int, Any]] = {"samples": {}, "mean": {}, "annotations": {}}
-            depth = {"samples": 1, "mean": 1, "annotations": 1}
-            for record, case_dir in members:
-                k_expected = series.slice_of(record.get("sop_instance_uid", ""))
-                for key, file_name, binary in (
-                    ("samples", "samples.nii.gz", True),
-                    ("mean", "mean.nii.gz", False),
-                    ("annotations", "annotations.nii.gz", True),
-                ):
-                    if file_name not in record["files"]:
-                        continue
-                    maps, affine = _case_maps(case_dir, record, file_name)
-                    pasted = paste_plane(maps, affine, series.affine, series.shape, binary=binary)
-                    if k_expected is not None and pasted.k != k_expected:
-                        raise ValueError(
-                            f"case {record['case_id']}: its crop lies on CT slice {pasted.k}, but its source "
-                            f"SOP instance {record.get('sop_instance_uid')} is slice {k_expected}."
-                        )
-                    planes[key][pasted.k] = pasted
-                    depth[key] = max(depth[key], maps.shape[-1])
-            for key in ("samples", "mean", "annotations"):
-                if not planes[key]:
-                    continue
-                dtype = np.float32 if key == "mean" else np.uint8
-                shape = series.shape if key == "mean" else (*series.shape, depth[key])
-                sparse = {
-                    (k, n): (p.window, p.values[..., n])
-                    for k, p in planes[key].items()
-                    for n in range(p.values.shape[-1])
-                }
-                files.write_sparse_nifti(targets[key], shape, dtype, series.affine, sparse)
+            planes, depth = _paste_nodule_planes(series, members)
+            _write_nodule_volumes(files, series, planes, depth, targets)
             hypotheses = None if group is None else group.hypotheses
             if dicom_seg:
                 _write_segs(series, planes, depth["samples"], targets, files, source, seed, hypotheses, min_iou)
@@ -257,14 +225,86 @@ def _export_series(
                 (nodule_dir / HYPOTHESES_SEG).unlink(missing_ok=True)
             if group is not None:
                 group.segs_current = True
-        relative = {key: path.relative_to(files.root).as_posix() for key, path in targets.items() if path.is_file()}
-        for record, _ in members:
-            record["ct"] = (series_dir / "ct.nii.gz").relative_to(files.root).as_posix()
-            record["samples_ct"] = relative.get("samples", "")
-            record["mean_ct"] = relative.get("mean", "")
-            record["annotations_ct"] = relative.get("annotations", "")
-            record["dicom_seg"] = relative.get("seg", "")
-            record["hypotheses_seg"] = relative.get("hypotheses_seg", "")
+        _record_nodule_files(members, targets, series_dir / "ct.nii.gz", files.root)
+
+
+def _nodule_targets(nodule_dir: Path, dicom_seg: bool) -> dict[str, Path]:
+    """The CT-grid files of one nodule by key (``samples``, ``mean``, ``annotations``, and the SEGs)."""
+    names = {"samples": "samples_ct.nii.gz", "mean": "mean_ct.nii.gz", "annotations": "annotations_ct.nii.gz"}
+    targets = {key: nodule_dir / name for key, name in names.items()}
+    if dicom_seg:
+        targets["seg"] = nodule_dir / "seg.dcm"
+        targets["hypotheses_seg"] = nodule_dir / HYPOTHESES_SEG
+    return targets
+
+
+def _paste_nodule_planes(
+    series: CTSeries, members: Sequence[tuple[dict[str, Any], Path]]
+) -> tuple[dict[str, dict[int, Any]], dict[str, int]]:
+    """Paste each crop's samples, mean and annotations onto the CT grid.
+
+    Returns:
+        ``planes``: ``{key: {CT slice: pasted plane}}`` and ``depth``: ``{key: volumes}`` (M for the samples,
+        the readers for the annotations), for the keys ``samples``, ``mean`` and ``annotations``.
+
+    Raises:
+        ValueError: a crop lies on another CT slice than its source SOP instance.
+    """
+    planes: dict[str, dict[int, Any]] = {"samples": {}, "mean": {}, "annotations": {}}
+    depth = {"samples": 1, "mean": 1, "annotations": 1}
+    for record, case_dir in members:
+        k_expected = series.slice_of(record.get("sop_instance_uid", ""))
+        for key, file_name, binary in (
+            ("samples", "samples.nii.gz", True),
+            ("mean", "mean.nii.gz", False),
+            ("annotations", "annotations.nii.gz", True),
+        ):
+            if file_name not in record["files"]:
+                continue
+            maps, affine = _case_maps(case_dir, record, file_name)
+            pasted = paste_plane(maps, affine, series.affine, series.shape, binary=binary)
+            if k_expected is not None and pasted.k != k_expected:
+                raise ValueError(
+                    f"case {record['case_id']}: its crop lies on CT slice {pasted.k}, but its source "
+                    f"SOP instance {record.get('sop_instance_uid')} is slice {k_expected}."
+                )
+            planes[key][pasted.k] = pasted
+            depth[key] = max(depth[key], maps.shape[-1])
+    return planes, depth
+
+
+def _write_nodule_volumes(
+    files: ExportFiles,
+    series: CTSeries,
+    planes: Mapping[str, Mapping[int, Any]],
+    depth: Mapping[str, int],
+    targets: Mapping[str, Path],
+) -> None:
+    """Write the pasted planes as sparse CT-grid NIfTIs: the mean as float32 ``(X, Y, Z)``, the samples and
+    annotations as uint8 ``(X, Y, Z, N)``; a key with no plane writes nothing."""
+    for key in ("samples", "mean", "annotations"):
+        if not planes[key]:
+            continue
+        dtype = np.float32 if key == "mean" else np.uint8
+        shape = series.shape if key == "mean" else (*series.shape, depth[key])
+        sparse = {
+            (k, n): (p.window, p.values[..., n]) for k, p in planes[key].items() for n in range(p.values.shape[-1])
+        }
+        files.write_sparse_nifti(targets[key], shape, dtype, series.affine, sparse)
+
+
+def _record_nodule_files(
+    members: Sequence[tuple[dict[str, Any], Path]], targets: Mapping[str, Path], ct_path: Path, root: Path
+) -> None:
+    """Name the series' CT and the nodule's CT-grid files (those that exist, else "") in each crop's record."""
+    relative = {key: path.relative_to(root).as_posix() for key, path in targets.items() if path.is_file()}
+    for record, _ in members:
+        record["ct"] = ct_path.relative_to(root).as_posix()
+        record["samples_ct"] = relative.get("samples", "")
+        record["mean_ct"] = relative.get("mean", "")
+        record["annotations_ct"] = relative.get("annotations", "")
+        record["dicom_seg"] = relative.get("seg", "")
+        record["hypotheses_seg"] = relative.get("hypotheses_seg", "")
 
 
 def _write_segs(
@@ -395,7 +435,15 @@ def export_cases(
     _check_arguments(options, full_volume, dicom_seg, dicom_root)
     noise = "case" if independent_slices else "nodule"
     items = _select(with_nodule_noise(_split_items(datalist, split), noise), cases)
-    origin = {
+    origin = _split_origin(datalist, split, independent_slices)
+    return export_items(
+        model, items, output_dir, origin, options, dicom_root=dicom_root, full_volume=full_volume, dicom_seg=dicom_seg
+    )
+
+
+def _split_origin(datalist: str | os.PathLike, split: str, independent_slices: bool) -> dict[str, str]:
+    """Where a datalist split's items come from and how their case seeds are made, for ``export.json``."""
+    return {
         "split": split,
         "datalist": str(Path(datalist).resolve()),
         "case_seed": "seed * 1000003 + "
@@ -405,9 +453,6 @@ def export_cases(
             else "the position of the nodule's first crop in its split: a nodule's crops share their noise"
         ),
     }
-    return export_items(
-        model, items, output_dir, origin, options, dicom_root=dicom_root, full_volume=full_volume, dicom_seg=dicom_seg
-    )
 
 
 def export_items(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from ignite.engine import Engine, Events
 from monai.networks.utils import eval_mode
 
 from car_med.data.toy import toy_log_likelihood
+from car_med.files import atomic_write
 
 __all__ = ["ToyLikelihoodHandler"]
 
@@ -62,10 +62,7 @@ class ToyLikelihoodHandler:
         return value
 
     def write(self, engine: Engine | None = None) -> None:
-        self.output_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_file.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as handle:
+        with atomic_write(self.output_file) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["iteration", "log_likelihood"])
             writer.writerows(self.history)
-        os.replace(tmp, self.output_file)

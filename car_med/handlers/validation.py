@@ -15,6 +15,7 @@ from ignite.engine import Engine, Events
 
 from car_med.evaluation.references import REFERENCE_ROWS, ReferenceRows, flatten_references
 from car_med.evaluation.sample_metrics import SampleMetricSuite, evaluate_samples
+from car_med.files import atomic_write
 from car_med.sampling import CARSampler
 
 __all__ = ["SampleValidation"]
@@ -28,9 +29,8 @@ def _rank() -> int:
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     # a kill mid-write must never leave a truncated "best" checkpoint behind
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class SampleValidation:

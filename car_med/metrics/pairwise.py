@@ -327,12 +327,7 @@ def pairwise_iou(
     Returns:
         :class:`PairwiseIoU` with float64 matrices on the samples' device.
     """
-    blocks = tuple(blocks)
-    unknown = set(blocks) - {"sy", "ss", "yy"}
-    if unknown or not blocks:
-        raise ValueError(f"blocks must be a non-empty subset of ('sy', 'ss', 'yy'), got {blocks}.")
-    if labels is None and (set(blocks) & {"sy", "yy"} or ignore_index is not None):
-        raise ValueError(f"labels are required for blocks {blocks} with ignore_index={ignore_index!r}.")
+    blocks = _checked_blocks(blocks, labels, ignore_index)
     s, y, classes_t, ignore = check_label_maps(samples, labels, classes, ignore_index, num_classes)
 
     b_total, n = s.shape[:2]
@@ -362,29 +357,59 @@ def pairwise_iou(
         union = {k: torch.zeros_like(v) for k, v in inter.items()}
         for p0 in range(0, pixels, p_chunk):
             p1 = min(pixels, p0 + p_chunk)
-            sc = s[b0:b1, :, p0:p1]
             yc = None if y is None else y[b0:b1, :, p0:p1]
             valid = _not_in(yc, ign_y) if ign_y else None
-            for k, c in enumerate(kept):
-                s_c = _equals(sc, c)
-                y_c = None if yc is None else _equals(yc, c)
-                # keep, per image, only the pixels where some map has class c: the others add to no count, and
-                # for sparse foregrounds (LIDC lesions) or many classes (Cityscapes) they are most of the image
-                active = _any_over_maps(s_c)
-                if y_c is not None:
-                    active |= _any_over_maps(y_c)
-                idx = _compaction_index(active)
-                if idx is _EMPTY:
-                    continue
-                valid_c = valid
-                if idx is not None:
-                    s_c = _gather_columns(s_c, idx)
-                    y_c = None if y_c is None else _gather_columns(y_c, idx)
-                    valid_c = None if valid is None else _gather_columns(valid, idx)
-                _accumulate(k, s_c, y_c, valid_c, inter, union)
+            _accumulate_classes(s[b0:b1, :, p0:p1], yc, valid, kept, inter, union)
         for key, out in outs.items():
-            has = union[key] > 0
-            iou = torch.where(has, inter[key] / union[key].clamp_min(1.0), torch.zeros_like(inter[key]))
-            present = has.sum(dim=0)
-            out[b0:b1] = torch.where(present > 0, iou.sum(dim=0) / present.clamp_min(1), torch.ones_like(out[b0:b1]))
+            out[b0:b1] = _mean_over_present_classes(inter[key], union[key])
     return PairwiseIoU(outs.get("sy"), outs.get("ss"), outs.get("yy"))
+
+
+def _checked_blocks(
+    blocks: Sequence[str], labels: torch.Tensor | None, ignore_index: int | Sequence[int] | None
+) -> tuple[str, ...]:
+    """``blocks`` as a tuple; refuses an empty or unknown block, or a block that needs the labels without them."""
+    blocks = tuple(blocks)
+    unknown = set(blocks) - {"sy", "ss", "yy"}
+    if unknown or not blocks:
+        raise ValueError(f"blocks must be a non-empty subset of ('sy', 'ss', 'yy'), got {blocks}.")
+    if labels is None and (set(blocks) & {"sy", "yy"} or ignore_index is not None):
+        raise ValueError(f"labels are required for blocks {blocks} with ignore_index={ignore_index!r}.")
+    return blocks
+
+
+def _accumulate_classes(
+    sc: torch.Tensor,
+    yc: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    kept: Sequence[int],
+    inter: dict[str, torch.Tensor],
+    union: dict[str, torch.Tensor],
+) -> None:
+    """Add one pixel chunk's counts of every class in ``kept`` (slot ``k`` for ``kept[k]``) to every block."""
+    for k, c in enumerate(kept):
+        s_c = _equals(sc, c)
+        y_c = None if yc is None else _equals(yc, c)
+        # keep, per image, only the pixels where some map has class c: the others add to no count, and
+        # for sparse foregrounds (LIDC lesions) or many classes (Cityscapes) they are most of the image
+        active = _any_over_maps(s_c)
+        if y_c is not None:
+            active |= _any_over_maps(y_c)
+        idx = _compaction_index(active)
+        if idx is _EMPTY:
+            continue
+        valid_c = valid
+        if idx is not None:
+            s_c = _gather_columns(s_c, idx)
+            y_c = None if y_c is None else _gather_columns(y_c, idx)
+            valid_c = None if valid is None else _gather_columns(valid, idx)
+        _accumulate(k, s_c, y_c, valid_c, inter, union)
+
+
+def _mean_over_present_classes(inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+    """The pair IoU from per-class counts ``(classes, B, X, Y)``: the mean over the classes present in either map
+    of the pair (a class absent from both is skipped), 1 where no class is present."""
+    has = union > 0
+    iou = torch.where(has, inter / union.clamp_min(1.0), torch.zeros_like(inter))
+    present = has.sum(dim=0)
+    return torch.where(present > 0, iou.sum(dim=0) / present.clamp_min(1), torch.ones_like(inter[0]))

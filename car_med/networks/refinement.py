@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,55 @@ def match_size(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     for have, want in zip(reversed(x.shape[2:]), reversed(tuple(size))):
         pad += [0, int(want) - int(have)]
     return F.pad(x, pad) if any(pad) else x
+
+
+def _check_architecture(channels: tuple[int, ...], injection: str, upsample: str) -> None:
+    """Refuse an unknown ``upsample`` or ``injection``, or too few levels for the injection sites."""
+    if upsample not in ("deconv", "resize"):
+        raise ValueError(f"upsample must be 'deconv' or 'resize', got {upsample!r}")
+    if injection not in ("paper", "code"):
+        raise ValueError(f"injection must be 'paper' or 'code', got {injection!r}")
+    min_levels = 3 if injection == "code" else 2
+    if len(channels) < min_levels:
+        raise ValueError(f"injection={injection!r} needs at least {min_levels} levels, got channels={channels}")
+
+
+@dataclass(frozen=True)
+class _BlockFactory:
+    """What every down and up block of G shares; calling it builds one block.
+
+    A down block is a 3x3 convolution with stride 2; an up block a 2x2 transposed convolution with stride 2, or
+    with ``resize`` nearest-neighbour x2 then a 3x3 convolution. Each is followed by norm, LeakyReLU and dropout.
+    """
+
+    spatial_dims: int
+    negative_slope: float
+    norm: str | tuple
+    dropout: float
+    resize: bool
+
+    def __call__(self, c_in: int, c_out: int, up: bool) -> nn.Module:
+        resize = self.resize
+        conv = Convolution(
+            self.spatial_dims,
+            c_in,
+            c_out,
+            strides=1 if up and resize else 2,
+            kernel_size=3 if not up or resize else 2,
+            padding=1 if not up or resize else 0,
+            output_padding=0 if up and not resize else None,
+            is_transposed=up and not resize,
+            act=("leakyrelu", {"negative_slope": self.negative_slope}),
+            norm=self.norm,
+            dropout=self.dropout,
+            adn_ordering="NAD",
+        )
+        if "D" in conv.adn._modules:
+            # G's masks over the B*M folded rows are a large share of a CPU step (see FastDropout)
+            conv.adn.D = FastDropout(self.dropout)
+        if up and resize:
+            return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv)
+        return conv
 
 
 class NoiseInjectedUNet(nn.Module):
@@ -145,14 +195,8 @@ class NoiseInjectedUNet(nn.Module):
         super().__init__()
         check_spatial_dims(spatial_dims)
         channels = tuple(channels)
-        if upsample not in ("deconv", "resize"):
-            raise ValueError(f"upsample must be 'deconv' or 'resize', got {upsample!r}")
+        _check_architecture(channels, injection, upsample)
         self.upsample = upsample
-        if injection not in ("paper", "code"):
-            raise ValueError(f"injection must be 'paper' or 'code', got {injection!r}")
-        min_levels = 3 if injection == "code" else 2
-        if len(channels) < min_levels:
-            raise ValueError(f"injection={injection!r} needs at least {min_levels} levels, got channels={channels}")
         self.image_channels = image_channels
         self.num_classes = num_classes
         self.noise_dim = noise_dim
@@ -166,30 +210,7 @@ class NoiseInjectedUNet(nn.Module):
         pass. A run-time switch, not part of the architecture (``CARTrainer(memory_saving="checkpoint")``)."""
         n = len(channels)
 
-        resize = upsample == "resize"
-
-        def block(c_in: int, c_out: int, up: bool) -> nn.Module:
-            conv = Convolution(
-                spatial_dims,
-                c_in,
-                c_out,
-                strides=1 if up and resize else 2,
-                kernel_size=3 if not up or resize else 2,
-                padding=1 if not up or resize else 0,
-                output_padding=0 if up and not resize else None,
-                is_transposed=up and not resize,
-                act=("leakyrelu", {"negative_slope": negative_slope}),
-                norm=norm,
-                dropout=dropout,
-                adn_ordering="NAD",
-            )
-            if "D" in conv.adn._modules:
-                # G's masks over the B*M folded rows are a large share of a CPU step (see FastDropout)
-                conv.adn.D = FastDropout(dropout)
-            if up and resize:
-                return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv)
-            return conv
-
+        block = _BlockFactory(spatial_dims, negative_slope, norm, dropout, resize=upsample == "resize")
         self.down = nn.ModuleList()
         c_in = image_channels + num_classes
         for c in channels:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -104,6 +105,10 @@ def test_report_files_are_written_and_the_card_records_settings_and_sampler(star
     assert card["sample_counts"] == {"ged": [4], "hm_iou": [4], "diversity": 4}
     assert {k: v for k, v in report["metrics"].items() if k in scored.metrics} == scored.metrics
     assert "hypothesis_ece" in report["metrics"] and "hypothesis_ece" in report["references"]["majority_vote"]
+    with open(tmp_path / "per_nodule.csv") as handle:
+        per_nodule = list(csv.DictReader(handle))
+    assert [row["nodule_id"] for row in per_nodule] == ["1", "2"]
+    assert {"ged4_3d", "hm_iou4_3d", "num_hypotheses", "readers_covered"} <= set(per_nodule[0])
 
 
 def test_evaluate_lidc_is_its_steps(started, datalist, tmp_path):
