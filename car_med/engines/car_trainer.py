@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +34,28 @@ __all__ = ["CARTrainer"]
 _REGULARISERS = ("calibration", "cross_entropy")
 _OUTPUT_TYPES = ("categorical", "continuous")
 _MEMORY_SAVING = ("none", "chunked", "checkpoint")
+
+
+def _checked_amp_dtype(amp_dtype: torch.dtype | str) -> torch.dtype:
+    """``amp_dtype`` as a torch dtype (a name such as ``"bfloat16"`` is looked up), which must be bfloat16."""
+    if isinstance(amp_dtype, str):
+        amp_dtype = getattr(torch, amp_dtype, None)
+    if amp_dtype is not torch.bfloat16:
+        raise ValueError(
+            f"amp_dtype must be torch.bfloat16, got {amp_dtype!r}: float16 needs loss scaling, which R1's "
+            "gradient penalty does not survive."
+        )
+    return amp_dtype
+
+
+@dataclass
+class _ScoredSamples:
+    """D's score of G's samples for L_adv, and what the regulariser differentiates."""
+
+    fake_logits: torch.Tensor  # D's logits for every folded row
+    fake_shown: torch.Tensor  # G's samples as D saw them (ignore pixels overwritten with the real one-hot)
+    reg_input: torch.Tensor  # G's samples, or (chunked) a leaf standing for them
+    adv_grad: torch.Tensor | None  # chunked: dL_adv/dsamples, already weighted; else None (L_adv has its graph)
 
 
 class CARTrainer(Trainer):
@@ -172,49 +195,27 @@ class CARTrainer(Trainer):
         amp: bool = False,
         amp_dtype: torch.dtype | str = torch.bfloat16,
     ) -> None:
-        if num_samples < 1:
-            raise ValueError(f"num_samples (M) must be >= 1, got {num_samples}.")
-        if regulariser not in _REGULARISERS:
-            raise ValueError(f"regulariser must be one of {_REGULARISERS}, got {regulariser!r}.")
-        if output_type not in _OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}.")
-        if output_type == "categorical" and (num_classes is None or num_classes < 2):
-            raise ValueError(f"categorical CAR needs num_classes >= 2, got {num_classes}.")
-        if d_fake_samples not in ("first", "all"):
-            raise ValueError(f"d_fake_samples must be 'first' or 'all', got {d_fake_samples!r}.")
-        if not 0.0 < ce_log_floor < 1.0:
-            raise ValueError(f"ce_log_floor must be in (0, 1), got {ce_log_floor}.")
-        if noise_std <= 0.0:
-            raise ValueError(f"noise_std must be > 0, got {noise_std}.")
-        if (calibration_optimizer is None) != (calibration_loss_function is None):
-            raise ValueError("joint F training needs both calibration_optimizer and calibration_loss_function.")
-        if memory_saving not in _MEMORY_SAVING:
-            raise ValueError(f"memory_saving must be one of {_MEMORY_SAVING}, got {memory_saving!r}.")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-        if isinstance(amp_dtype, str):
-            amp_dtype = getattr(torch, amp_dtype, None)
-        if amp_dtype is not torch.bfloat16:
-            raise ValueError(
-                f"amp_dtype must be torch.bfloat16, got {amp_dtype!r}: float16 needs loss scaling, which R1's "
-                "gradient penalty does not survive."
-            )
-        if amp and memory_saving == "chunked":
-            raise ValueError("amp=True runs with memory_saving='none' only; the chunked step is float32 only.")
-        if memory_saving == "chunked":
-            coupled = [n for n, mod in discriminator.named_modules() if isinstance(mod, _BatchNorm)]
-            if coupled:
-                raise ValueError(
-                    f"memory_saving='chunked' scores the samples with D in chunks of rows, which changes a D with "
-                    f"BatchNorm ({coupled}); use memory_saving='none'."
-                )
-            if isinstance(refinement_network, NoiseInjectedUNet):
-                check_chunkable_refinement(refinement_network)
-        if memory_saving == "checkpoint" and not hasattr(refinement_network, "checkpoint_blocks"):
-            raise ValueError(
-                f"memory_saving='checkpoint' needs a G with a checkpoint_blocks switch (NoiseInjectedUNet); "
-                f"{type(refinement_network).__name__} has none. Use memory_saving='none'."
-            )
+        # kept and checked before MONAI's Trainer attaches any handler, so a wrong option raises before that
+        self.calibration_network = calibration_network
+        self.refinement_network = refinement_network
+        self.discriminator = discriminator
+        self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
+        self.calibration_optimizer, self.calibration_loss_function = calibration_optimizer, calibration_loss_function
+        # G's samples and its loss
+        self.noise_dim, self.noise_std, self.num_samples = noise_dim, noise_std, num_samples
+        self.regulariser, self.lambda_cal, self.adversarial_weight = regulariser, lambda_cal, adversarial_weight
+        self.output_type, self.num_classes, self.ignore_index = output_type, num_classes, ignore_index
+        self.calibration_clamp, self.ce_log_floor = calibration_clamp, ce_log_floor
+        # D's step
+        self.r1_gamma, self.r1_half, self.d_fake_samples = r1_gamma, r1_half, d_fake_samples
+        self.d_schedule = d_schedule or DiscriminatorSchedule()
+        self._last_d_accuracy: float | None = None
+        self.image_key, self.label_key = image_key, label_key
+        self.memory_saving, self.chunk_size = memory_saving, chunk_size
+        self._check_options()
+        # not `self.amp`: MONAI's Trainer would then build a float16 GradScaler that this step never uses
+        self.autocast, self.amp_dtype = bool(amp), _checked_amp_dtype(amp_dtype)
+        self._check_memory_saving()
         extra = {} if metric_cmp_fn is None else {"metric_cmp_fn": metric_cmp_fn}
         super().__init__(
             device=device,
@@ -230,42 +231,54 @@ class CARTrainer(Trainer):
             decollate=decollate,
             **extra,
         )
-        self.calibration_network = calibration_network
-        self.refinement_network = refinement_network
-        self.discriminator = discriminator
-        self.g_optimizer = g_optimizer
-        self.d_optimizer = d_optimizer
         # MONAI's handlers look for `engine.network` / `engine.optimizer` (e.g. to log the learning rate):
         # G is the network this engine trains.
-        self.network = refinement_network
-        self.optimizer = g_optimizer
-        self.noise_dim = noise_dim
-        self.num_samples = num_samples
-        self.lambda_cal = lambda_cal
-        self.adversarial_weight = adversarial_weight
-        self.regulariser = regulariser
-        self.output_type = output_type
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.r1_gamma = r1_gamma
-        self.r1_half = r1_half
-        self.d_schedule = d_schedule or DiscriminatorSchedule()
-        self.d_fake_samples = d_fake_samples
-        self.calibration_clamp = calibration_clamp
-        self.ce_log_floor = ce_log_floor
-        self.noise_std = noise_std
-        self.calibration_optimizer = calibration_optimizer
-        self.calibration_loss_function = calibration_loss_function
-        self.image_key = image_key
-        self.label_key = label_key
-        self.memory_saving = memory_saving
-        self.chunk_size = chunk_size
+        self.network, self.optimizer = refinement_network, g_optimizer
         if memory_saving == "checkpoint":
             refinement_network.checkpoint_blocks = True
-        # not `self.amp`: MONAI's Trainer would then build a float16 GradScaler that this step never uses
-        self.autocast = bool(amp)
-        self.amp_dtype = amp_dtype
-        self._last_d_accuracy: float | None = None
+
+    # ----------------------------------------------------------------------------------------- options
+    def _check_options(self) -> None:
+        """Raise a ``ValueError`` naming the first option outside its range."""
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples (M) must be >= 1, got {self.num_samples}.")
+        if self.regulariser not in _REGULARISERS:
+            raise ValueError(f"regulariser must be one of {_REGULARISERS}, got {self.regulariser!r}.")
+        if self.output_type not in _OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {self.output_type!r}.")
+        if self.output_type == "categorical" and (self.num_classes is None or self.num_classes < 2):
+            raise ValueError(f"categorical CAR needs num_classes >= 2, got {self.num_classes}.")
+        if self.d_fake_samples not in ("first", "all"):
+            raise ValueError(f"d_fake_samples must be 'first' or 'all', got {self.d_fake_samples!r}.")
+        if not 0.0 < self.ce_log_floor < 1.0:
+            raise ValueError(f"ce_log_floor must be in (0, 1), got {self.ce_log_floor}.")
+        if self.noise_std <= 0.0:
+            raise ValueError(f"noise_std must be > 0, got {self.noise_std}.")
+        if (self.calibration_optimizer is None) != (self.calibration_loss_function is None):
+            raise ValueError("joint F training needs both calibration_optimizer and calibration_loss_function.")
+        if self.memory_saving not in _MEMORY_SAVING:
+            raise ValueError(f"memory_saving must be one of {_MEMORY_SAVING}, got {self.memory_saving!r}.")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}.")
+
+    def _check_memory_saving(self) -> None:
+        """Raise a ``ValueError`` where the memory-saving mode cannot keep the step exact with these nets or amp."""
+        if self.autocast and self.memory_saving == "chunked":
+            raise ValueError("amp=True runs with memory_saving='none' only; the chunked step is float32 only.")
+        if self.memory_saving == "chunked":
+            coupled = [n for n, mod in self.discriminator.named_modules() if isinstance(mod, _BatchNorm)]
+            if coupled:
+                raise ValueError(
+                    f"memory_saving='chunked' scores the samples with D in chunks of rows, which changes a D with "
+                    f"BatchNorm ({coupled}); use memory_saving='none'."
+                )
+            if isinstance(self.refinement_network, NoiseInjectedUNet):
+                check_chunkable_refinement(self.refinement_network)
+        if self.memory_saving == "checkpoint" and not hasattr(self.refinement_network, "checkpoint_blocks"):
+            raise ValueError(
+                f"memory_saving='checkpoint' needs a G with a checkpoint_blocks switch (NoiseInjectedUNet); "
+                f"{type(self.refinement_network).__name__} has none. Use memory_saving='none'."
+            )
 
     # ----------------------------------------------------------------------------------------- helpers
     def _run(self, network: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
@@ -380,29 +393,47 @@ class CARTrainer(Trainer):
         calibration = self._calibration_target(engine, image, raw_label)
         out[CARKeys.CALIBRATION] = calibration
 
-        # G step: all M samples of every image in one folded batch.
         self.refinement_network.train()
         self.discriminator.train()
-        m = self.num_samples
-        image_folded, calibration_folded = fold_for_sampling(image, calibration, m)
+        image_folded, fake = self._generate_samples(image, calibration)
+        real = self._real_label_map(label)
+        scored = self._score_samples(image_folded, fake, real, label)
+        samples = fake.detach().reshape(image.shape[0], self.num_samples, *fake.shape[1:])
+        out[CARKeys.SAMPLES] = samples
+        out[CARKeys.PRED] = samples.mean(dim=1)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+
+        self._generator_step(engine, out, fake, scored, calibration, label)
+        self._discriminator_step(out, image, image_folded, scored.fake_shown.detach(), real, iteration)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    def _generate_samples(self, image: torch.Tensor, calibration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """G's M samples of every image, folded into the batch as ``(B*M, ...)``: ``(image_folded, samples)``."""
+        image_folded, calibration_folded = fold_for_sampling(image, calibration, self.num_samples)
         noise = self.noise_std * torch.randn(image_folded.shape[0], self.noise_dim, device=image.device)
-        chunked = self.memory_saving == "chunked"
-        if chunked and isinstance(self.refinement_network, NoiseInjectedUNet):
+        if self.memory_saving == "chunked" and isinstance(self.refinement_network, NoiseInjectedUNet):
             fake = chunked_refinement_forward(
                 self.refinement_network, image_folded, calibration_folded, noise, self.chunk_size
             )
         else:
             fake = self._run(self.refinement_network, image_folded, calibration_folded, noise)
-        real = self._real_label_map(label)
+        return image_folded, fake
+
+    def _score_samples(
+        self, image_folded: torch.Tensor, fake: torch.Tensor, real: torch.Tensor, label: torch.Tensor
+    ) -> _ScoredSamples:
+        """D's logits for G's samples (ignore pixels hidden), with D's parameters left out of the graph."""
+        m = self.num_samples
         valid = self._valid_mask(label)
         valid_folded = None if valid is None else valid.repeat_interleave(m, dim=0)
         real_folded = real.repeat_interleave(m, dim=0)
-        if chunked:
+        if self.memory_saving == "chunked":
             # D's part of L_adv one chunk at a time; the regulariser then sees a leaf standing for G's samples
             def shown(rows: torch.Tensor, sl: slice) -> torch.Tensor:
                 return self._hide_ignored(rows, real_folded[sl], None if valid_folded is None else valid_folded[sl])
 
-            fake_logits_g, adv_grad = chunked_adversarial_loss(
+            fake_logits, adv_grad = chunked_adversarial_loss(
                 self.discriminator,
                 image_folded,
                 fake.detach(),
@@ -412,44 +443,47 @@ class CARTrainer(Trainer):
                 shown,
             )
             fake_shown = self._hide_ignored(fake.detach(), real_folded, valid_folded)
-            reg_input = fake.detach().requires_grad_(True)
-        else:
-            fake_shown = self._hide_ignored(fake, real_folded, valid_folded)
-            self.discriminator.requires_grad_(False)
-            try:
-                fake_logits_g = self._run(self.discriminator, image_folded, fake_shown)
-            finally:
-                self.discriminator.requires_grad_(True)
-            reg_input = fake
-        samples = fake.detach().reshape(image.shape[0], m, *fake.shape[1:])
-        out[CARKeys.SAMPLES] = samples
-        out[CARKeys.PRED] = samples.mean(dim=1)
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            return _ScoredSamples(fake_logits, fake_shown, fake.detach().requires_grad_(True), adv_grad)
+        fake_shown = self._hide_ignored(fake, real_folded, valid_folded)
+        self.discriminator.requires_grad_(False)
+        try:
+            fake_logits = self._run(self.discriminator, image_folded, fake_shown)
+        finally:
+            self.discriminator.requires_grad_(True)
+        return _ScoredSamples(fake_logits, fake_shown, fake, None)
 
-        loss_adv = generator_adversarial_loss(fake_logits_g)
-        loss_reg = self._regulariser_loss(reg_input, calibration, label)
+    def _generator_step(
+        self,
+        engine: CARTrainer,
+        out: dict[str, Any],
+        fake: torch.Tensor,
+        scored: _ScoredSamples,
+        calibration: torch.Tensor,
+        label: torch.Tensor,
+    ) -> None:
+        """G steps on ``adversarial_weight * L_adv + lambda_cal * L_reg``; fires LOSS_ and BACKWARD_COMPLETED."""
+        loss_adv = generator_adversarial_loss(scored.fake_logits)
+        loss_reg = self._regulariser_loss(scored.reg_input, calibration, label)
         loss_g = self.adversarial_weight * loss_adv + self.lambda_cal * loss_reg
         reg_key = CARKeys.LOSS_CAL if self.regulariser == "calibration" else CARKeys.LOSS_CE
         out.update({CARKeys.LOSS: loss_g, CARKeys.LOSS_G: loss_g, CARKeys.LOSS_ADV: loss_adv, reg_key: loss_reg})
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         raise_if_non_finite(
-            {CARKeys.LOSS_G: loss_g, CARKeys.LOSS_ADV: loss_adv, reg_key: loss_reg}, iteration, "CAR stage 2 (G)"
+            {CARKeys.LOSS_G: loss_g, CARKeys.LOSS_ADV: loss_adv, reg_key: loss_reg},
+            engine.state.iteration,
+            "CAR stage 2 (G)",
         )
         self.g_optimizer.zero_grad(set_to_none=True)
-        if chunked:
+        if scored.adv_grad is not None:
             # loss_g's graph reaches the samples only through the regulariser; D's part came chunk by chunk
-            (reg_grad,) = torch.autograd.grad(loss_g, reg_input)
-            fake.backward(adv_grad + reg_grad)
+            (reg_grad,) = torch.autograd.grad(loss_g, scored.reg_input)
+            fake.backward(scored.adv_grad + reg_grad)
         else:
             loss_g.backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         self.g_optimizer.step()
         for key in (CARKeys.LOSS, CARKeys.LOSS_G, CARKeys.LOSS_ADV, reg_key):
             out[key] = out[key].detach()
-
-        self._discriminator_step(out, image, image_folded, fake_shown.detach(), real, iteration)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
 
     def _discriminator_step(
         self,

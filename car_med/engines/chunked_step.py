@@ -13,10 +13,10 @@ of rows and BatchNorm exactly:
   BatchNorm statistics over the whole folded batch (float64 accumulation, as PyTorch's CPU kernel does),
   updates the running statistics once, and evaluates the rest chunk by chunk. It keeps only the
   convolution output and a boolean dropout mask. The backward pass recomputes the row-wise ops chunk by
-  chunk twice, first for BatchNorm's whole-batch sums, then for the gradient itself (so the gradient at
-  BatchNorm's output never exists for the whole batch), applies BatchNorm's exact backward (through the
-  batch statistics), and takes the convolution's gradients with ``convolution_backward``, without
-  recomputing the convolution.
+  chunk once, for the gradient at BatchNorm's output (one buffer for the whole batch, which the input's
+  gradient then reuses) and BatchNorm's whole-batch sums; then, chunk by chunk, it applies BatchNorm's exact
+  backward (through the batch statistics) in place and takes the convolution's gradients with
+  ``convolution_backward``, without recomputing the convolution.
 - :func:`chunked_adversarial_loss` evaluates D on chunks of G's detached samples and back-propagates each
   chunk at once, collecting dL_adv/dsample. D has no normalisation, so this is exact.
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -151,7 +152,7 @@ def _conv_out_spatial(conv: _ConvNd, spatial: Sequence[int]) -> list[int]:
     return out
 
 
-def _rows_for(conv: _ConvNd, parts: Sequence[torch.Tensor], budget: int) -> int:
+def _rows_per_chunk(conv: _ConvNd, parts: Sequence[torch.Tensor], budget: int) -> int:
     """Rows per chunk so that neither the block's input nor its conv output exceeds ``budget`` elements."""
     spatial = parts[0].shape[2:]
     row_in = sum(p[0].numel() for p in parts)
@@ -159,11 +160,12 @@ def _rows_for(conv: _ConvNd, parts: Sequence[torch.Tensor], budget: int) -> int:
     return max(1, min(parts[0].shape[0], budget // max(row_in, row_out, 1)))
 
 
-def _gather(parts: Sequence[torch.Tensor], sl: slice) -> torch.Tensor:
+def _input_rows(parts: Sequence[torch.Tensor], sl: slice) -> torch.Tensor:
+    """Rows ``sl`` of the block's input: its parts (G's output and the skip) concatenated along channels."""
     return parts[0][sl] if len(parts) == 1 else torch.cat([p[sl] for p in parts], dim=1)
 
 
-def _tail(plan: _BlockPlan, y: torch.Tensor, masks: Sequence[torch.Tensor], mod: tuple | None) -> torch.Tensor:
+def _row_wise_tail(plan: _BlockPlan, y: torch.Tensor, masks: Sequence[torch.Tensor], mod: tuple | None) -> torch.Tensor:
     """The row-wise rest of a block after BatchNorm, in G's order (see ``NoiseInjectedUNet.decode``).
 
     ``mod`` holds this chunk's rows of the injection's r and s (see :func:`_modulation`).
@@ -190,7 +192,8 @@ def _tail(plan: _BlockPlan, y: torch.Tensor, masks: Sequence[torch.Tensor], mod:
     return h
 
 
-def _reduce_dims(t: torch.Tensor) -> list[int]:
+def _norm_reduce_dims(t: torch.Tensor) -> list[int]:
+    """The dimensions BatchNorm's statistics run over: rows and space, every one but the channels."""
     return [0, *range(2, t.ndim)]
 
 
@@ -198,18 +201,22 @@ def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.view(1, -1, *([1] * (ndim - 2)))
 
 
-def _cl(t: torch.Tensor) -> torch.memory_format:
+def _channels_last_format(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if t.ndim == 4 else torch.channels_last_3d
 
 
-def _tail_channels(plan: _BlockPlan) -> int:
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.ndim in (4, 5) and not t.is_contiguous() and t.is_contiguous(memory_format=_channels_last_format(t))
+
+
+def _output_channels(plan: _BlockPlan) -> int:
     """Channels of a block's output: the injection's 1x1 convolution sets them, else the block's conv."""
     if plan.inject is not None:
         return plan.inject.proj.conv.out_channels
     return plan.conv.out_channels
 
 
-def _arena(
+def _views_of_one_allocation(
     device: torch.device, layout: Sequence[tuple[torch.Size, torch.dtype]], channels_last: bool = False
 ) -> list[torch.Tensor]:
     """Tensors of the given shapes and dtypes carved out of one allocation, optionally channels-last.
@@ -228,11 +235,11 @@ def _arena(
     views = []
     for (shape, dtype), offset in zip(layout, offsets):
         nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
-        views.append(_shaped(buffer[offset : offset + nbytes].view(dtype), shape, channels_last))
+        views.append(_view_in_layout(buffer[offset : offset + nbytes].view(dtype), shape, channels_last))
     return views
 
 
-def _shaped(flat: torch.Tensor, shape: Sequence[int], channels_last: bool) -> torch.Tensor:
+def _view_in_layout(flat: torch.Tensor, shape: Sequence[int], channels_last: bool) -> torch.Tensor:
     """A flat buffer seen as ``shape`` (N, C, *spatial), laid out contiguous or channels-last; rows outermost."""
     if not channels_last:
         return flat.view(shape)
@@ -241,189 +248,381 @@ def _shaped(flat: torch.Tensor, shape: Sequence[int], channels_last: bool) -> to
     return flat.view(shape[0], *shape[2:], shape[1]).permute(0, ndim - 1, *range(1, ndim - 1))
 
 
-def _is_cl(t: torch.Tensor) -> bool:
-    return t.ndim in (4, 5) and not t.is_contiguous() and t.is_contiguous(memory_format=_cl(t))
+# ----------------------------------------------------------------------------- what a block keeps for backward
+class _BlockParams(NamedTuple):
+    """A block's parameters by kind (or one value per parameter, such as whether it needs a gradient).
+
+    :class:`_ChunkedBlock` receives them flat, in this order, after the plan, the counts and the noise.
+    """
+
+    conv: tuple  # the convolution's weight, then its bias if it has one
+    norm: tuple  # BatchNorm's affine weight and bias, or nothing
+    tail: tuple  # the parameters of the row-wise ops after BatchNorm (e.g. the injection's 1x1 projection)
+    noise: tuple  # the injection's linear maps of the noise: residual r's, then scale s's
+
+    def flat(self) -> tuple:
+        return (*self.conv, *self.norm, *self.tail, *self.noise)
+
+    def counts(self) -> _ParamCounts:
+        return _ParamCounts(*(len(group) for group in self))
+
+
+class _ParamCounts(NamedTuple):
+    """How many of a block's flat parameters are of each kind of :class:`_BlockParams`."""
+
+    conv: int
+    norm: int
+    tail: int
+    noise: int
+
+    @property
+    def total(self) -> int:
+        return sum(self)
+
+    def split(self, flat: Sequence) -> _BlockParams:
+        """``flat[:total]`` grouped by kind."""
+        groups, start = [], 0
+        for size in self:
+            groups.append(tuple(flat[start : start + size]))
+            start += size
+        return _BlockParams(*groups)
+
+
+class _SavedInputs(NamedTuple):
+    """What a block saves through ``ctx.save_for_backward``, unpacked by name in its backward pass."""
+
+    noise: torch.Tensor  # the folded batch's noise (N, noise_dim), detached
+    params: _BlockParams
+    parts: tuple  # the block's input, in the pieces that are concatenated along channels (output, skip)
+
+    def to_save(self) -> tuple[torch.Tensor, ...]:
+        return (self.noise, *self.params.flat(), *self.parts)
+
+    @classmethod
+    def unpack(cls, saved: Sequence[torch.Tensor], counts: _ParamCounts) -> _SavedInputs:
+        noise, rest = saved[0], saved[1:]
+        return cls(noise, counts.split(rest), tuple(rest[counts.total :]))
+
+
+@dataclass
+class _KeptActivations:
+    """Intermediates a block keeps on ``ctx`` beside its saved inputs, freed by its backward pass.
+
+    ``z`` and ``masks`` share one allocation with the block's output (see :func:`_views_of_one_allocation`).
+    """
+
+    z: torch.Tensor  # the convolution's output for every row
+    masks: list[torch.Tensor]  # the dropout keep-masks, in the block's order
+    stats: _NormStats | None  # BatchNorm's statistics, as the forward pass used them
+
+
+# ------------------------------------------------------------------------------------------------ forward steps
+def _block_buffers(
+    plan: _BlockPlan, parts: Sequence[torch.Tensor], first: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """One allocation for the block's conv output ``z``, its dropout masks and its output, in ``first``'s layout.
+
+    ``first`` is the conv output of the first chunk: channels-last nets give channels-last outputs, so the
+    buffers follow (no transposing copies), and the dropout masks are laid out as nn.Dropout's, so drawn in
+    the same order.
+    """
+    total, spatial, dtype = parts[0].shape[0], parts[0].shape[2:], parts[0].dtype
+    z_spatial = _conv_out_spatial(plan.conv, spatial)
+    z_shape = torch.Size((total, plan.conv.out_channels, *z_spatial))
+    out_shape = torch.Size((total, _output_channels(plan), *(plan.crop or z_spatial)))
+    n_masks = sum(isinstance(op, _DropoutSite) and 0.0 < op.p < 1.0 for op in plan.row_ops)
+    z, *masks, out = _views_of_one_allocation(
+        parts[0].device,
+        [(z_shape, dtype)] + [(z_shape, torch.bool)] * n_masks + [(out_shape, dtype)],
+        _is_channels_last(first),
+    )
+    return z, masks, out
+
+
+def _draw_dropout_masks(plan: _BlockPlan, masks: Sequence[torch.Tensor]) -> None:
+    """The keep-masks in forward order, each drawn over the whole batch exactly as nn.Dropout draws it."""
+    it = iter(masks)
+    for op in plan.row_ops:
+        if isinstance(op, _DropoutSite) and 0.0 < op.p < 1.0:
+            mask = next(it)
+            fill_keep_mask_(mask, op.p) if op.fast else mask.bernoulli_(1.0 - op.p)
+
+
+# ----------------------------------------------------------------------------------------------- backward steps
+@dataclass
+class _TailGrads:
+    """Pass 1 of a block's backward: what the row-wise tail gives back, and BatchNorm's whole-batch sums."""
+
+    dy_flat: torch.Tensor  # dy's storage; the input's gradient may reuse it in pass 2
+    dy: torch.Tensor  # dL/d(BatchNorm output), laid out as z; pass 2 turns it into dL/dz in place
+    params: list[torch.Tensor | None]  # the tail parameters' gradients, None where none is needed
+    modulation: tuple[torch.Tensor, torch.Tensor] | None  # dL/dr and dL/ds for every row (with an injection)
+    sum_dy: torch.Tensor  # per channel, float64: sum(dy)
+    sum_centred_dy: torch.Tensor  # per channel, float64: sum((z - mean) * dy)
+
+
+def _take_kept_activations(ctx) -> _KeptActivations:
+    """The block's kept activations, released from ``ctx``: the backward pass frees them as it goes."""
+    kept = ctx.kept
+    if kept is None:
+        raise RuntimeError(
+            "a chunked G block frees its buffers in its backward pass, so the graph of a "
+            "memory_saving='chunked' step cannot be back-propagated twice (retain_graph=True)."
+        )
+    ctx.kept = None
+    return kept
+
+
+def _tail_chunk_backward(
+    plan: _BlockPlan,
+    y_c: torch.Tensor,
+    masks_c: Sequence[torch.Tensor],
+    mod_c: tuple[torch.Tensor, torch.Tensor] | None,
+    wanted: Sequence[torch.Tensor],
+    grad_out_c: torch.Tensor,
+) -> tuple[torch.Tensor, tuple, tuple]:
+    """The row-wise tail recomputed on one chunk and back-propagated: ``(dL/dy, dL/d(r, s), wanted grads)``."""
+    y_c.requires_grad_(True)
+    mod_leaves = None if mod_c is None else tuple(t.detach().requires_grad_(True) for t in mod_c)
+    with torch.enable_grad():
+        o_c = _row_wise_tail(plan, y_c, masks_c, mod_leaves)
+        got = torch.autograd.grad(o_c, [y_c, *(mod_leaves or ()), *wanted], grad_out_c, allow_unused=True)
+    n_mod = 0 if mod_leaves is None else 2
+    return got[0], got[1 : 1 + n_mod], got[1 + n_mod :]
+
+
+def _tail_backward(
+    plan: _BlockPlan,
+    kept: _KeptActivations,
+    noise: torch.Tensor,
+    tail_params: Sequence[torch.Tensor],
+    tail_needs: Sequence[bool],
+    grad_out: torch.Tensor,
+) -> _TailGrads:
+    """Pass 1: the row-wise tail recomputed chunk by chunk for dL/d(BN output), the tail's parameter grads
+    and BatchNorm's whole-batch sums."""
+    z, stats = kept.z, kept.stats
+    dims, ndim = _norm_reduce_dims(z), z.ndim
+    wanted = [p for p, need in zip(tail_params, tail_needs) if need]
+    grads_wanted: list[torch.Tensor | None] = [None] * len(wanted)
+    dy_flat = z.new_empty(z.numel())
+    dy = _view_in_layout(dy_flat, z.shape, _is_channels_last(z))
+    sum_dy = torch.zeros(z.shape[1], dtype=torch.float64, device=z.device)
+    sum_centred_dy = torch.zeros_like(sum_dy)
+    mod = _modulation(plan, noise, z.dtype, ndim)
+    grad_mod = None if mod is None else (torch.zeros_like(mod[0]), torch.zeros_like(mod[1]))
+    for sl in chunk_slices(z.shape[0], plan.rows):
+        z_c = z[sl]
+        dy[sl], grad_mod_c, grads_c = _tail_chunk_backward(
+            plan,
+            _normalise(z_c, stats),
+            [m[sl] for m in kept.masks],
+            None if mod is None else (mod[0][sl], mod[1][sl]),
+            wanted,
+            grad_out[sl],
+        )
+        for acc, g in zip(grad_mod or (), grad_mod_c):
+            if g is not None:
+                acc[sl] = g
+        for k, g in enumerate(grads_c):
+            if g is not None:
+                grads_wanted[k] = g if grads_wanted[k] is None else grads_wanted[k].add_(g)
+        del grad_mod_c, grads_c
+        if stats is not None:
+            dy_c = dy[sl]
+            sum_dy += dy_c.sum(dims).double()
+            sum_centred_dy += ((z_c - _channel_view(stats.mean, ndim)) * dy_c).sum(dims).double()
+    it = iter(grads_wanted)
+    grads_tail = [next(it) if need else None for need in tail_needs]
+    return _TailGrads(dy_flat, dy, grads_tail, grad_mod, sum_dy, sum_centred_dy)
+
+
+def _noise_map_grads(
+    plan: _BlockPlan,
+    noise: torch.Tensor,
+    noise_params: Sequence[torch.Tensor],
+    noise_needs: Sequence[bool],
+    grad_mod: tuple[torch.Tensor, torch.Tensor] | None,
+    dtype: torch.dtype,
+    ndim: int,
+) -> list[torch.Tensor | None]:
+    """The gradients of the injection's linear maps of the noise, back-propagated once for the whole batch."""
+    if grad_mod is None or not any(noise_needs):
+        return [None] * len(noise_params)
+    with torch.enable_grad():
+        r, s = _modulation(plan, noise, dtype, ndim)
+        wanted = [p for p, need in zip(noise_params, noise_needs) if need]
+        got = torch.autograd.grad([r, s], wanted, list(grad_mod), allow_unused=True)
+    it = iter(got)
+    return [next(it) if need else None for need in noise_needs]
+
+
+def _norm_affine_grads(
+    n_norm: int, stats: _NormStats | None, tail: _TailGrads, dtype: torch.dtype
+) -> list[torch.Tensor | None]:
+    """BatchNorm's affine grads: dL/dweight = sum(dy * xhat), dL/dbias = sum(dy); none without affine params."""
+    if not n_norm:
+        return []
+    return [(tail.sum_centred_dy * stats.invstd.double()).to(dtype), tail.sum_dy.to(dtype)]
+
+
+@dataclass
+class _NormBackward:
+    """BatchNorm's exact backward (through the whole batch's statistics), applied to dy in place chunk by chunk."""
+
+    scale: torch.Tensor  # invstd * weight
+    coef: torch.Tensor | None  # sum((z - mean) * dy) * invstd^2 / n; None with running statistics
+    grad_mean: torch.Tensor | None  # mean(dy); None with running statistics
+    mean: torch.Tensor | None
+
+    @classmethod
+    def of(cls, stats: _NormStats | None, tail: _TailGrads, dtype: torch.dtype, ndim: int) -> _NormBackward | None:
+        if stats is None:
+            return None
+        scale = _channel_view(stats.invstd * stats.weight, ndim)
+        if not stats.batch:
+            return cls(scale, None, None, None)
+        n = stats.count
+        coef = _channel_view((tail.sum_centred_dy * stats.invstd.double() ** 2 / n).to(dtype), ndim)
+        grad_mean = _channel_view((tail.sum_dy / n).to(dtype), ndim)
+        return cls(scale, coef, grad_mean, _channel_view(stats.mean, ndim))
+
+    def apply_(self, dy_c: torch.Tensor, z_c: torch.Tensor) -> None:
+        """``dy_c`` becomes dL/dz for these rows."""
+        if self.coef is None:
+            dy_c.mul_(self.scale)
+            return
+        # PyTorch's CPU batch_norm backward: (dy - mean(dy) - (z - mean) * k) * invstd * weight
+        dy_c.sub_(self.grad_mean).sub_((z_c - self.mean).mul_(self.coef)).mul_(self.scale)
+
+
+def _input_grad_buffer(
+    tail: _TailGrads, z: torch.Tensor, parts: Sequence[torch.Tensor], part_needs: Sequence[bool]
+) -> torch.Tensor | None:
+    """Where the gradient of the block's input goes, or ``None`` when no part of the input needs one.
+
+    It overwrites the chunks of dy already used when it fits in them (rows of at most the size of dy's rows
+    land in rows already done); else it gets a buffer of its own.
+    """
+    if not any(part_needs):
+        return None
+    total = z.shape[0]
+    in_shape = (total, sum(p.shape[1] for p in parts), *parts[0].shape[2:])
+    row_in, row_z = torch.Size(in_shape[1:]).numel(), z[0].numel()
+    flat = tail.dy_flat[: total * row_in] if row_in <= row_z else tail.dy_flat.new_empty(total * row_in)
+    return _view_in_layout(flat, in_shape, _is_channels_last(parts[0]))
+
+
+def _conv_backward(
+    plan: _BlockPlan,
+    kept: _KeptActivations,
+    tail: _TailGrads,
+    parts: Sequence[torch.Tensor],
+    part_needs: Sequence[bool],
+    conv_needs: Sequence[bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Pass 2: dL/dz through BatchNorm in place of dy, chunk by chunk, then the convolution's gradients
+    ``(weight, bias, input)`` with ``convolution_backward``, without recomputing the convolution."""
+    conv, z = plan.conv, kept.z
+    norm_backward = _NormBackward.of(kept.stats, tail, z.dtype, z.ndim)
+    grad_in = _input_grad_buffer(tail, z, parts, part_needs)
+    grad_w = grad_b = None
+    has_bias = len(conv_needs) == 2
+    mask = [grad_in is not None, conv_needs[0], has_bias and conv_needs[1]]
+    transposed = isinstance(conv, _ConvTransposeNd)
+    output_padding = conv.output_padding if transposed else (0,) * len(conv.stride)
+    for sl in chunk_slices(z.shape[0], plan.rows):
+        dz_c = tail.dy[sl]
+        if norm_backward is not None:
+            norm_backward.apply_(dz_c, z[sl])
+        gi, gw, gb = torch.ops.aten.convolution_backward(
+            dz_c,
+            _input_rows(parts, sl),
+            conv.weight,
+            [conv.out_channels] if conv.bias is not None else None,
+            list(conv.stride),
+            list(conv.padding),
+            list(conv.dilation),
+            transposed,
+            list(output_padding),
+            conv.groups,
+            mask,
+        )
+        del dz_c
+        if gw is not None:
+            grad_w = gw if grad_w is None else grad_w.add_(gw)
+        if gb is not None:
+            grad_b = gb if grad_b is None else grad_b.add_(gb)
+        if gi is not None:
+            grad_in[sl] = gi
+        del gi
+    return grad_w, grad_b, grad_in
+
+
+def _split_input_grad(
+    grad_in: torch.Tensor | None, parts: Sequence[torch.Tensor], part_needs: Sequence[bool]
+) -> list[torch.Tensor | None]:
+    """The input's gradient cut back into the parts the block's input was concatenated from."""
+    grad_parts: list[torch.Tensor | None] = []
+    start = 0
+    for p, need in zip(parts, part_needs):
+        width = p.shape[1]
+        grad_parts.append(grad_in[:, start : start + width] if need else None)
+        start += width
+    return grad_parts
 
 
 class _ChunkedBlock(torch.autograd.Function):
-    """One G block over the folded batch, evaluated in row chunks (see the module docstring)."""
+    """One G block over the folded batch, evaluated in row chunks (see the module docstring).
+
+    Called as ``_ChunkedBlock.apply(plan, counts, noise, *params.flat(), *parts)`` (see :func:`_run_block`).
+    """
 
     @staticmethod
-    def forward(ctx, plan: _BlockPlan, n_params: int, noise: torch.Tensor, *tensors: torch.Tensor):
-        params, parts = tensors[:n_params], tensors[n_params:]
-        total, spatial, dtype = parts[0].shape[0], parts[0].shape[2:], parts[0].dtype
-        slices = chunk_slices(total, plan.rows)
-        z_spatial = _conv_out_spatial(plan.conv, spatial)
-        z_shape = torch.Size((total, plan.conv.out_channels, *z_spatial))
-        out_shape = torch.Size((total, _tail_channels(plan), *(plan.crop or z_spatial)))
-        n_masks = sum(isinstance(op, _DropoutSite) and 0.0 < op.p < 1.0 for op in plan.row_ops)
-        first = plan.conv(_gather(parts, slices[0]))
-        # the conv's own memory format (channels-last nets give channels-last outputs): no transposing copies,
-        # and dropout masks laid out as nn.Dropout's, so drawn in the same order
-        z, *masks, out = _arena(
-            parts[0].device,
-            [(z_shape, dtype)] + [(z_shape, torch.bool)] * n_masks + [(out_shape, dtype)],
-            _is_cl(first),
-        )
+    def forward(ctx, plan: _BlockPlan, counts: _ParamCounts, noise: torch.Tensor, *tensors: torch.Tensor):
+        params, parts = counts.split(tensors), tensors[counts.total :]
+        slices = chunk_slices(parts[0].shape[0], plan.rows)
+        first = plan.conv(_input_rows(parts, slices[0]))
+        z, masks, out = _block_buffers(plan, parts, first)
         z[slices[0]] = first
         del first
         for sl in slices[1:]:
-            z[sl] = plan.conv(_gather(parts, sl))
+            z[sl] = plan.conv(_input_rows(parts, sl))
         z_chunks = [z[sl] for sl in slices]
         stats = _norm_forward(plan.norm, z_chunks)
-        # masks in forward order, each drawn over the whole batch exactly as nn.Dropout draws it
-        it = iter(masks)
-        for op in plan.row_ops:
-            if isinstance(op, _DropoutSite) and 0.0 < op.p < 1.0:
-                mask = next(it)
-                fill_keep_mask_(mask, op.p) if op.fast else mask.bernoulli_(1.0 - op.p)
-        mod = _modulation(plan, noise, dtype, z.ndim)
+        _draw_dropout_masks(plan, masks)
+        mod = _modulation(plan, noise, parts[0].dtype, z.ndim)
         for sl, z_c in zip(slices, z_chunks):
             mod_c = None if mod is None else (mod[0][sl], mod[1][sl])
-            out[sl] = _tail(plan, _normalise(z_c, stats), [m[sl] for m in masks], mod_c)
-        ctx.plan, ctx.n_params, ctx.stats = plan, n_params, stats
-        # intermediates, kept on ctx: they share one allocation with the output (see _arena)
-        ctx.z, ctx.masks = z, masks
-        ctx.save_for_backward(noise, *params, *parts)
+            out[sl] = _row_wise_tail(plan, _normalise(z_c, stats), [m[sl] for m in masks], mod_c)
+        ctx.plan, ctx.counts = plan, counts
+        ctx.kept = _KeptActivations(z, masks, stats)
+        ctx.save_for_backward(*_SavedInputs(noise, params, tuple(parts)).to_save())
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        plan, n_params, stats = ctx.plan, ctx.n_params, ctx.stats
-        z, masks = ctx.z, ctx.masks
-        if z is None:
-            raise RuntimeError(
-                "a chunked G block frees its buffers in its backward pass, so the graph of a "
-                "memory_saving='chunked' step cannot be back-propagated twice (retain_graph=True)."
-            )
-        ctx.z = ctx.masks = None
-        saved = ctx.saved_tensors
-        noise, params, parts = saved[0], saved[1 : 1 + n_params], saved[1 + n_params :]
+        plan, counts = ctx.plan, ctx.counts
+        kept = _take_kept_activations(ctx)
+        saved = _SavedInputs.unpack(ctx.saved_tensors, counts)
         needs = ctx.needs_input_grad[3:]
-        param_needs, part_needs = needs[:n_params], needs[n_params:]
-        total = z.shape[0]
-        slices = chunk_slices(total, plan.rows)
-        conv, norm = plan.conv, plan.norm
-        n_conv = 1 + (conv.bias is not None)
-        n_norm = 0 if norm is None or norm.weight is None else 2
-        n_noise = sum(1 for m in plan.noise_modules() for _ in m.parameters())
-        n_tail = n_params - n_conv - n_norm - n_noise
-        tail_params = list(params[n_conv + n_norm : n_conv + n_norm + n_tail])
-        tail_needs = param_needs[n_conv + n_norm : n_conv + n_norm + n_tail]
-        noise_params = list(params[n_params - n_noise :])
-        noise_needs = param_needs[n_params - n_noise :]
-        wanted = [p for p, need in zip(tail_params, tail_needs) if need]
-        grads_wanted: list[torch.Tensor | None] = [None] * len(wanted)
-        dims, ndim = _reduce_dims(z), z.ndim
-
-        # pass 1: recompute the row-wise tail chunk by chunk for dL/d(BN output), the tail's parameter grads
-        # and BatchNorm's whole-batch sums
-        dy_flat = z.new_empty(z.numel())
-        dy = _shaped(dy_flat, z.shape, _is_cl(z))
-        sum_dy = torch.zeros(z.shape[1], dtype=torch.float64, device=z.device)
-        dot_p = torch.zeros_like(sum_dy)
-        mod = _modulation(plan, noise, z.dtype, ndim)
-        grad_mod = None if mod is None else (torch.zeros_like(mod[0]), torch.zeros_like(mod[1]))
-        for sl in slices:
-            z_c = z[sl]
-            y_c = _normalise(z_c, stats).requires_grad_(True)
-            leaves = [y_c] if mod is None else [y_c, mod[0][sl].detach().requires_grad_(True)]
-            if mod is not None:
-                leaves.append(mod[1][sl].detach().requires_grad_(True))
-            with torch.enable_grad():
-                o_c = _tail(plan, y_c, [m[sl] for m in masks], None if mod is None else tuple(leaves[1:]))
-                got = torch.autograd.grad(o_c, [*leaves, *wanted], grad_out[sl], allow_unused=True)
-            dy[sl] = got[0]
-            if mod is not None:
-                for acc, g in zip(grad_mod, got[1:3]):
-                    if g is not None:
-                        acc[sl] = g
-                got = got[:1] + got[3:]
-            for k, g in enumerate(got[1:]):
-                if g is not None:
-                    grads_wanted[k] = g if grads_wanted[k] is None else grads_wanted[k].add_(g)
-            if stats is not None:
-                dy_c = dy[sl]
-                sum_dy += dy_c.sum(dims).double()
-                dot_p += ((z_c - _channel_view(stats.mean, ndim)) * dy_c).sum(dims).double()
-            del y_c, o_c, got
-
-        grads_noise: list[torch.Tensor | None] = [None] * n_noise
-        if mod is not None and any(noise_needs):
-            # the injection's linear maps, back-propagated once for the whole batch
-            with torch.enable_grad():
-                r, s = _modulation(plan, noise, z.dtype, ndim)
-                wanted_noise = [p for p, need in zip(noise_params, noise_needs) if need]
-                got = torch.autograd.grad([r, s], wanted_noise, list(grad_mod), allow_unused=True)
-            it = iter(got)
-            grads_noise = [next(it) if need else None for need in noise_needs]
-
-        grads_norm: list[torch.Tensor | None] = []
-        if n_norm:
-            # BatchNorm's affine grads: dL/dweight = sum(dy * xhat), dL/dbias = sum(dy)
-            grads_norm = [(dot_p * stats.invstd.double()).to(z.dtype), sum_dy.to(z.dtype)]
-
-        # pass 2: dL/dz through BatchNorm (exact: with the whole batch's sums), in place of dy; conv grads
-        if stats is not None:
-            scale = _channel_view(stats.invstd * stats.weight, ndim)
-            if stats.batch:
-                n = stats.count
-                k_coef = _channel_view((dot_p * stats.invstd.double() ** 2 / n).to(z.dtype), ndim)
-                grad_mean = _channel_view((sum_dy / n).to(z.dtype), ndim)
-                mean = _channel_view(stats.mean, ndim)
-        in_shape = (total, sum(p.shape[1] for p in parts), *parts[0].shape[2:])
-        grad_in = None
-        if any(part_needs):
-            row_in, row_z = torch.Size(in_shape[1:]).numel(), z[0].numel()
-            # the input's grad overwrites the chunks of dy already used when it fits in them (rows of at most
-            # the size of dy's rows land in rows already done); else it gets a buffer of its own
-            flat = dy_flat[: total * row_in] if row_in <= row_z else dy_flat.new_empty(total * row_in)
-            grad_in = _shaped(flat, in_shape, _is_cl(parts[0]))
-        grad_w = grad_b = None
-        mask = [grad_in is not None, param_needs[0], n_conv == 2 and param_needs[1]]
-        transposed = isinstance(conv, _ConvTransposeNd)
-        output_padding = conv.output_padding if transposed else (0,) * len(conv.stride)
-        for sl in slices:
-            dz_c = dy[sl]
-            if stats is not None:
-                if stats.batch:
-                    # PyTorch's CPU batch_norm backward: (dy - mean(dy) - (z - mean) * k) * invstd * weight
-                    dz_c.sub_(grad_mean).sub_((z[sl] - mean).mul_(k_coef)).mul_(scale)
-                else:
-                    dz_c.mul_(scale)
-            gi, gw, gb = torch.ops.aten.convolution_backward(
-                dz_c,
-                _gather(parts, sl),
-                conv.weight,
-                [conv.out_channels] if conv.bias is not None else None,
-                list(conv.stride),
-                list(conv.padding),
-                list(conv.dilation),
-                transposed,
-                list(output_padding),
-                conv.groups,
-                mask,
-            )
-            del dz_c
-            if gw is not None:
-                grad_w = gw if grad_w is None else grad_w.add_(gw)
-            if gb is not None:
-                grad_b = gb if grad_b is None else grad_b.add_(gb)
-            if gi is not None:
-                grad_in[sl] = gi
-            del gi
-        del z, masks
-        grad_parts: list[torch.Tensor | None] = []
-        start = 0
-        for p, need in zip(parts, part_needs):
-            width = p.shape[1]
-            grad_parts.append(grad_in[:, start : start + width] if need else None)
-            start += width
-        it = iter(grads_wanted)
-        grads_tail = [next(it) if need else None for need in tail_needs]
-        grads_params = [grad_w] + ([grad_b] if n_conv == 2 else []) + grads_norm + grads_tail + grads_noise
-        return (None, None, None, *grads_params, *grad_parts)
+        param_needs, part_needs = counts.split(needs), needs[counts.total :]
+        dtype, ndim = kept.z.dtype, kept.z.ndim
+        tail = _tail_backward(plan, kept, saved.noise, saved.params.tail, param_needs.tail, grad_out)
+        grads_noise = _noise_map_grads(
+            plan, saved.noise, saved.params.noise, param_needs.noise, tail.modulation, dtype, ndim
+        )
+        grads_norm = _norm_affine_grads(counts.norm, kept.stats, tail, dtype)
+        grad_w, grad_b, grad_in = _conv_backward(plan, kept, tail, saved.parts, part_needs, param_needs.conv)
+        del kept  # the conv output and the masks go now
+        grads = _BlockParams(
+            conv=(grad_w, grad_b)[: counts.conv],
+            norm=tuple(grads_norm),
+            tail=tuple(tail.params),
+            noise=tuple(grads_noise),
+        )
+        return (None, None, None, *grads.flat(), *_split_input_grad(grad_in, saved.parts, part_needs))
 
 
 @dataclass
@@ -441,7 +640,7 @@ def _norm_forward(norm: _BatchNorm | None, z_chunks: Sequence[torch.Tensor]) -> 
     if norm is None:
         return None
     first = z_chunks[0]
-    channels, dims = first.shape[1], _reduce_dims(first)
+    channels, dims = first.shape[1], _norm_reduce_dims(first)
     n = sum(z_c.numel() for z_c in z_chunks) // channels
     momentum = 0.0 if norm.momentum is None else norm.momentum
     if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
@@ -501,14 +700,15 @@ def _run_block(
         crop=None if crop is None else tuple(int(s) for s in crop),
         inject=inject,
         post_act=post_act,
-        rows=_rows_for(conv, parts, budget),
+        rows=_rows_per_chunk(conv, parts, budget),
     )
-    params = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
-    if norm is not None and norm.weight is not None:
-        params += [norm.weight, norm.bias]
-    params += [p for m in plan.tail_modules() for p in m.parameters()]
-    params += [p for m in plan.noise_modules() for p in m.parameters()]
-    return _ChunkedBlock.apply(plan, len(params), noise, *params, *parts)
+    params = _BlockParams(
+        conv=(conv.weight,) + ((conv.bias,) if conv.bias is not None else ()),
+        norm=(norm.weight, norm.bias) if norm is not None and norm.weight is not None else (),
+        tail=tuple(p for m in plan.tail_modules() for p in m.parameters()),
+        noise=tuple(p for m in plan.noise_modules() for p in m.parameters()),
+    )
+    return _ChunkedBlock.apply(plan, params.counts(), noise, *params.flat(), *parts)
 
 
 def chunked_refinement_forward(
