@@ -108,7 +108,7 @@ def test_report_files_are_written_and_the_card_records_settings_and_sampler(star
     with open(tmp_path / "per_nodule.csv") as handle:
         per_nodule = list(csv.DictReader(handle))
     assert [row["nodule_id"] for row in per_nodule] == ["1", "2"]
-    assert {"ged4_3d", "hm_iou4_3d", "num_hypotheses", "readers_covered"} <= set(per_nodule[0])
+    assert {"ged4_3d", "hm_iou4_3d", "hypotheses", "readers_covered"} <= set(per_nodule[0])
 
 
 def test_evaluate_lidc_is_its_steps(started, datalist, tmp_path):
