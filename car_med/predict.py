@@ -2,7 +2,7 @@
 nodule positions or regions.
 
 A radiologist's new scan has no LIDC annotations, so it has no crops in any ``datalist.json``. This command
-reads the CT with the library's CT reader (:mod:`car_med.ct`, the one preprocessing uses), takes every
+opens the CT with the library's CT reader (:func:`car_med.ct.open_series`, the one preprocessing uses), takes every
 axial slice within ``diameter_mm / 2`` of each nodule's centre (with ``--roi``: every slice its mask touches,
 centred on the mask's centroid), cuts the 180x180 crop at 0.5 mm centred on the
 nodule's (x, y) on each slice (:func:`car_med.ct.crop_grid`, :func:`car_med.ct.resample_image`: the crop
@@ -30,30 +30,28 @@ import logging
 import math
 import sys
 import tempfile
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 
 from car_med.ct import (
     LPS_TO_RAS,
     CTSeries,
+    DicomSeries,
+    SeriesFolder,
     SliceGeometry,
-    consistent_slices,
     crop_grid,
     decode_hu,
     lps_to_pixel,
-    read_ct_series,
-    read_nifti_ct,
+    nifti,
+    open_series,
     read_nodule_roi,
-    read_series_headers,
     resample_image,
-    slice_by_z,
+    series_volume,
     write_crop_nifti,
 )
 from car_med.data.lidc import DEFAULT_HU_WINDOW
@@ -123,8 +121,10 @@ class PredictionCT:
         series_uid: SeriesInstanceUID, or the NIfTI file's name without extension.
         patient_id: PatientID, or the NIfTI file's name.
         planes: the axial slices, sorted by z.
-        volume: the whole CT (the NIfTI's, or the DICOM series read as one volume when an ROI or the export
+        volume: the whole CT (the NIfTI's, or the DICOM series decoded as one volume when an ROI or the export
             needs it).
+        series: the opened DICOM series the planes come from (None for a NIfTI CT), so its volume is built
+            without a second scan of the folder.
     """
 
     source: Path
@@ -132,6 +132,7 @@ class PredictionCT:
     patient_id: str
     planes: list[CTPlane]
     volume: CTSeries | None = None
+    series: DicomSeries | None = field(default=None, repr=False)
 
     @property
     def zs(self) -> np.ndarray:
@@ -142,9 +143,33 @@ class PredictionCT:
         return self.source.is_dir()
 
     def whole_volume(self) -> CTSeries:
+        """The whole CT as one volume, decoded from the opened series on first use.
+
+        Raises:
+            ValueError: as :func:`car_med.ct.series_volume` (slices of different sizes, uneven slice steps).
+        """
         if self.volume is None:
-            self.volume = read_ct_series(self.source, self.series_uid)
+            self.volume = series_volume(self.series, self.source)
         return self.volume
+
+
+class _VolumeOnDemand(Mapping[str, CTSeries]):
+    """The CT's volume by its series UID, decoded when the export first asks for it: a series that cannot be
+    one regular volume then fails the export's full-volume step (and marks its cases), not the crops."""
+
+    def __init__(self, ct: PredictionCT) -> None:
+        self._ct = ct
+
+    def __getitem__(self, series_uid: str) -> CTSeries:
+        if series_uid != self._ct.series_uid:
+            raise KeyError(series_uid)
+        return self._ct.whole_volume()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([self._ct.series_uid])
+
+    def __len__(self) -> int:
+        return 1
 
 
 def _number(value: str | None, path: Path, row: int, column: str) -> float:
@@ -204,7 +229,8 @@ def read_nodule_csv(path: str | Path) -> list[NodulePoint]:
 
 
 def read_dicom_ct(folder: str | Path, series_uid: str | None = None) -> PredictionCT:
-    """The axial CT series in ``folder`` (any nesting), checked as preprocessing checks a series.
+    """The axial CT series in ``folder`` (any nesting), opened as preprocessing opens a series
+    (:func:`car_med.ct.open_series`: the folder is scanned once, here).
 
     Raises:
         ValueError: the folder holds no image series, holds several and ``series_uid`` does not choose one (the
@@ -214,49 +240,39 @@ def read_dicom_ct(folder: str | Path, series_uid: str | None = None) -> Predicti
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"--dicom {folder} is not a folder.")
-    found, _, _ = read_series_headers(folder, folder, "")
-    images = {uid: files for (_, uid), files in found.items() if files.slices}
-    if series_uid is not None:
-        if series_uid not in images:
-            raise ValueError(f"{folder} holds no image series {series_uid}; it holds {sorted(images) or 'none'}.")
-        uid = series_uid
-    elif len(images) == 1:
-        uid = next(iter(images))
-    elif not images:
-        raise ValueError(f"{folder} holds no DICOM image series (no file with ImagePositionPatient and pixels).")
-    else:
-        listing = ", ".join(f"{u} ({len(f.slices)} slices)" for u, f in sorted(images.items()))
-        raise ValueError(f"{folder} holds {len(images)} series: {listing}; choose one with --series-uid.")
-    files = images[uid]
-    if files.incomplete:
-        bad = files.incomplete[0]
-        raise ValueError(f"{folder / (bad.path or '')}: {bad.reason} ({bad.detail}); series {uid} cannot be used.")
-    placed, dropped, refusal = consistent_slices(files.slices, "", uid)
-    if refusal is not None:
-        raise ValueError(f"{folder}: series {uid}: {refusal.reason} ({refusal.detail}).")
-    if dropped:
-        bad = dropped[0]
-        raise ValueError(f"{folder / (bad.path or '')}: {bad.reason} ({bad.detail}).")
-    slices, duplicates = slice_by_z(placed, "", uid, slice_location_filter=False)
-    for skip in duplicates:
-        logger.warning("%s: %s; %s", folder / (skip.path or ""), skip.reason, skip.detail)
-    steps = np.diff([s.z for s in slices])
+    opened = open_series(folder, series_uid)
+    uid = series_uid if series_uid is not None else _only_image_series(opened)
+    series = opened.whole_series(uid)
+    steps = np.diff([s.z for s in series.slices])
     spacing = float(np.median(steps)) if len(steps) else 1.0
-    slices = [replace(s, geometry=replace(s.geometry, slice_spacing=spacing)) for s in slices]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        header = pydicom.dcmread(slices[0].path, stop_before_pixels=True, specific_tags=["PatientID"])
+    slices = [replace(s, geometry=replace(s.geometry, slice_spacing=spacing)) for s in series.slices]
     planes = [CTPlane(s.geometry, s.z, s.relative_path, s.sop_instance_uid, partial(decode_hu, s)) for s in slices]
-    return PredictionCT(folder, uid, str(header.get("PatientID", "") or "patient"), planes)
+    return PredictionCT(folder, uid, series.dicom_patient_id or "patient", planes, series=series)
 
 
-def read_volume_ct(path: str | Path) -> PredictionCT:
-    """An axial NIfTI CT (:func:`car_med.ct.read_nifti_ct`) as slices, each described as a DICOM slice would be.
+def _only_image_series(opened: SeriesFolder) -> str:
+    """The UID of the folder's one image series.
 
     Raises:
-        ValueError: as :func:`car_med.ct.read_nifti_ct`.
+        ValueError: the folder holds no image series, or several (the message lists them).
     """
-    volume = read_nifti_ct(path)
+    images = {series.series_uid: series for series in opened.series if series.image_files}
+    if len(images) == 1:
+        return next(iter(images))
+    if not images:
+        raise ValueError(f"{opened.folder} holds no DICOM image series (no file with ImagePositionPatient and pixels).")
+    listing = ", ".join(f"{uid} ({series.image_files} slices)" for uid, series in sorted(images.items()))
+    raise ValueError(f"{opened.folder} holds {len(images)} series: {listing}; choose one with --series-uid.")
+
+
+def read_nifti_ct(path: str | Path) -> PredictionCT:
+    """An axial NIfTI CT (:func:`car_med.ct.nifti.read_nifti_ct`) as slices, each described as a DICOM slice would
+    be; the counterpart of :func:`read_dicom_ct`.
+
+    Raises:
+        ValueError: as :func:`car_med.ct.nifti.read_nifti_ct`.
+    """
+    volume = nifti.read_nifti_ct(path)
     planes = []
     for k in range(volume.shape[2]):
         geometry = volume.slice_geometry(k)
@@ -391,7 +407,7 @@ def read_prediction_inputs(
     if image is not None and series_uid is not None:
         raise ValueError("--series-uid chooses a series in a DICOM folder; a NIfTI --image holds one volume.")
     nodules = read_nodule_csv(nodules_csv) if nodules_csv is not None else None
-    ct = read_dicom_ct(dicom, series_uid) if dicom is not None else read_volume_ct(image)
+    ct = read_dicom_ct(dicom, series_uid) if dicom is not None else read_nifti_ct(image)
     if nodules is None:
         nodules = roi_nodules(ct, roi)
     for nodule in nodules:
@@ -462,7 +478,8 @@ def predict_nodules(
         "case_seed": "seed * 1000003 + noise_index: "
         + ("the crop's position in the run" if independent_slices else "the nodule's position in the input"),
     }
-    volumes: Mapping[str, CTSeries] = {} if ct.volume is None else {ct.series_uid: ct.volume}
+    # the export's full-volume step takes the volume from here, so the DICOM folder is not scanned again
+    volumes: Mapping[str, CTSeries] = _VolumeOnDemand(ct)
     dicom_root = ct.source if ct.is_dicom else None
     # the crops are inputs of the export, which copies each into its case folder; they need not stay
     with tempfile.TemporaryDirectory(prefix="car-predict-crops-") as crop_dir:

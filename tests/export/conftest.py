@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from export_cohort import EXPORT_PATIENTS, NUM_SAMPLES, split_of  # noqa: E402
@@ -16,24 +15,9 @@ from export_cohort import EXPORT_PATIENTS, NUM_SAMPLES, split_of  # noqa: E402
 @pytest.fixture(scope="session")
 def export_model(tmp_path_factory, lidc_home):
     """``models:/car-lidc/1`` in a SQLite store: the tiny F and G of tests/tiny_car.py, untrained."""
-    from tiny_registry import NOISE_DIM, tiny_car_model
+    from registered_tiny_car import register_tiny_car
 
-    from car_med.registry import register_car_model
-
-    root = tmp_path_factory.mktemp("export_registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    f, g, f_config, g_config = tiny_car_model()
-    register_car_model(
-        f,
-        g,
-        f_config,
-        g_config,
-        noise_dim=NOISE_DIM,
-        tracking_uri=uri,
-        artifact_location=str(root / "artifacts"),
-        work_dir=str(root),
-    )
-    return {"uri": "models:/car-lidc/1", "tracking_uri": uri}
+    return register_tiny_car(tmp_path_factory.mktemp("export_registry"))
 
 
 @pytest.fixture(scope="session")

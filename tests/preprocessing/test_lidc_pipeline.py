@@ -180,6 +180,7 @@ def test_masks_match_pylidc_boolean_mask(clean_run, clean_cohort, pylidc_module)
     assert checked >= 40
 
 
+@pytest.mark.slow
 def test_crop_centre_lands_on_lesion_centre(clean_run, clean_cohort, pylidc_module):
     pl = pylidc_module
     series: dict[str, list[str]] = {}
@@ -523,6 +524,7 @@ def test_slice_location_filter(tmp_path, clean_cohort, pylidc_module, lidc_home)
 # ------------------------------------------------------------------------------------ acceptance 5
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_outputs(tmp_path, clean_cohort, clean_run, lidc_home):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HOME=str(lidc_home))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
@@ -15,6 +16,7 @@ from car_med.losses import PixelwiseCrossEntropyLoss
 from car_med.sampling import CARSampler
 
 
+@pytest.mark.slow
 def test_preprocessed_crops_train_both_stages_and_sample(clean_run):
     torch.manual_seed(0)
     datalist = clean_run / "datalist.json"

@@ -1,4 +1,6 @@
-"""Unit tests of the LIDC preprocessing pieces: pylidc-equivalent masks, cluster splitting, crop grid, split."""
+"""Unit tests of the LIDC preprocessing pieces: pylidc-equivalent masks, cluster splitting, lesion centre, split.
+
+The CT pieces preprocessing uses (the crop grid, the series' consistency checks) are tested in tests/ct."""
 
 from __future__ import annotations
 
@@ -7,8 +9,6 @@ import json
 import numpy as np
 import pytest
 
-from car_med.ct.dicom import DicomSlice, consistent_slices
-from car_med.ct.geometry import SliceGeometry, crop_grid
 from preprocessing.lidc import split_patients
 from preprocessing.lidc_annotations import AnnotationData, extract_scan, split_oversized_cluster
 from preprocessing.lidc_geometry import Contour, annotation_slice_mask, lesion_centre
@@ -105,41 +105,6 @@ def test_lesion_centre_is_bbox_middle_of_inclusion_contours():
         lesion_centre(contours, 5)
 
 
-def _geometry(spacing: float = 0.7) -> SliceGeometry:
-    return SliceGeometry(
-        position=np.array([-170.0, -160.0, -42.5]),
-        row_cosine=np.array([1.0, 0.0, 0.0]),
-        column_cosine=np.array([0.0, 1.0, 0.0]),
-        row_spacing=spacing,
-        column_spacing=spacing,
-        slice_spacing=2.5,
-        shape=(512, 512),
-    )
-
-
-def test_crop_grid_centre_and_affine():
-    geometry = _geometry()
-    centre = (250.5, 300.0)
-    grid = crop_grid(geometry, centre)
-    assert grid.rows.shape == grid.columns.shape == (180,)
-    np.testing.assert_allclose(np.diff(grid.rows) * geometry.row_spacing, 0.5)
-    # The centre voxel (90, 90) is within a quarter millimetre of the lesion centre along each axis.
-    assert abs(grid.rows[90] - centre[0]) * 0.7 <= 0.25 + 1e-9
-    assert abs(grid.columns[90] - centre[1]) * 0.7 <= 0.25 + 1e-9
-    lesion_lps = geometry.pixel_to_lps(*centre)
-    voxel_ras = grid.affine @ np.array([90, 90, 0, 1.0])
-    assert np.linalg.norm(voxel_ras[:3] * [-1, -1, 1] - lesion_lps) <= 0.5
-    # NIfTI index i runs along columns (LPS +x, so RAS -x), j along rows; k carries the slice spacing.
-    np.testing.assert_allclose(grid.affine[:3, :3], np.diag([-0.5, -0.5, 2.5]))
-    assert grid.outside_fraction == 0.0
-
-
-def test_crop_grid_outside_fraction_at_the_corner():
-    grid = crop_grid(_geometry(0.5), (0.0, 0.0))
-    # 90 of 180 rows and columns fall before pixel 0 (by more than half a pixel): three quarters outside.
-    assert grid.outside_fraction == pytest.approx(1 - (90 / 180) ** 2)
-
-
 def test_split_patients_is_seeded_disjoint_and_balanced():
     patients = [f"LIDC-IDRI-{i:04d}" for i in range(1, 101)]
     split = split_patients(patients, seed=0)
@@ -166,54 +131,3 @@ def test_synthetic_intensity_follows_reader_agreement(clean_run):
     # Full agreement is nodule-bright; single-reader voxels sit between lung and nodule.
     assert np.mean(by_votes[4]) > np.mean(by_votes[1]) + 200
     assert np.median(by_votes[4]) > -100
-
-
-def _slice(z: float, orientation=(1, 0, 0, 0, 1, 0), spacing=(0.7, 0.7)) -> DicomSlice:
-    geometry = SliceGeometry(
-        position=np.array([-170.0, -160.0, z]),
-        row_cosine=np.array(orientation[:3], dtype=float),
-        column_cosine=np.array(orientation[3:], dtype=float),
-        row_spacing=spacing[0],
-        column_spacing=spacing[1],
-        slice_spacing=0.0,
-        shape=(512, 512),
-    )
-    name = f"P/s/{int(z * 10):04d}.dcm"
-    return DicomSlice(f"/abs/{name}", z, 1, z, geometry, relative_path=name, sop_instance_uid=f"1.2.{int(z * 10)}")
-
-
-def test_consistent_slices_drops_the_minority_orientation_and_spacing():
-    axial = [_slice(2.5 * k) for k in range(6)]
-    coronal = _slice(15.0, orientation=(1, 0, 0, 0, 0, -1))
-    coarse = _slice(17.5, spacing=(0.7, 0.8))
-    kept, skips, refusal = consistent_slices([coarse, *axial, coronal], "P", "1.2")
-    assert refusal is None
-    assert [s.z for s in kept] == [2.5 * k for k in range(6)]
-    assert [(s.path, s.reason, s.slice_z) for s in skips] == [
-        ("P/s/0150.dcm", "other orientation than the rest of the series", 15.0),
-        ("P/s/0175.dcm", "other PixelSpacing than the rest of the series", 17.5),
-    ]
-    assert skips[1].detail == "PixelSpacing [0.7, 0.8], series [0.7, 0.7]"
-    # Within the tolerances a slice belongs to the series (DS strings round differently).
-    close = _slice(20.0, orientation=(1, 0, 0, 0, 1 - 2e-5, 1e-5), spacing=(0.7004, 0.7))
-    kept, skips, _ = consistent_slices([*axial, close], "P", "1.2")
-    assert len(kept) == 7 and skips == []
-
-
-def test_consistent_slices_refuses_a_series_without_majority_or_oblique():
-    half = [_slice(2.5 * k) for k in range(3)] + [_slice(10 + 2.5 * k, spacing=(0.8, 0.8)) for k in range(3)]
-    kept, skips, refusal = consistent_slices(half, "P", "1.2")
-    assert kept == [] and skips == []
-    assert refusal.level == "scan"
-    assert refusal.reason == "slices disagree on orientation or PixelSpacing, none in the majority; not cropped"
-    assert "3 slice(s) with orientation [1, 0, 0, 0, 1, 0], PixelSpacing [0.8, 0.8]" in refusal.detail
-
-    def tilted(degrees: float) -> list[DicomSlice]:
-        c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-        return [_slice(2.5 * k, orientation=(1, 0, 0, 0, c, s)) for k in range(4)]
-
-    kept, _, refusal = consistent_slices(tilted(5.0), "P", "1.2")
-    assert kept == [] and refusal.reason == "oblique series: slice normal is not along z; not cropped"
-    assert refusal.detail.endswith("normal 5.00 deg from z")
-    kept, _, refusal = consistent_slices(tilted(0.5), "P", "1.2")
-    assert refusal is None and len(kept) == 4

