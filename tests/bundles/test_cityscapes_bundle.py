@@ -49,6 +49,7 @@ def _evaluate(run, data):
     return json.loads((folder / "metrics.json").read_text()), folder
 
 
+@pytest.mark.slow
 def test_car_training_runs_both_stages_and_leaves_checkpoints(car_run):
     checkpoints = car_run["output_dir"] / "checkpoints"
     names = sorted(p.name for p in checkpoints.iterdir())
@@ -63,6 +64,7 @@ def test_car_training_runs_both_stages_and_leaves_checkpoints(car_run):
     assert (car_run["output_dir"] / "mlflow.db").is_file()
 
 
+@pytest.mark.slow
 def test_the_best_checkpoint_is_the_validation_with_the_lowest_val_key_metric(car_run):
     # demo.json picks best_stage2.pt by G's mean calibration offset (train.json's default is GED)
     history = json.loads((car_run["output_dir"] / "validation.json").read_text())
@@ -86,6 +88,7 @@ def test_train_json_picks_the_best_checkpoint_by_ged_unless_told_otherwise():
     assert parser.get_parsed_content("val_key_metric") == "g_mean_offset"
 
 
+@pytest.mark.slow
 def test_car_evaluation_writes_finite_in_range_metrics_and_figures(car_run, cityscapes_data):
     report, folder = _evaluate(car_run, cityscapes_data)
     m = report["metrics"]
@@ -119,6 +122,7 @@ def test_car_evaluation_writes_finite_in_range_metrics_and_figures(car_run, city
     assert abs(runs[0].data.metrics["g_noise_response"] - m["g_noise_response"]) < 1e-9
 
 
+@pytest.mark.slow
 def test_baseline_ce_trains_and_evaluates(tmp_path_factory, cityscapes_data):
     run = _train(tmp_path_factory, cityscapes_data, "ce", ["train_baseline_ce.json"])
     assert "loss_ce" in run["log"] or (run["output_dir"] / "checkpoints").is_dir()
@@ -127,6 +131,7 @@ def test_baseline_ce_trains_and_evaluates(tmp_path_factory, cityscapes_data):
     assert math.isfinite(report["metrics"]["ged4"])
 
 
+@pytest.mark.slow
 def test_gt_conditioned_trains_without_stage1_and_its_f_is_exactly_calibrated(tmp_path_factory, cityscapes_data):
     run = _train(tmp_path_factory, cityscapes_data, "gt", ["train_gt_conditioned.json"])
     names = sorted(p.name for p in (run["output_dir"] / "checkpoints").iterdir())

@@ -6,7 +6,10 @@ import csv
 import json
 
 import nibabel as nib
+import pytest
 from lidc_bundle_runs import BUNDLE, run_bundle
+
+pytestmark = pytest.mark.slow  # every test runs the bundle in a subprocess on the trained run
 
 
 def test_bundle_export_samples_the_registered_model_of_the_run(trained_lidc_run):

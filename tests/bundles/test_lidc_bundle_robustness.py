@@ -21,6 +21,8 @@ from car_med.data.lidc_checks import LIDCDatasetError, check_lidc_dataset
 from car_med.evaluation import LidcEvaluationSettings, evaluate_lidc
 from car_med.networks import build_network
 
+pytestmark = pytest.mark.slow  # every test runs the bundle in a subprocess (a training or its refusal)
+
 
 def _trainer_iteration(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["trainer"]["iteration"])

@@ -12,6 +12,7 @@ from mlflow_servers import http_json, mlflow_cli, mlflow_model_server, mlflow_tr
 from car_med.hypotheses import group_samples, hypotheses_json
 
 pytestmark = [
+    pytest.mark.slow,  # a tracking server, a bundle training and a model server, each a subprocess
     pytest.mark.skipif(mlflow_cli() is None, reason="the `mlflow` CLI is not installed (pip install mlflow)"),
     pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy"),
 ]

@@ -12,6 +12,7 @@ BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "toy"
 INFERENCE = [str(BUNDLE / "train.json"), str(BUNDLE / "inference.json")]
 
 
+@pytest.mark.slow  # four bundle runs: training, inference, a rerun and a refused resume
 def test_toy_bundle_trains_tracks_samples_and_resumes(tmp_path):
     import mlflow
     from monai.bundle import run
@@ -74,6 +75,7 @@ def test_toy_inference_without_training_says_what_to_do(tmp_path):
     assert "run the toy training" in str(cause) and str(tmp_path) in str(cause)
 
 
+@pytest.mark.slow
 def test_demo_command_runs_the_bundle_and_reports(tmp_path, capsys):
     from car_med.experiments.toy_demo import main
 

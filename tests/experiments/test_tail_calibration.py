@@ -38,6 +38,7 @@ def short_check():
     return results, samples, test
 
 
+@pytest.mark.slow
 def test_car_samples_the_hidden_tail_whole_and_at_about_its_probability(short_check):
     car = short_check[0]["CAR"]
     # F itself learns the tail's probability (0.3) up to the blur of a small CNN at the tail's far end
@@ -51,6 +52,7 @@ def test_car_samples_the_hidden_tail_whole_and_at_about_its_probability(short_ch
     assert car["undecided_tail_probabilities"] <= 0.25
 
 
+@pytest.mark.slow
 def test_the_cross_entropy_baseline_does_measurably_worse(short_check):
     car, baseline = short_check[0]["CAR"], short_check[0]["cGAN+L_ce"]
     # CE pulls every sample towards the per-pixel label frequency: soft, undecided tail probabilities
@@ -60,6 +62,7 @@ def test_the_cross_entropy_baseline_does_measurably_worse(short_check):
     assert baseline["partial_share"] > car["partial_share"]
 
 
+@pytest.mark.slow
 def test_samples_are_returned_per_variant_for_the_figure(short_check):
     _, samples, test = short_check
     assert set(samples) == {"CAR", "cGAN+L_ce"}
@@ -67,6 +70,7 @@ def test_samples_are_returned_per_variant_for_the_figure(short_check):
     assert len(test) == SHORT.num_test_images
 
 
+@pytest.mark.slow
 def test_car_hypotheses_partition_each_images_samples_and_find_the_tail(short_check):
     _, samples, test = short_check
     batch = test.batch()

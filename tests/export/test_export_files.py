@@ -166,14 +166,18 @@ def test_ct_volume_has_the_grid_and_intensities_dcm2niix_writes(exported, tmp_pa
         mapping = np.rint(to_reference)
         assert np.allclose(to_reference, mapping, atol=1e-3)
         assert sorted(np.abs(mapping[:3, :3]).sum(axis=0)) == [1, 1, 1]
-        grid = np.stack(np.meshgrid(*[np.arange(s) for s in ours.shape], indexing="ij"), -1).reshape(-1, 3)
-        ref_index = (mapping[:3, :3] @ grid.T + mapping[:3, 3:4]).astype(int)
-        # every voxel's world coordinate matches to 1e-3 mm
-        world_ours = ours.affine[:3, :3] @ grid.T + ours.affine[:3, 3:4]
-        world_ref = reference.affine[:3, :3] @ ref_index + reference.affine[:3, 3:4]
+        # every voxel's world coordinate matches to 1e-3 mm: both sides are affine in the voxel index, so they
+        # agree on the whole grid when they agree on its 8 corners (which span it)
+        corners = np.array(np.meshgrid(*[[0, s - 1] for s in ours.shape], indexing="ij")).reshape(3, -1)
+        ref_corners = (mapping[:3, :3] @ corners + mapping[:3, 3:4]).astype(int)
+        world_ours = ours.affine[:3, :3] @ corners + ours.affine[:3, 3:4]
+        world_ref = reference.affine[:3, :3] @ ref_corners + reference.affine[:3, 3:4]
         assert np.abs(world_ours - world_ref).max() < 1e-3
-        reference_hu = reference.get_fdata()[tuple(ref_index)]
-        assert np.array_equal(reference_hu, np.asarray(ours.dataobj).reshape(-1))
+        # and every voxel holds dcm2niix's value: our axis a is its axis r, read forwards or backwards
+        reference_axes, steps = np.nonzero(mapping[:3, :3].T)[1], mapping[:3, :3].sum(axis=0).astype(int)
+        per_axis = [steps[a] * np.arange(ours.shape[a]) + int(mapping[reference_axes[a], 3]) for a in range(3)]
+        reference_hu = np.transpose(reference.get_fdata(), reference_axes)[np.ix_(*per_axis)]
+        assert np.array_equal(reference_hu, np.asarray(ours.dataobj))
 
 
 def compact_path(seg_file: Path, root: Path) -> str:
