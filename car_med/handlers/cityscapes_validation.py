@@ -43,6 +43,7 @@ class CityscapesSampleValidation(SampleValidation):
     ) -> None:
         kwargs.pop("montage_dir", None)
         kwargs.pop("montage_cases", None)
+        kwargs.pop("reference_rows", None)
         super().__init__(
             calibration_network,
             refinement_network,
@@ -51,6 +52,7 @@ class CityscapesSampleValidation(SampleValidation):
             num_samples=num_samples,
             key_metric=f"ged{num_samples}",
             montage_dir=None,
+            reference_rows=(),  # the LIDC reference rows (readers' oracle, majority vote) mean nothing here
             **kwargs,
         )
         self.suite = CityscapesMetricSuite(

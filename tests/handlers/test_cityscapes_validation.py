@@ -69,6 +69,9 @@ def test_the_best_checkpoint_is_the_validation_with_the_lowest_key_metric(tmp_pa
     # G's probabilities reach the suite: its noise response is measured (0 would be a G that ignores its noise)
     assert 0.0 < engine.state.metrics["val_g_noise_response"] <= 1.2
     assert not (tmp_path / "montages").exists()
+    # the LIDC reference rows (readers' oracle, majority vote) are not scored on Cityscapes labels
+    assert validation.references is None
+    assert not [name for name in engine.state.metrics if name.startswith("val_ref_")]
 
 
 def test_the_key_metric_is_ged_unless_told_otherwise_and_must_be_a_suite_metric():
