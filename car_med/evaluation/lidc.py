@@ -404,7 +404,7 @@ def evaluate_lidc(
         max_cases=settings.max_cases,
         sampler_options=sampler_options,
     )
-    case_volumes = NoduleVolumes(settings.volume_samples) if settings.noise == "case" else None
+    volumes = NoduleVolumes(settings.volume_samples) if settings.noise == "case" else None
     scored = score_split(
         sampler,
         cases,
@@ -414,11 +414,12 @@ def evaluate_lidc(
         num_workers=num_workers,
         montage_cases=montage_cases,
         progress=progress,
-        volumes=case_volumes,
+        volumes=volumes,
     )
-    volumes = case_volumes or draw_nodule_volumes(
-        sampler, cases, settings, device=device, batch_size=batch_size, num_workers=num_workers, progress=progress
-    )
+    if volumes is None:  # noise="nodule": the 3D metrics need their own draw, one noise per nodule
+        volumes = draw_nodule_volumes(
+            sampler, cases, settings, device=device, batch_size=batch_size, num_workers=num_workers, progress=progress
+        )
     report = write_lidc_report_files(
         out,
         scored,
